@@ -1,0 +1,427 @@
+//! The balancer's TOML configuration: its types, its defaults, and the error
+//! messages that point at the file, line and key of a mistake.
+//!
+//! The file is deserialised once into types that cannot hold an invalid value
+//! (durations, socket addresses, non-empty server lists), so the rest of the
+//! program never re-checks them. It does not watch or reload the file.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{de, Deserialize, Deserializer};
+
+/// A whole configuration file, as it is in force.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where clients connect.
+    #[serde(default = "default_listen", deserialize_with = "socket_addr")]
+    pub listen: SocketAddr,
+    /// Metrics and status; off when absent.
+    #[serde(default, deserialize_with = "optional_socket_addr")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Worker threads of the proxy; `None` means one per CPU.
+    #[serde(default)]
+    pub threads: Option<NonZeroU32>,
+    /// How long SIGTERM waits for in-flight requests before the process exits.
+    #[serde(default = "default_grace_period")]
+    pub grace_period: Positive,
+    pub upstream: Upstream,
+}
+
+/// The pool of servers that requests are balanced over.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub servers: Servers,
+    #[serde(default = "default_resolve_interval")]
+    pub resolve_interval: Positive,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Positive,
+    #[serde(default = "default_read_timeout")]
+    pub read_timeout: Positive,
+    /// Active checks; when absent every resolved address takes traffic.
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// Active HTTP health checks of every backend address.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(default = "default_health_path")]
+    pub path: UriPath,
+    #[serde(default = "default_health_interval")]
+    pub interval: Positive,
+    #[serde(default = "default_health_timeout")]
+    pub timeout: Positive,
+    /// Consecutive passes before a backend gets traffic again.
+    #[serde(default = "default_threshold")]
+    pub healthy_threshold: NonZeroU32,
+    /// Consecutive failures before a backend is taken out.
+    #[serde(default = "default_threshold")]
+    pub unhealthy_threshold: NonZeroU32,
+}
+
+impl Config {
+    /// Reads and parses `path`; the error names the file and the line.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses `text`, which was read from `path` (used in error messages).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let position = e.span().map(|span| Position::of(text, span.start));
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                position,
+                message: e.message().trim_end().to_owned(),
+            }
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        match self.threads {
+            Some(n) => n.get() as usize,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}{}: {message}", path.display(), position.as_ref().map(ToString::to_string).unwrap_or_default())]
+    Invalid {
+        path: PathBuf,
+        position: Option<Position>,
+        message: String,
+    },
+}
+
+/// Where in the file a mistake is, with the text of its line (which shows the key).
+#[derive(Debug)]
+pub struct Position {
+    pub line: usize,
+    pub column: usize,
+    pub text: String,
+}
+
+impl Position {
+    fn of(text: &str, offset: usize) -> Position {
+        let offset = offset.min(text.len());
+        let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+        let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+        Position {
+            line: text[..offset].matches('\n').count() + 1,
+            column: text[line_start..offset].chars().count() + 1,
+            text: text[line_start..line_end].trim().chars().take(80).collect(),
+        }
+    }
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, ", line {}, column {}", self.line, self.column)?;
+        if !self.text.is_empty() {
+            write!(f, " (`{}`)", self.text)?;
+        }
+        Ok(())
+    }
+}
+
+/// A duration written as a human string (`500ms`, `2s`, `5m`), greater than zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Positive(pub Duration);
+
+impl Positive {
+    const fn secs(s: u64) -> Positive {
+        Positive(Duration::from_secs(s))
+    }
+}
+
+impl fmt::Display for Positive {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        humantime::format_duration(self.0).fmt(f)
+    }
+}
+
+impl<'de> Deserialize<'de> for Positive {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let duration = humantime::parse_duration(text.trim()).map_err(|e| {
+            de::Error::custom(format!(
+                "invalid duration {text:?} ({e}); write a number and a unit, like \"500ms\", \"2s\" or \"5m\""
+            ))
+        })?;
+        if duration.is_zero() {
+            return Err(de::Error::custom(format!(
+                "duration {text:?} must be greater than zero"
+            )));
+        }
+        Ok(Positive(duration))
+    }
+}
+
+/// One entry of `upstream.servers`: a host name or IP address and a port.
+/// A host name stands for every address it resolves to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServerAddr {
+    /// The host as written, without IPv6 brackets.
+    pub host: String,
+    pub port: u16,
+}
+
+impl ServerAddr {
+    pub fn parse(text: &str) -> Result<ServerAddr, String> {
+        let bad = |why: &str| format!("invalid server {text:?}: {why}; write host:port, like \"backend:8000\" or \"10.0.0.2:8000\"");
+        let (host, port) = text.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| bad("the port must be a number from 1 to 65535"))?;
+        let host = match host.strip_prefix('[') {
+            Some(v6) => v6
+                .strip_suffix(']')
+                .filter(|h| h.parse::<std::net::Ipv6Addr>().is_ok())
+                .ok_or_else(|| bad("bad IPv6 address"))?,
+            None if host.contains(':') => return Err(bad("put an IPv6 address in brackets")),
+            None => host,
+        };
+        let valid_name = |h: &str| {
+            !h.is_empty()
+                && h.len() <= 253
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        };
+        if !host.contains(':') && !valid_name(host) {
+            return Err(bad("the host is not a valid name or address"));
+        }
+        Ok(ServerAddr {
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    /// The address itself when the host is an IP literal (no DNS needed).
+    pub fn literal(&self) -> Option<SocketAddr> {
+        let ip = self.host.parse().ok()?;
+        Some(SocketAddr::new(ip, self.port))
+    }
+}
+
+impl fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// A non-empty list of servers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Servers(Vec<ServerAddr>);
+
+impl Servers {
+    pub fn iter(&self) -> impl Iterator<Item = &ServerAddr> {
+        self.0.iter()
+    }
+}
+
+impl<'de> Deserialize<'de> for Servers {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let list = Vec::<String>::deserialize(d)?;
+        if list.is_empty() {
+            return Err(de::Error::custom(
+                "upstream.servers is empty; name at least one host:port",
+            ));
+        }
+        let mut servers: Vec<ServerAddr> = Vec::with_capacity(list.len());
+        for entry in &list {
+            let server = ServerAddr::parse(entry).map_err(de::Error::custom)?;
+            if servers.contains(&server) {
+                return Err(de::Error::custom(format!("server {entry:?} is listed twice")));
+            }
+            servers.push(server);
+        }
+        Ok(Servers(servers))
+    }
+}
+
+/// An absolute request path such as `/health`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UriPath(String);
+
+impl UriPath {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for UriPath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let valid = text.starts_with('/')
+            && text.parse::<http::uri::PathAndQuery>().is_ok()
+            && !text.contains('#');
+        if !valid {
+            return Err(de::Error::custom(format!(
+                "invalid path {text:?}: it must start with / and be a valid URI path, like \"/health\""
+            )));
+        }
+        Ok(UriPath(text))
+    }
+}
+
+fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(|_| {
+        de::Error::custom(format!(
+            "invalid address {text:?}; write IP:port, like \"0.0.0.0:80\" or \"127.0.0.1:9000\""
+        ))
+    })
+}
+
+fn optional_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    socket_addr(d).map(Some)
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 80))
+}
+fn default_grace_period() -> Positive {
+    Positive::secs(5)
+}
+fn default_resolve_interval() -> Positive {
+    Positive::secs(5)
+}
+fn default_connect_timeout() -> Positive {
+    Positive::secs(2)
+}
+fn default_read_timeout() -> Positive {
+    Positive::secs(60)
+}
+fn default_health_path() -> UriPath {
+    UriPath("/health".to_owned())
+}
+fn default_health_interval() -> Positive {
+    Positive::secs(2)
+}
+fn default_health_timeout() -> Positive {
+    Positive::secs(1)
+}
+fn default_threshold() -> NonZeroU32 {
+    NonZeroU32::MIN.saturating_add(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(Path::new("lb.toml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_documented_example_parses_with_its_values() {
+        let c = parse(
+            r#"
+listen = "0.0.0.0:80"
+admin_listen = "127.0.0.1:9000"
+threads = 2
+
+[upstream]
+servers = ["backend:8000", "10.0.0.2:8000", "[::1]:8001"]
+resolve_interval = "5s"
+connect_timeout = "2s"
+read_timeout = "60s"
+
+[upstream.health_check]
+path = "/health"
+interval = "500ms"
+timeout = "1s"
+healthy_threshold = 2
+unhealthy_threshold = 3
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9000".parse().unwrap()));
+        assert_eq!(c.threads(), 2);
+        let servers: Vec<String> = c.upstream.servers.iter().map(|s| s.to_string()).collect();
+        assert_eq!(servers, ["backend:8000", "10.0.0.2:8000", "[::1]:8001"]);
+        assert_eq!(c.upstream.servers.iter().nth(2).unwrap().literal(), Some("[::1]:8001".parse().unwrap()));
+        let hc = c.upstream.health_check.unwrap();
+        assert_eq!(hc.interval.0, Duration::from_millis(500));
+        assert_eq!(hc.unhealthy_threshold.get(), 3);
+    }
+
+    #[test]
+    fn defaults_fill_what_is_left_out() {
+        let c = parse("[upstream]\nservers = [\"backend:8000\"]\n").unwrap();
+        assert_eq!(c.listen, "0.0.0.0:80".parse().unwrap());
+        assert_eq!(c.admin_listen, None);
+        assert_eq!(c.upstream.resolve_interval.0, Duration::from_secs(5));
+        assert_eq!(c.upstream.read_timeout.0, Duration::from_secs(60));
+        assert!(c.upstream.health_check.is_none());
+        let hc = parse("[upstream]\nservers = [\"b:1\"]\n[upstream.health_check]\n")
+            .unwrap()
+            .upstream
+            .health_check
+            .unwrap();
+        assert_eq!(hc.path.as_str(), "/health");
+        assert_eq!(hc.healthy_threshold.get(), 2);
+    }
+
+    #[test]
+    fn errors_name_the_file_the_line_and_the_key_or_value() {
+        let cases = [
+            ("[upstream]\nservers = [\"b:1\"]\ntiemout = \"1s\"\n", "line 3", "tiemout"),
+            ("[upstream]\nservers = [\"b:1\"]\nread_timeout = \"5 parsecs\"\n", "line 3", "5 parsecs"),
+            ("[upstream]\nservers = [\"b:1\"]\nread_timeout = \"0s\"\n", "line 3", "greater than zero"),
+            ("listen = \"localhost\"\n[upstream]\nservers = [\"b:1\"]\n", "line 1", "localhost"),
+            ("[upstream]\n\nservers = []\n", "line 3", "empty"),
+            ("[upstream]\nservers = [\"backend\"]\n", "line 2", "\"backend\""),
+            ("[upstream]\nservers = [\"backend:99999\"]\n", "line 2", "port"),
+            ("[upstream]\nservers = [\"b:1\", \"b:1\"]\n", "line 2", "twice"),
+            ("[upstream]\nservers = [\"b:1\"]\n[upstream.health_check]\npath = \"health\"\n", "line 4", "\"health\""),
+            ("[upstream]\nservers = [\"b:1\"]\n[upstream.health_check]\nhealthy_threshold = 0\n", "line 4", "healthy_threshold"),
+            ("threads = \"two\"\n[upstream]\nservers = [\"b:1\"]\n", "line 1", "threads"),
+            ("listen = \"0.0.0.0:80\"\n", "lb.toml", "upstream"),
+            ("[upstream\nservers = [\"b:1\"]\n", "line 1", "lb.toml"),
+        ];
+        for (text, place, what) in cases {
+            let err = parse(text).expect_err(text);
+            assert!(err.starts_with("lb.toml"), "{err:?} should start with the file name");
+            assert!(err.contains(place), "{err:?} should contain {place:?} for {text:?}");
+            assert!(err.contains(what), "{err:?} should mention {what:?} for {text:?}");
+        }
+    }
+
+    #[test]
+    fn server_addresses_are_host_and_port() {
+        assert_eq!(
+            ServerAddr::parse("backend:8000").unwrap(),
+            ServerAddr { host: "backend".into(), port: 8000 }
+        );
+        assert!(ServerAddr::parse("backend:8000").unwrap().literal().is_none());
+        assert_eq!(ServerAddr::parse("[::1]:80").unwrap().host, "::1");
+        for bad in ["", ":80", "backend:", "backend:0", "::1:80", "[zz]:80", "a b:80", "back/end:80"] {
+            assert!(ServerAddr::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+}

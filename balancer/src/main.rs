@@ -1,0 +1,128 @@
+//! The `balancer` command: parses the command line, loads the configuration
+//! and wires the Pingora services together. The request path is in `proxy`,
+//! the pool upkeep in `upkeep`, the configuration in `config`.
+
+mod config;
+mod discovery;
+mod drain;
+mod proxy;
+mod upkeep;
+mod upstream;
+
+#[path = "../../backend/src/probe.rs"]
+mod probe;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use clap::{Parser, Subcommand};
+use pingora::prelude::*;
+use pingora::server::configuration::ServerConf;
+use pingora::services::background::background_service;
+
+use crate::config::Config;
+
+#[derive(Parser)]
+#[command(name = "balancer", version, about = "A health-checked, DNS-following HTTP load balancer")]
+struct Cli {
+    /// The TOML configuration file.
+    #[arg(long, short = 'c', global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Validate the configuration file and exit: 0 when it is valid, 1 otherwise.
+    #[arg(long)]
+    check: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Probe the running balancer's /health-check and exit 0 when it answers 200, else 1.
+    Healthcheck,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Some(path) = cli.config else {
+        eprintln!("balancer: --config FILE is required (the TOML configuration)");
+        return ExitCode::from(2);
+    };
+    let config = match Config::load(&path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("balancer: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Some(Command::Healthcheck) => {
+            match probe::get_ok(config.listen, proxy::HEALTH_CHECK_PATH, Duration::from_secs(2)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("balancer healthcheck: {}{}: {e}", config.listen, proxy::HEALTH_CHECK_PATH);
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        None if cli.check => {
+            println!("{}: configuration is valid", path.display());
+            ExitCode::SUCCESS
+        }
+        None => {
+            env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+            run(config)
+        }
+    }
+}
+
+fn run(config: Config) -> ExitCode {
+    let grace_period = config.grace_period.0;
+    let server_conf = ServerConf {
+        threads: config.threads(),
+        // Pingora sleeps this long after SIGTERM; `drain` exits sooner once idle.
+        grace_period_seconds: Some(grace_period.as_secs_f64().ceil() as u64),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Opt::default(), server_conf);
+    server.bootstrap();
+
+    let listen = config.listen;
+    let config = Arc::new(ArcSwap::from_pointee(config));
+    let pool = Arc::new(upstream::Pool::default());
+    let in_flight = Arc::new(proxy::InFlight::default());
+
+    let upkeep = background_service(
+        "upstream upkeep",
+        upkeep::Upkeep {
+            pool: Arc::clone(&pool),
+            config: Arc::clone(&config),
+            resolver: discovery::Resolver::default(),
+        },
+    );
+    let drain = background_service(
+        "graceful stop",
+        drain::Drain {
+            in_flight: Arc::clone(&in_flight),
+            grace_period,
+        },
+    );
+    let mut proxy = http_proxy_service(
+        &server.configuration,
+        proxy::Balancer {
+            pool,
+            config,
+            in_flight,
+        },
+    );
+    proxy.add_tcp(&listen.to_string());
+
+    server.add_service(upkeep);
+    server.add_service(drain);
+    server.add_service(proxy);
+    log::info!("balancer listening on {listen}");
+    server.run_forever()
+}

@@ -1,0 +1,213 @@
+//! The upstream pool: the backend addresses in force, each with its health,
+//! and the round-robin choice among the healthy ones.
+//!
+//! Pingora's `LoadBalancer` trusts a new backend at once and keeps its health
+//! out of reach; this pool starts a new address unhealthy until it passes a
+//! check (when checks are on) and keeps per-backend state that the access log,
+//! the retry logic and the status API read. Finding the addresses
+//! (`discovery`) and probing them (`health`) live elsewhere.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+/// One backend address and what is known about it.
+#[derive(Debug)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    /// The `upstream.servers` entry it came from (`backend:8000`).
+    pub server: Arc<str>,
+    healthy: AtomicBool,
+    /// False until the backend has been healthy once: a new replica is admitted
+    /// on its first pass, a returning one only after `healthy_threshold` passes.
+    admitted: AtomicBool,
+    consecutive_passes: AtomicU32,
+    consecutive_failures: AtomicU32,
+    requests: AtomicU64,
+}
+
+impl Backend {
+    fn new(addr: SocketAddr, server: Arc<str>, healthy: bool) -> Backend {
+        Backend {
+            addr,
+            server,
+            healthy: AtomicBool::new(healthy),
+            admitted: AtomicBool::new(healthy),
+            consecutive_passes: AtomicU32::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Records one health-check result; returns the new health when it flipped.
+    /// A backend that has never been healthy is admitted on its first pass.
+    pub fn observe(&self, passed: bool, healthy_threshold: u32, unhealthy_threshold: u32) -> Option<bool> {
+        let (this, other, threshold) = if passed {
+            (&self.consecutive_passes, &self.consecutive_failures, healthy_threshold)
+        } else {
+            (&self.consecutive_failures, &self.consecutive_passes, unhealthy_threshold)
+        };
+        other.store(0, Ordering::Relaxed);
+        let streak = this.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        let was_healthy = self.is_healthy();
+        let first_admission = passed && !self.admitted.load(Ordering::Relaxed);
+        let flips = passed != was_healthy && (streak >= threshold || first_admission);
+        if flips {
+            self.healthy.store(passed, Ordering::Relaxed);
+            self.admitted.store(true, Ordering::Relaxed);
+            Some(passed)
+        } else {
+            None
+        }
+    }
+}
+
+/// The current set of backends, replaced as a whole when discovery finds a change.
+#[derive(Default)]
+pub struct Pool {
+    members: ArcSwap<Vec<Arc<Backend>>>,
+    next: AtomicUsize,
+}
+
+/// What a membership change did, for the log.
+#[derive(Debug, Default, PartialEq)]
+pub struct Change {
+    pub added: Vec<(SocketAddr, Arc<str>)>,
+    pub removed: Vec<(SocketAddr, Arc<str>)>,
+}
+
+impl Pool {
+    /// The next healthy backend in round-robin order that is not in `skip`
+    /// (the ones that already failed this request), or `None`.
+    pub fn select(&self, skip: &[SocketAddr]) -> Option<Arc<Backend>> {
+        let members = self.members.load();
+        let n = members.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| &members[start.wrapping_add(i) % n])
+            .find(|b| b.is_healthy() && !skip.contains(&b.addr))
+            .map(|b| {
+                b.requests.fetch_add(1, Ordering::Relaxed);
+                Arc::clone(b)
+            })
+    }
+
+    /// Whether a healthy backend outside `skip` exists, i.e. a retry has somewhere to go.
+    pub fn has_candidate(&self, skip: &[SocketAddr]) -> bool {
+        self.members
+            .load()
+            .iter()
+            .any(|b| b.is_healthy() && !skip.contains(&b.addr))
+    }
+
+    pub fn members(&self) -> Arc<Vec<Arc<Backend>>> {
+        self.members.load_full()
+    }
+
+    /// Makes `found` (address -> server entry) the membership. Backends that
+    /// stay keep their state; new ones start healthy only when `trust_new`
+    /// (that is, when no health check will admit them).
+    pub fn replace(&self, found: &BTreeMap<SocketAddr, Arc<str>>, trust_new: bool) -> Change {
+        let old = self.members.load_full();
+        let mut change = Change::default();
+        let members: Vec<Arc<Backend>> = found
+            .iter()
+            .map(|(addr, server)| {
+                old.iter()
+                    .find(|b| b.addr == *addr && b.server == *server)
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        change.added.push((*addr, Arc::clone(server)));
+                        Arc::new(Backend::new(*addr, Arc::clone(server), trust_new))
+                    })
+            })
+            .collect();
+        for b in old.iter() {
+            if !found.get(&b.addr).is_some_and(|s| *s == b.server) {
+                change.removed.push((b.addr, Arc::clone(&b.server)));
+            }
+        }
+        if !change.added.is_empty() || !change.removed.is_empty() {
+            self.members.store(Arc::new(members));
+        }
+        change
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(addrs: &[&str]) -> BTreeMap<SocketAddr, Arc<str>> {
+        addrs
+            .iter()
+            .map(|a| (a.parse().unwrap(), Arc::from("backend:8000")))
+            .collect()
+    }
+
+    fn picks(pool: &Pool, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|_| pool.select(&[]).map_or("none".into(), |b| b.addr.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn round_robin_visits_every_healthy_backend_in_turn() {
+        let pool = Pool::default();
+        pool.replace(&found(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]), true);
+        let mut seen = picks(&pool, 6);
+        assert_eq!(seen[..3], seen[3..], "the order repeats");
+        seen.truncate(3);
+        seen.sort();
+        assert_eq!(seen, ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]);
+    }
+
+    #[test]
+    fn unhealthy_and_already_tried_backends_are_skipped() {
+        let pool = Pool::default();
+        pool.replace(&found(&["10.0.0.1:80", "10.0.0.2:80"]), true);
+        let first = pool.members()[0].clone();
+        assert_eq!(first.observe(false, 2, 2), None, "one failure is below the threshold");
+        assert_eq!(first.observe(false, 2, 2), Some(false));
+        assert_eq!(picks(&pool, 3), ["10.0.0.2:80"; 3]);
+        let second: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        assert!(pool.select(&[second]).is_none(), "nothing is left to try");
+        assert_eq!(first.observe(true, 2, 2), None);
+        assert_eq!(first.observe(true, 2, 2), Some(true), "back after two passes");
+        assert!(pool.select(&[second]).is_some());
+    }
+
+    #[test]
+    fn new_backends_wait_for_their_first_pass_when_checks_are_on() {
+        let pool = Pool::default();
+        let change = pool.replace(&found(&["10.0.0.1:80"]), false);
+        assert_eq!(change.added.len(), 1);
+        assert!(pool.select(&[]).is_none());
+        assert_eq!(pool.members()[0].observe(true, 3, 2), Some(true), "admitted on the first pass");
+        assert!(pool.select(&[]).is_some());
+    }
+
+    #[test]
+    fn replacing_keeps_the_state_of_backends_that_stay() {
+        let pool = Pool::default();
+        pool.replace(&found(&["10.0.0.1:80", "10.0.0.2:80"]), true);
+        let kept = pool.members()[1].clone();
+        kept.observe(false, 1, 1);
+        let change = pool.replace(&found(&["10.0.0.2:80", "10.0.0.3:80"]), false);
+        assert_eq!(change.added, [("10.0.0.3:80".parse().unwrap(), Arc::from("backend:8000"))]);
+        assert_eq!(change.removed, [("10.0.0.1:80".parse().unwrap(), Arc::from("backend:8000"))]);
+        assert!(Arc::ptr_eq(&pool.members()[0], &kept));
+        assert!(!pool.members()[0].is_healthy());
+        assert_eq!(pool.replace(&found(&["10.0.0.2:80", "10.0.0.3:80"]), false), Change::default());
+    }
+}
