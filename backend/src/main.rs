@@ -15,7 +15,11 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "backend", version, about = "The demo web application behind the balancer")]
+#[command(
+    name = "backend",
+    version,
+    about = "The demo web application behind the balancer"
+)]
 struct Cli {
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0:8000")]

@@ -186,7 +186,9 @@ pub struct ServerAddr {
 
 impl ServerAddr {
     pub fn parse(text: &str) -> Result<ServerAddr, String> {
-        let bad = |why: &str| format!("invalid server {text:?}: {why}; write host:port, like \"backend:8000\" or \"10.0.0.2:8000\"");
+        let bad = |why: &str| {
+            format!("invalid server {text:?}: {why}; write host:port, like \"backend:8000\" or \"10.0.0.2:8000\"")
+        };
         let (host, port) = text.rsplit_once(':').ok_or_else(|| bad("no port"))?;
         let port: u16 = port
             .parse()
@@ -255,7 +257,9 @@ impl<'de> Deserialize<'de> for Servers {
         for entry in &list {
             let server = ServerAddr::parse(entry).map_err(de::Error::custom)?;
             if servers.contains(&server) {
-                return Err(de::Error::custom(format!("server {entry:?} is listed twice")));
+                return Err(de::Error::custom(format!(
+                    "server {entry:?} is listed twice"
+                )));
             }
             servers.push(server);
         }
@@ -364,7 +368,10 @@ unhealthy_threshold = 3
         assert_eq!(c.threads(), 2);
         let servers: Vec<String> = c.upstream.servers.iter().map(|s| s.to_string()).collect();
         assert_eq!(servers, ["backend:8000", "10.0.0.2:8000", "[::1]:8001"]);
-        assert_eq!(c.upstream.servers.iter().nth(2).unwrap().literal(), Some("[::1]:8001".parse().unwrap()));
+        assert_eq!(
+            c.upstream.servers.iter().nth(2).unwrap().literal(),
+            Some("[::1]:8001".parse().unwrap())
+        );
         let hc = c.upstream.health_check.unwrap();
         assert_eq!(hc.interval.0, Duration::from_millis(500));
         assert_eq!(hc.unhealthy_threshold.get(), 3);
@@ -390,25 +397,74 @@ unhealthy_threshold = 3
     #[test]
     fn errors_name_the_file_the_line_and_the_key_or_value() {
         let cases = [
-            ("[upstream]\nservers = [\"b:1\"]\ntiemout = \"1s\"\n", "line 3", "tiemout"),
-            ("[upstream]\nservers = [\"b:1\"]\nread_timeout = \"5 parsecs\"\n", "line 3", "5 parsecs"),
-            ("[upstream]\nservers = [\"b:1\"]\nread_timeout = \"0s\"\n", "line 3", "greater than zero"),
-            ("listen = \"localhost\"\n[upstream]\nservers = [\"b:1\"]\n", "line 1", "localhost"),
+            (
+                "[upstream]\nservers = [\"b:1\"]\ntiemout = \"1s\"\n",
+                "line 3",
+                "tiemout",
+            ),
+            (
+                "[upstream]\nservers = [\"b:1\"]\nread_timeout = \"5 parsecs\"\n",
+                "line 3",
+                "5 parsecs",
+            ),
+            (
+                "[upstream]\nservers = [\"b:1\"]\nread_timeout = \"0s\"\n",
+                "line 3",
+                "greater than zero",
+            ),
+            (
+                "listen = \"localhost\"\n[upstream]\nservers = [\"b:1\"]\n",
+                "line 1",
+                "localhost",
+            ),
             ("[upstream]\n\nservers = []\n", "line 3", "empty"),
-            ("[upstream]\nservers = [\"backend\"]\n", "line 2", "\"backend\""),
-            ("[upstream]\nservers = [\"backend:99999\"]\n", "line 2", "port"),
-            ("[upstream]\nservers = [\"b:1\", \"b:1\"]\n", "line 2", "twice"),
-            ("[upstream]\nservers = [\"b:1\"]\n[upstream.health_check]\npath = \"health\"\n", "line 4", "\"health\""),
-            ("[upstream]\nservers = [\"b:1\"]\n[upstream.health_check]\nhealthy_threshold = 0\n", "line 4", "healthy_threshold"),
-            ("threads = \"two\"\n[upstream]\nservers = [\"b:1\"]\n", "line 1", "threads"),
+            (
+                "[upstream]\nservers = [\"backend\"]\n",
+                "line 2",
+                "\"backend\"",
+            ),
+            (
+                "[upstream]\nservers = [\"backend:99999\"]\n",
+                "line 2",
+                "port",
+            ),
+            (
+                "[upstream]\nservers = [\"b:1\", \"b:1\"]\n",
+                "line 2",
+                "twice",
+            ),
+            (
+                "[upstream]\nservers = [\"b:1\"]\n[upstream.health_check]\npath = \"health\"\n",
+                "line 4",
+                "\"health\"",
+            ),
+            (
+                "[upstream]\nservers = [\"b:1\"]\n[upstream.health_check]\nhealthy_threshold = 0\n",
+                "line 4",
+                "healthy_threshold",
+            ),
+            (
+                "threads = \"two\"\n[upstream]\nservers = [\"b:1\"]\n",
+                "line 1",
+                "threads",
+            ),
             ("listen = \"0.0.0.0:80\"\n", "lb.toml", "upstream"),
             ("[upstream\nservers = [\"b:1\"]\n", "line 1", "lb.toml"),
         ];
         for (text, place, what) in cases {
             let err = parse(text).expect_err(text);
-            assert!(err.starts_with("lb.toml"), "{err:?} should start with the file name");
-            assert!(err.contains(place), "{err:?} should contain {place:?} for {text:?}");
-            assert!(err.contains(what), "{err:?} should mention {what:?} for {text:?}");
+            assert!(
+                err.starts_with("lb.toml"),
+                "{err:?} should start with the file name"
+            );
+            assert!(
+                err.contains(place),
+                "{err:?} should contain {place:?} for {text:?}"
+            );
+            assert!(
+                err.contains(what),
+                "{err:?} should mention {what:?} for {text:?}"
+            );
         }
     }
 
@@ -416,12 +472,30 @@ unhealthy_threshold = 3
     fn server_addresses_are_host_and_port() {
         assert_eq!(
             ServerAddr::parse("backend:8000").unwrap(),
-            ServerAddr { host: "backend".into(), port: 8000 }
+            ServerAddr {
+                host: "backend".into(),
+                port: 8000
+            }
         );
-        assert!(ServerAddr::parse("backend:8000").unwrap().literal().is_none());
+        assert!(ServerAddr::parse("backend:8000")
+            .unwrap()
+            .literal()
+            .is_none());
         assert_eq!(ServerAddr::parse("[::1]:80").unwrap().host, "::1");
-        for bad in ["", ":80", "backend:", "backend:0", "::1:80", "[zz]:80", "a b:80", "back/end:80"] {
-            assert!(ServerAddr::parse(bad).is_err(), "{bad:?} should be rejected");
+        for bad in [
+            "",
+            ":80",
+            "backend:",
+            "backend:0",
+            "::1:80",
+            "[zz]:80",
+            "a b:80",
+            "back/end:80",
+        ] {
+            assert!(
+                ServerAddr::parse(bad).is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 }

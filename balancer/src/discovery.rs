@@ -92,9 +92,14 @@ mod tests {
             ServerAddr::parse("localhost:8002").unwrap(),
         ];
         let found = resolver.resolve(servers.iter()).await;
-        assert_eq!(found.get(&"127.0.0.1:8001".parse().unwrap()).map(|s| &**s), Some("127.0.0.1:8001"));
+        assert_eq!(
+            found.get(&"127.0.0.1:8001".parse().unwrap()).map(|s| &**s),
+            Some("127.0.0.1:8001")
+        );
         assert!(
-            found.keys().any(|a| a.port() == 8002 && a.ip().is_loopback()),
+            found
+                .keys()
+                .any(|a| a.port() == 8002 && a.ip().is_loopback()),
             "localhost resolves to a loopback address: {found:?}"
         );
         // A name that cannot resolve contributes nothing the first time...
@@ -110,6 +115,9 @@ mod tests {
         let kept = resolver.resolve(missing.iter()).await;
         assert_eq!(kept.keys().copied().collect::<Vec<_>>(), [remembered]);
         resolver.resolve(std::iter::empty()).await;
-        assert!(resolver.resolve(missing.iter()).await.is_empty(), "forgotten once unconfigured");
+        assert!(
+            resolver.resolve(missing.iter()).await.is_empty(),
+            "forgotten once unconfigured"
+        );
     }
 }

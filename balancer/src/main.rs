@@ -26,7 +26,11 @@ use pingora::services::background::background_service;
 use crate::config::Config;
 
 #[derive(Parser)]
-#[command(name = "balancer", version, about = "A health-checked, DNS-following HTTP load balancer")]
+#[command(
+    name = "balancer",
+    version,
+    about = "A health-checked, DNS-following HTTP load balancer"
+)]
 struct Cli {
     /// The TOML configuration file.
     #[arg(long, short = 'c', global = true, value_name = "FILE")]
@@ -59,10 +63,18 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Healthcheck) => {
-            match probe::get_ok(config.listen, proxy::HEALTH_CHECK_PATH, Duration::from_secs(2)) {
+            match probe::get_ok(
+                config.listen,
+                proxy::HEALTH_CHECK_PATH,
+                Duration::from_secs(2),
+            ) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("balancer healthcheck: {}{}: {e}", config.listen, proxy::HEALTH_CHECK_PATH);
+                    eprintln!(
+                        "balancer healthcheck: {}{}: {e}",
+                        config.listen,
+                        proxy::HEALTH_CHECK_PATH
+                    );
                     ExitCode::FAILURE
                 }
             }
@@ -72,7 +84,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         None => {
-            env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+            env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+                .init();
             run(config)
         }
     }

@@ -96,7 +96,11 @@ impl ProxyHttp for Balancer {
         Ok(true)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         let Some(backend) = self.pool.select(&ctx.tried_addrs()) else {
             return Err(Error::explain(
                 ErrorType::HTTPStatus(503),
@@ -124,10 +128,17 @@ impl ProxyHttp for Balancer {
         // With active checks on, a refused connect counts as a failed check,
         // so a dead backend leaves the rotation without waiting for the next probe.
         if let (Some(hc), Some(backend)) = (&config.upstream.health_check, ctx.tried.last()) {
-            if backend.observe(false, hc.healthy_threshold.get(), hc.unhealthy_threshold.get())
-                == Some(false)
+            if backend.observe(
+                false,
+                hc.healthy_threshold.get(),
+                hc.unhealthy_threshold.get(),
+            ) == Some(false)
             {
-                log::warn!("upstream {} ({}) is unhealthy: {e}", backend.addr, backend.server);
+                log::warn!(
+                    "upstream {} ({}) is unhealthy: {e}",
+                    backend.addr,
+                    backend.server
+                );
             }
         }
         // Nothing reached the backend, so any request may go to another one.
@@ -177,7 +188,12 @@ impl ProxyHttp for Balancer {
         Ok(None)
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        _ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let code = status_for(e);
         if code > 0 {
             if let Err(write_error) = respond_error_text(session, code).await {
@@ -195,9 +211,7 @@ impl ProxyHttp for Balancer {
             return;
         }
         let req = session.req_header();
-        let status = session
-            .response_written()
-            .map_or(0, |r| r.status.as_u16());
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let client = session
             .client_addr()
             .map_or_else(|| "-".to_owned(), |a| a.to_string());
@@ -228,7 +242,10 @@ fn status_for(e: &Error) -> u16 {
             ErrorSource::Upstream,
         ) => 504,
         (_, ErrorSource::Upstream) => 502,
-        (ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed, ErrorSource::Downstream) => 0,
+        (
+            ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed,
+            ErrorSource::Downstream,
+        ) => 0,
         (_, ErrorSource::Downstream) => 400,
         (_, ErrorSource::Internal | ErrorSource::Unset) => 500,
     }
@@ -252,7 +269,9 @@ async fn respond_error_text(session: &mut Session, code: u16) -> Result<()> {
 
 async fn respond_text(session: &mut Session, code: u16, text: &'static str) -> Result<()> {
     let header = text_header(code, text.len())?;
-    session.write_response_header(Box::new(header), false).await?;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
     session
         .write_response_body(Some(Bytes::from_static(text.as_bytes())), true)
         .await

@@ -55,7 +55,9 @@ impl Upkeep {
                 hc.unhealthy_threshold.get(),
             );
             match (flip, outcome) {
-                (Some(true), _) => log::info!("upstream {} ({}) is healthy", backend.addr, backend.server),
+                (Some(true), _) => {
+                    log::info!("upstream {} ({}) is healthy", backend.addr, backend.server)
+                }
                 (Some(false), Err(why)) => log::warn!(
                     "upstream {} ({}) is unhealthy: {why}",
                     backend.addr,
@@ -72,9 +74,12 @@ impl Upkeep {
 /// One HTTP probe of `hc.path` on `backend`, bounded by `hc.timeout`.
 async fn probe(backend: &Backend, hc: &HealthCheck) -> Result<(), String> {
     let mut check = HttpHealthCheck::new(&backend.server, false);
-    let mut req = RequestHeader::build("GET", hc.path.as_str().as_bytes(), None).map_err(|e| e.to_string())?;
-    req.insert_header("host", &*backend.server).map_err(|e| e.to_string())?;
-    req.insert_header("user-agent", "balancer-health-check").map_err(|e| e.to_string())?;
+    let mut req = RequestHeader::build("GET", hc.path.as_str().as_bytes(), None)
+        .map_err(|e| e.to_string())?;
+    req.insert_header("host", &*backend.server)
+        .map_err(|e| e.to_string())?;
+    req.insert_header("user-agent", "balancer-health-check")
+        .map_err(|e| e.to_string())?;
     check.req = req;
     check.peer_template.options.connection_timeout = Some(hc.timeout.0);
     check.peer_template.options.read_timeout = Some(hc.timeout.0);

@@ -48,11 +48,24 @@ impl Backend {
 
     /// Records one health-check result; returns the new health when it flipped.
     /// A backend that has never been healthy is admitted on its first pass.
-    pub fn observe(&self, passed: bool, healthy_threshold: u32, unhealthy_threshold: u32) -> Option<bool> {
+    pub fn observe(
+        &self,
+        passed: bool,
+        healthy_threshold: u32,
+        unhealthy_threshold: u32,
+    ) -> Option<bool> {
         let (this, other, threshold) = if passed {
-            (&self.consecutive_passes, &self.consecutive_failures, healthy_threshold)
+            (
+                &self.consecutive_passes,
+                &self.consecutive_failures,
+                healthy_threshold,
+            )
         } else {
-            (&self.consecutive_failures, &self.consecutive_passes, unhealthy_threshold)
+            (
+                &self.consecutive_failures,
+                &self.consecutive_passes,
+                unhealthy_threshold,
+            )
         };
         other.store(0, Ordering::Relaxed);
         let streak = this.fetch_add(1, Ordering::Relaxed).saturating_add(1);
@@ -88,18 +101,17 @@ impl Pool {
     /// (the ones that already failed this request), or `None`.
     pub fn select(&self, skip: &[SocketAddr]) -> Option<Arc<Backend>> {
         let members = self.members.load();
-        let n = members.len();
-        if n == 0 {
+        let eligible = |b: &&Arc<Backend>| b.is_healthy() && !skip.contains(&b.addr);
+        // Counting over the eligible backends only keeps the turns even when
+        // some are down (skipping ahead would give the next one a double share).
+        let count = members.iter().filter(eligible).count();
+        if count == 0 {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n)
-            .map(|i| &members[start.wrapping_add(i) % n])
-            .find(|b| b.is_healthy() && !skip.contains(&b.addr))
-            .map(|b| {
-                b.requests.fetch_add(1, Ordering::Relaxed);
-                Arc::clone(b)
-            })
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % count;
+        let chosen = members.iter().filter(eligible).nth(turn)?;
+        chosen.requests.fetch_add(1, Ordering::Relaxed);
+        Some(Arc::clone(chosen))
     }
 
     /// Whether a healthy backend outside `skip` exists, i.e. a retry has somewhere to go.
@@ -133,7 +145,7 @@ impl Pool {
             })
             .collect();
         for b in old.iter() {
-            if !found.get(&b.addr).is_some_and(|s| *s == b.server) {
+            if found.get(&b.addr).is_none_or(|s| *s != b.server) {
                 change.removed.push((b.addr, Arc::clone(&b.server)));
             }
         }
@@ -157,7 +169,10 @@ mod tests {
 
     fn picks(pool: &Pool, n: usize) -> Vec<String> {
         (0..n)
-            .map(|_| pool.select(&[]).map_or("none".into(), |b| b.addr.to_string()))
+            .map(|_| {
+                pool.select(&[])
+                    .map_or("none".into(), |b| b.addr.to_string())
+            })
             .collect()
     }
 
@@ -177,13 +192,29 @@ mod tests {
         let pool = Pool::default();
         pool.replace(&found(&["10.0.0.1:80", "10.0.0.2:80"]), true);
         let first = pool.members()[0].clone();
-        assert_eq!(first.observe(false, 2, 2), None, "one failure is below the threshold");
+        assert_eq!(
+            first.observe(false, 2, 2),
+            None,
+            "one failure is below the threshold"
+        );
         assert_eq!(first.observe(false, 2, 2), Some(false));
         assert_eq!(picks(&pool, 3), ["10.0.0.2:80"; 3]);
         let second: SocketAddr = "10.0.0.2:80".parse().unwrap();
         assert!(pool.select(&[second]).is_none(), "nothing is left to try");
+        pool.replace(&found(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]), true);
+        let mut turns = picks(&pool, 4);
+        turns.sort();
+        assert_eq!(
+            turns,
+            ["10.0.0.2:80", "10.0.0.2:80", "10.0.0.3:80", "10.0.0.3:80"],
+            "even shares"
+        );
         assert_eq!(first.observe(true, 2, 2), None);
-        assert_eq!(first.observe(true, 2, 2), Some(true), "back after two passes");
+        assert_eq!(
+            first.observe(true, 2, 2),
+            Some(true),
+            "back after two passes"
+        );
         assert!(pool.select(&[second]).is_some());
     }
 
@@ -193,7 +224,11 @@ mod tests {
         let change = pool.replace(&found(&["10.0.0.1:80"]), false);
         assert_eq!(change.added.len(), 1);
         assert!(pool.select(&[]).is_none());
-        assert_eq!(pool.members()[0].observe(true, 3, 2), Some(true), "admitted on the first pass");
+        assert_eq!(
+            pool.members()[0].observe(true, 3, 2),
+            Some(true),
+            "admitted on the first pass"
+        );
         assert!(pool.select(&[]).is_some());
     }
 
@@ -204,10 +239,19 @@ mod tests {
         let kept = pool.members()[1].clone();
         kept.observe(false, 1, 1);
         let change = pool.replace(&found(&["10.0.0.2:80", "10.0.0.3:80"]), false);
-        assert_eq!(change.added, [("10.0.0.3:80".parse().unwrap(), Arc::from("backend:8000"))]);
-        assert_eq!(change.removed, [("10.0.0.1:80".parse().unwrap(), Arc::from("backend:8000"))]);
+        assert_eq!(
+            change.added,
+            [("10.0.0.3:80".parse().unwrap(), Arc::from("backend:8000"))]
+        );
+        assert_eq!(
+            change.removed,
+            [("10.0.0.1:80".parse().unwrap(), Arc::from("backend:8000"))]
+        );
         assert!(Arc::ptr_eq(&pool.members()[0], &kept));
         assert!(!pool.members()[0].is_healthy());
-        assert_eq!(pool.replace(&found(&["10.0.0.2:80", "10.0.0.3:80"]), false), Change::default());
+        assert_eq!(
+            pool.replace(&found(&["10.0.0.2:80", "10.0.0.3:80"]), false),
+            Change::default()
+        );
     }
 }

@@ -1,0 +1,373 @@
+//! What the integration tests share: starting the real `balancer` and
+//! `backend` binaries on loopback ports, a scriptable test origin, an HTTP
+//! client, and waiting by polling with a deadline.
+
+#![allow(dead_code)] // each test file uses its own part of this module
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+/// Polls `what` until it returns `Some` or `within` passes.
+pub fn wait_for<T>(within: Duration, description: &str, mut what: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = what() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {description}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn binary(name: &str) -> PathBuf {
+    // Test executables live in target/<profile>/deps; the workspace's binaries one level up.
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` so that both binaries are built",
+        path.display()
+    );
+    path
+}
+
+/// A child process that is killed when the test ends, whatever happens.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Proc {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM (the signal `docker stop` sends).
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn_logged(mut cmd: Command, log: PathBuf, dir: Option<tempfile::TempDir>) -> Proc {
+    let out = std::fs::File::create(&log).expect("log file");
+    let err = out.try_clone().expect("log file");
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("the binary starts");
+    Proc {
+        child,
+        log,
+        _dir: dir,
+    }
+}
+
+/// A real `backend` process named `name` (its `/info` container_id).
+pub fn start_backend(name: &str, port: u16) -> Proc {
+    let mut cmd = Command::new(binary("backend"));
+    cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--workers", "1"])
+        .env("HOSTNAME", name);
+    let log = std::env::temp_dir().join(format!("backend-{name}-{port}.log"));
+    let proc = spawn_logged(cmd, log, None);
+    wait_for(Duration::from_secs(10), "the backend to listen", || {
+        TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    proc
+}
+
+/// A running balancer and the file its configuration is in.
+pub struct Balancer {
+    pub proc: Proc,
+    pub port: u16,
+    pub config: PathBuf,
+}
+
+impl Balancer {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+/// Writes `body` (a config without `listen`) and starts a real `balancer` on it.
+pub fn start_balancer(body: &str) -> Balancer {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let config = dir.path().join("balancer.toml");
+    std::fs::write(
+        &config,
+        format!("listen = \"127.0.0.1:{port}\"\nthreads = 2\n{body}"),
+    )
+    .unwrap();
+    let mut cmd = Command::new(binary("balancer"));
+    cmd.arg("--config").arg(&config).env("RUST_LOG", "info");
+    let log = dir.path().join("balancer.log");
+    let proc = spawn_logged(cmd, log, Some(dir));
+    wait_for(Duration::from_secs(10), "the balancer to listen", || {
+        TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    Balancer { proc, port, config }
+}
+
+/// Runs `balancer ARGS` to completion: (exit code, stdout + stderr).
+pub fn run_balancer(args: &[&str]) -> (i32, String) {
+    let out = Command::new(binary("balancer"))
+        .args(args)
+        .output()
+        .expect("balancer runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// A response as the tests look at it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build()
+}
+
+/// GET `url` with extra request headers; any status is a reply, only a transport failure is an error.
+pub fn get_with(url: &str, headers: &[(&str, &str)]) -> Result<Reply, String> {
+    let mut req = agent().get(url);
+    for (name, value) in headers {
+        req = req.set(name, value);
+    }
+    let resp = match req.call() {
+        Ok(resp) | Err(ureq::Error::Status(_, resp)) => resp,
+        Err(e) => return Err(e.to_string()),
+    };
+    let status = resp.status();
+    let headers = resp
+        .headers_names()
+        .into_iter()
+        .map(|n| {
+            let v = resp.header(&n).unwrap_or("").to_owned();
+            (n, v)
+        })
+        .collect();
+    let body = resp.into_string().map_err(|e| e.to_string())?;
+    Ok(Reply {
+        status,
+        headers,
+        body,
+    })
+}
+
+pub fn get(url: &str) -> Result<Reply, String> {
+    get_with(url, &[])
+}
+
+/// The `container_id` of an `/info` reply.
+pub fn container_id(reply: &Reply) -> String {
+    let info: serde_json::Value = serde_json::from_str(&reply.body)
+        .unwrap_or_else(|e| panic!("/info is not JSON ({e}): {:?}", reply.body));
+    info["container_id"].as_str().unwrap_or_default().to_owned()
+}
+
+/// What a scripted test origin does with a request.
+#[derive(Clone, Debug)]
+pub enum Act {
+    /// Answer with this status and body.
+    Answer(u16, &'static str),
+    /// Answer after a delay.
+    Slow(Duration, u16, &'static str),
+    /// Read the request, then never answer.
+    Hang,
+    /// Answer bytes that are not HTTP.
+    Garbage,
+}
+
+/// One request as the origin saw it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Default)]
+struct OriginState {
+    seen: Mutex<Vec<Seen>>,
+    script: Mutex<Vec<(String, Act)>>,
+}
+
+/// A test origin on a real loopback socket that records every request it sees
+/// and answers each path as told.
+pub struct Origin {
+    pub port: u16,
+    state: Arc<OriginState>,
+}
+
+impl Origin {
+    /// Starts an origin that answers `Act::Answer(200, "origin")` unless told otherwise.
+    pub fn start() -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(OriginState::default());
+        let shared = Arc::clone(&state);
+        thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let state = Arc::clone(&shared);
+                thread::spawn(move || serve(stream, &state));
+            }
+        });
+        Origin { port, state }
+    }
+
+    /// From now on, requests whose path starts with `prefix` get `act`.
+    pub fn on(&self, prefix: &str, act: Act) {
+        let mut script = self.state.script.lock().unwrap();
+        script.retain(|(p, _)| p != prefix);
+        script.push((prefix.to_owned(), act));
+    }
+
+    /// Every request seen so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    /// How many requests for paths other than `except` were seen.
+    pub fn hits_except(&self, except: &str) -> usize {
+        self.seen().iter().filter(|s| s.path != except).count()
+    }
+
+    pub fn saw_path(&self, path: &str) -> bool {
+        self.seen().iter().any(|s| s.path == path)
+    }
+}
+
+fn serve(stream: TcpStream, state: &OriginState) {
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut writer = stream;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let path = line.split(' ').nth(1).unwrap_or("").to_owned();
+        let mut headers = Vec::new();
+        let mut content_length = 0usize;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((n, v)) = h.split_once(':') {
+                let (n, v) = (n.trim().to_ascii_lowercase(), v.trim().to_owned());
+                if n == "content-length" {
+                    content_length = v.parse().unwrap_or(0);
+                }
+                headers.push((n, v));
+            }
+        }
+        let mut body = vec![0; content_length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        state.seen.lock().unwrap().push(Seen {
+            path: path.clone(),
+            headers,
+        });
+        let act = state
+            .script
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|(p, _)| path.starts_with(p.as_str()))
+            .map(|(_, a)| a.clone())
+            .unwrap_or(Act::Answer(200, "origin"));
+        let (status, text) = match act {
+            Act::Answer(status, text) => (status, text),
+            Act::Slow(delay, status, text) => {
+                thread::sleep(delay);
+                (status, text)
+            }
+            Act::Hang => {
+                thread::sleep(Duration::from_secs(60));
+                return;
+            }
+            Act::Garbage => {
+                let _ = writer.write_all(b"this is not http\r\n\r\n");
+                return;
+            }
+        };
+        let response = format!(
+            "HTTP/1.1 {status} X\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{text}",
+            text.len()
+        );
+        if writer.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
