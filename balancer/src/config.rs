@@ -30,6 +30,42 @@ pub struct Config {
     #[serde(default = "default_grace_period")]
     pub grace_period: Positive,
     pub upstream: Upstream,
+    /// Response caching; absent: nothing is cached.
+    #[serde(default)]
+    pub cache: Option<Cache>,
+}
+
+/// The response cache: its bounds and the rules that say what is cached.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cache {
+    /// Memory bound of all stored responses; least-recently-used ones are evicted beyond it.
+    #[serde(default = "default_cache_size")]
+    pub max_size: ByteSize,
+    /// Larger responses are passed through, not stored.
+    #[serde(default = "default_object_size")]
+    pub max_object_size: ByteSize,
+    /// The paths that are cached; a request matches the rule with the longest prefix.
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<CacheRule>,
+}
+
+/// What is cached under one path prefix, and for how long.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRule {
+    pub path: UriPath,
+    /// Freshness of a 200 response whose origin gives none.
+    pub ttl: Positive,
+    /// After expiry, serve the stale copy while one background refresh runs.
+    #[serde(default)]
+    pub stale_while_revalidate: Span,
+    /// After expiry, serve the stale copy when the origin is down or answers 5xx.
+    #[serde(default)]
+    pub stale_if_error: Span,
+    /// What clients are told to keep (`Cache-Control: max-age` and `Expires`), like nginx's `expires`.
+    #[serde(default)]
+    pub client_max_age: Option<Span>,
 }
 
 /// The pool of servers that requests are balanced over.
@@ -161,17 +197,74 @@ impl fmt::Display for Positive {
 impl<'de> Deserialize<'de> for Positive {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        let duration = humantime::parse_duration(text.trim()).map_err(|e| {
-            de::Error::custom(format!(
-                "invalid duration {text:?} ({e}); write a number and a unit, like \"500ms\", \"2s\" or \"5m\""
-            ))
-        })?;
+        let duration = parse_duration(&text).map_err(de::Error::custom)?;
         if duration.is_zero() {
             return Err(de::Error::custom(format!(
                 "duration {text:?} must be greater than zero"
             )));
         }
         Ok(Positive(duration))
+    }
+}
+
+/// A duration that may be zero, written like [`Positive`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Span(pub Duration);
+
+impl<'de> Deserialize<'de> for Span {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_duration(&text).map(Span).map_err(de::Error::custom)
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        format!("invalid duration {text:?} ({e}); write a number and a unit, like \"500ms\", \"2s\" or \"5m\"")
+    })
+}
+
+/// A size in bytes, written `1048576`, `"512KiB"`, `"64MiB"` or `"1GiB"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(text: &str) -> Result<ByteSize, String> {
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (number, unit) = t.split_at(split);
+        let multiplier: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" | "K" | "KB" | "k" => 1 << 10,
+            "MiB" | "M" | "MB" => 1 << 20,
+            "GiB" | "G" | "GB" => 1 << 30,
+            _ => 0,
+        };
+        number
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(multiplier))
+            .filter(|n| *n > 0)
+            .map(ByteSize)
+            .ok_or_else(|| {
+                format!("invalid size {text:?}; write a positive number with an optional unit, like \"512KiB\", \"64MiB\" or \"1GiB\"")
+            })
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => ByteSize::parse(&n.to_string()),
+            Raw::Text(t) => ByteSize::parse(&t),
+        }
+        .map_err(de::Error::custom)
     }
 }
 
@@ -329,6 +422,12 @@ fn default_health_interval() -> Positive {
 fn default_health_timeout() -> Positive {
     Positive::secs(1)
 }
+fn default_cache_size() -> ByteSize {
+    ByteSize(64 << 20)
+}
+fn default_object_size() -> ByteSize {
+    ByteSize(1 << 20)
+}
 fn default_threshold() -> NonZeroU32 {
     NonZeroU32::MIN.saturating_add(1)
 }
@@ -466,6 +565,58 @@ unhealthy_threshold = 3
                 "{err:?} should mention {what:?} for {text:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_cache_section_parses_and_is_optional() {
+        let c = parse(
+            r#"
+[upstream]
+servers = ["b:1"]
+[cache]
+max_size = "64MiB"
+max_object_size = 4096
+[[cache.rule]]
+path = "/cache-me"
+ttl = "30s"
+stale_while_revalidate = "10s"
+stale_if_error = "5m"
+client_max_age = "20s"
+[[cache.rule]]
+path = "/static/"
+ttl = "1h"
+"#,
+        )
+        .unwrap();
+        let cache = c.cache.unwrap();
+        assert_eq!(cache.max_size, ByteSize(64 << 20));
+        assert_eq!(cache.max_object_size, ByteSize(4096));
+        assert_eq!(cache.rules.len(), 2);
+        assert_eq!(cache.rules[0].stale_if_error.0, Duration::from_secs(300));
+        assert_eq!(
+            cache.rules[0].client_max_age,
+            Some(Span(Duration::from_secs(20)))
+        );
+        assert_eq!(cache.rules[1].stale_while_revalidate.0, Duration::ZERO);
+        assert_eq!(cache.rules[1].client_max_age, None);
+        assert!(parse("[upstream]\nservers = [\"b:1\"]\n")
+            .unwrap()
+            .cache
+            .is_none());
+        for (text, what) in [
+            ("[cache]\nmax_size = \"64 parsecs\"\n", "64 parsecs"),
+            ("[cache]\nmax_size = 0\n", "size"),
+            ("[[cache.rule]]\npath = \"/x\"\n", "ttl"),
+            (
+                "[[cache.rule]]\npath = \"/x\"\nttl = \"1s\"\nswr = \"1s\"\n",
+                "swr",
+            ),
+        ] {
+            let err = parse(&format!("[upstream]\nservers = [\"b:1\"]\n{text}")).expect_err(text);
+            assert!(err.contains(what), "{err:?} should mention {what:?}");
+        }
+        assert_eq!(ByteSize::parse("1GiB"), Ok(ByteSize(1 << 30)));
+        assert!(ByteSize::parse("99999999999999999999GiB").is_err());
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! and wires the Pingora services together. The request path is in `proxy`,
 //! the pool upkeep in `upkeep`, the configuration in `config`.
 
+mod admin;
+mod cache;
 mod config;
 mod discovery;
 mod drain;
@@ -104,6 +106,8 @@ fn run(config: Config) -> ExitCode {
     server.bootstrap();
 
     let listen = config.listen;
+    let admin_listen = config.admin_listen;
+    let cache = cache::ResponseCache::leak(config.cache.as_ref());
     let config = Arc::new(ArcSwap::from_pointee(config));
     let pool = Arc::new(upstream::Pool::default());
     let in_flight = Arc::new(proxy::InFlight::default());
@@ -126,13 +130,26 @@ fn run(config: Config) -> ExitCode {
     let mut proxy = http_proxy_service(
         &server.configuration,
         proxy::Balancer {
-            pool,
+            pool: Arc::clone(&pool),
             config,
             in_flight,
+            cache,
         },
     );
     proxy.add_tcp(&listen.to_string());
 
+    if let Some(admin_listen) = admin_listen {
+        let mut admin = pingora::services::listening::Service::new(
+            "admin".to_owned(),
+            admin::Admin {
+                cache,
+                pool: Arc::clone(&pool),
+            },
+        );
+        admin.add_tcp(&admin_listen.to_string());
+        server.add_service(admin);
+        log::info!("admin listening on {admin_listen}");
+    }
     server.add_service(upkeep);
     server.add_service(drain);
     server.add_service(proxy);

@@ -8,17 +8,23 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
+use pingora::cache::cache_control::CacheControl;
+use pingora::cache::key::HashBinary;
+use pingora::cache::{
+    CacheKey, CacheMeta, CacheOptionOverrides, ForcedFreshness, HitHandler, RespCacheable,
+};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
 
-use crate::config::Config;
+use crate::cache::{self, ResponseCache};
+use crate::config::{CacheRule, Config};
 use crate::upstream::{Backend, Pool};
 
 /// The balancer's own liveness endpoint, answered without an upstream (as the seed's nginx does).
@@ -33,6 +39,7 @@ pub struct Balancer {
     pub pool: Arc<Pool>,
     pub config: Arc<ArcSwap<Config>>,
     pub in_flight: Arc<InFlight>,
+    pub cache: &'static ResponseCache,
 }
 
 /// Requests being handled right now; graceful stop waits for this to reach zero.
@@ -60,17 +67,24 @@ impl Drop for InFlightGuard {
 
 /// Per-request state.
 pub struct RequestCtx {
+    /// The configuration in force when the request arrived, used throughout it.
+    config: Arc<Config>,
+    /// Which `cache.rule` covers the request, if any.
+    cache_rule: Option<usize>,
     started: Instant,
     /// Every backend tried for this request, in order; the last one is current.
     tried: Vec<Arc<Backend>>,
+    /// The backends this request could not connect to: retries go elsewhere.
+    unreachable: Vec<SocketAddr>,
     upstream_started: Option<Instant>,
     upstream_elapsed: Option<Duration>,
     _in_flight: InFlightGuard,
 }
 
 impl RequestCtx {
-    fn tried_addrs(&self) -> Vec<SocketAddr> {
-        self.tried.iter().map(|b| b.addr).collect()
+    fn cache_rule(&self) -> Option<&CacheRule> {
+        let rules = &self.config.cache.as_ref()?.rules;
+        rules.get(self.cache_rule?)
     }
 }
 
@@ -80,8 +94,11 @@ impl ProxyHttp for Balancer {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
+            config: self.config.load_full(),
+            cache_rule: None,
             started: Instant::now(),
             tried: Vec::new(),
+            unreachable: Vec::new(),
             upstream_started: None,
             upstream_elapsed: None,
             _in_flight: self.in_flight.enter(),
@@ -96,18 +113,138 @@ impl ProxyHttp for Balancer {
         Ok(true)
     }
 
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        let Some(settings) = &ctx.config.cache else {
+            return Ok(());
+        };
+        let path = session.req_header().uri.path();
+        ctx.cache_rule = settings
+            .rules
+            .iter()
+            .position(|r| Some(r) == cache::rule_for(&settings.rules, path));
+        if ctx.cache_rule.is_none()
+            || !pingora::cache::filters::request_cacheable(session.req_header())
+        {
+            return Ok(());
+        }
+        let mut overrides = CacheOptionOverrides::default();
+        overrides.wait_timeout = Some(cache::LOCK_WAIT);
+        session.cache.enable(
+            self.cache.storage,
+            None,
+            None,
+            Some(self.cache.lock),
+            Some(overrides),
+        );
+        session.cache.set_max_file_size_bytes(
+            usize::try_from(settings.max_object_size.0).unwrap_or(usize::MAX),
+        );
+        Ok(())
+    }
+
+    fn cache_key_callback(&self, session: &Session, _ctx: &mut RequestCtx) -> Result<CacheKey> {
+        let req = session.req_header();
+        let host = req
+            .headers
+            .get("host")
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        let path_and_query = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        Ok(cache::key::cache_key(host, path_and_query))
+    }
+
+    async fn cache_hit_filter(
+        &self,
+        session: &mut Session,
+        meta: &CacheMeta,
+        _hit_handler: &mut HitHandler,
+        _is_fresh: bool,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Option<ForcedFreshness>> {
+        // A response stored for one user may answer a request with credentials
+        // only when it said it can be shared (RFC 9111, section 3.5).
+        let authorized = session.req_header().headers.contains_key("authorization");
+        let shareable = cache::shareable_with_authorization(
+            CacheControl::from_resp_headers(meta.response_header()).as_ref(),
+        );
+        Ok((authorized && !shareable).then_some(ForcedFreshness::ForceMiss))
+    }
+
+    fn cache_vary_filter(
+        &self,
+        meta: &CacheMeta,
+        _ctx: &mut RequestCtx,
+        req: &RequestHeader,
+    ) -> Option<HashBinary> {
+        cache::variance(meta, req)
+    }
+
+    fn response_cache_filter(
+        &self,
+        session: &Session,
+        resp: &ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<RespCacheable> {
+        let Some(rule) = ctx.cache_rule() else {
+            return Ok(RespCacheable::Uncacheable(
+                pingora::cache::NoCacheReason::NeverEnabled,
+            ));
+        };
+        let authorization = session.req_header().headers.contains_key("authorization");
+        Ok(cache::cacheability(rule, resp, authorization))
+    }
+
+    fn should_serve_stale(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+        error: Option<&Error>,
+    ) -> bool {
+        // None: the entry is in its stale-while-revalidate window; serve it
+        // while one background request refreshes it. Some: the origin failed
+        // (down, timed out or 5xx) within the stale-if-error window.
+        error.is_none_or(|e| e.esource() == &ErrorSource::Upstream)
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(rule) = ctx.cache_rule() else {
+            return Ok(());
+        };
+        let status = cache::status_label(session.cache.phase());
+        self.cache.stats.count(status);
+        upstream_response.insert_header("x-cache-status", status)?;
+        if let Some(max_age) = rule.client_max_age {
+            if cache::tells_clients_expiry(upstream_response.status.as_u16()) {
+                let expires = SystemTime::now() + max_age.0;
+                upstream_response
+                    .insert_header("cache-control", format!("max-age={}", max_age.0.as_secs()))?;
+                upstream_response.insert_header("expires", httpdate::fmt_http_date(expires))?;
+            }
+        }
+        Ok(())
+    }
+
     async fn upstream_peer(
         &self,
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let Some(backend) = self.pool.select(&ctx.tried_addrs()) else {
-            return Err(Error::explain(
+        let Some(backend) = self.pool.select(&ctx.unreachable) else {
+            // Sourced upstream, so that a stale cached copy may still be served.
+            return Err(Error::create(
                 ErrorType::HTTPStatus(503),
-                "no healthy upstream",
+                ErrorSource::Upstream,
+                Some("no healthy upstream".into()),
+                None,
             ));
         };
-        let config = self.config.load();
+        let config = &ctx.config;
         let mut peer = HttpPeer::new(backend.addr, false, String::new());
         peer.options.connection_timeout = Some(config.upstream.connect_timeout.0);
         peer.options.read_timeout = Some(config.upstream.read_timeout.0);
@@ -124,7 +261,7 @@ impl ProxyHttp for Balancer {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let config = self.config.load();
+        let config = &ctx.config;
         // With active checks on, a refused connect counts as a failed check,
         // so a dead backend leaves the rotation without waiting for the next probe.
         if let (Some(hc), Some(backend)) = (&config.upstream.health_check, ctx.tried.last()) {
@@ -142,7 +279,10 @@ impl ProxyHttp for Balancer {
             }
         }
         // Nothing reached the backend, so any request may go to another one.
-        if self.pool.has_candidate(&ctx.tried_addrs()) {
+        if let Some(backend) = ctx.tried.last() {
+            ctx.unreachable.push(backend.addr);
+        }
+        if self.pool.has_candidate(&ctx.unreachable) {
             e.set_retry(true);
         }
         e

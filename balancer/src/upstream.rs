@@ -46,6 +46,14 @@ impl Backend {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
     /// Records one health-check result; returns the new health when it flipped.
     /// A backend that has never been healthy is admitted on its first pass.
     pub fn observe(

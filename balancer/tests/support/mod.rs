@@ -186,7 +186,12 @@ fn agent() -> ureq::Agent {
 
 /// GET `url` with extra request headers; any status is a reply, only a transport failure is an error.
 pub fn get_with(url: &str, headers: &[(&str, &str)]) -> Result<Reply, String> {
-    let mut req = agent().get(url);
+    request("GET", url, headers)
+}
+
+/// Sends `method` to `url`; any status is a reply, only a transport failure is an error.
+pub fn request(method: &str, url: &str, headers: &[(&str, &str)]) -> Result<Reply, String> {
+    let mut req = agent().request(method, url);
     for (name, value) in headers {
         req = req.set(name, value);
     }
@@ -225,8 +230,11 @@ pub fn container_id(reply: &Reply) -> String {
 /// What a scripted test origin does with a request.
 #[derive(Clone, Debug)]
 pub enum Act {
-    /// Answer with this status and body.
+    /// Answer with this status and body; `{n}` in the body becomes the number
+    /// of requests the origin has seen, so each answer differs.
     Answer(u16, &'static str),
+    /// Answer with this status, these extra headers and this body (`{n}` as above).
+    With(u16, Vec<(&'static str, &'static str)>, &'static str),
     /// Answer after a delay.
     Slow(Duration, u16, &'static str),
     /// Read the request, then never answer.
@@ -255,6 +263,7 @@ impl Seen {
 struct OriginState {
     seen: Mutex<Vec<Seen>>,
     script: Mutex<Vec<(String, Act)>>,
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 /// A test origin on a real loopback socket that records every request it sees
@@ -271,13 +280,43 @@ impl Origin {
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(OriginState::default());
         let shared = Arc::clone(&state);
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
         thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let state = Arc::clone(&shared);
-                thread::spawn(move || serve(stream, &state));
+            // Polls so that `stop` can close the port: connections are then refused.
+            while !shared.stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let _ = stream.set_nonblocking(false);
+                        let state = Arc::clone(&shared);
+                        thread::spawn(move || serve(stream, &state));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(2)),
+                }
             }
         });
         Origin { port, state }
+    }
+
+    /// Closes the listening port: new connections are refused from now on.
+    pub fn stop(&self) {
+        self.state
+            .stopped
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        wait_for(Duration::from_secs(5), "the origin's port to close", || {
+            TcpStream::connect(("127.0.0.1", self.port))
+                .is_err()
+                .then_some(())
+        });
+    }
+
+    /// How many requests for exactly `path_and_query` were seen.
+    pub fn hits(&self, path_and_query: &str) -> usize {
+        self.seen()
+            .iter()
+            .filter(|s| s.path == path_and_query)
+            .count()
     }
 
     /// From now on, requests whose path starts with `prefix` get `act`.
@@ -310,6 +349,9 @@ fn serve(stream: TcpStream, state: &OriginState) {
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
             return;
         }
+        if state.stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            return; // a stopped origin answers nothing, on kept-alive connections too
+        }
         let path = line.split(' ').nth(1).unwrap_or("").to_owned();
         let mut headers = Vec::new();
         let mut content_length = 0usize;
@@ -334,10 +376,14 @@ fn serve(stream: TcpStream, state: &OriginState) {
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        state.seen.lock().unwrap().push(Seen {
-            path: path.clone(),
-            headers,
-        });
+        let n = {
+            let mut seen = state.seen.lock().unwrap();
+            seen.push(Seen {
+                path: path.clone(),
+                headers,
+            });
+            seen.len()
+        };
         let act = state
             .script
             .lock()
@@ -347,11 +393,12 @@ fn serve(stream: TcpStream, state: &OriginState) {
             .find(|(p, _)| path.starts_with(p.as_str()))
             .map(|(_, a)| a.clone())
             .unwrap_or(Act::Answer(200, "origin"));
-        let (status, text) = match act {
-            Act::Answer(status, text) => (status, text),
+        let (status, extra, text) = match act {
+            Act::Answer(status, text) => (status, Vec::new(), text),
+            Act::With(status, headers, text) => (status, headers, text),
             Act::Slow(delay, status, text) => {
                 thread::sleep(delay);
-                (status, text)
+                (status, Vec::new(), text)
             }
             Act::Hang => {
                 thread::sleep(Duration::from_secs(60));
@@ -362,10 +409,16 @@ fn serve(stream: TcpStream, state: &OriginState) {
                 return;
             }
         };
-        let response = format!(
-            "HTTP/1.1 {status} X\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{text}",
+        let text = text.replace("{n}", &n.to_string());
+        let mut response = format!(
+            "HTTP/1.1 {status} X\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n",
             text.len()
         );
+        for (name, value) in extra {
+            response.push_str(&format!("{name}: {value}\r\n"));
+        }
+        response.push_str("\r\n");
+        response.push_str(&text);
         if writer.write_all(response.as_bytes()).is_err() {
             return;
         }

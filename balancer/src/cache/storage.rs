@@ -1,0 +1,422 @@
+//! Where cached responses live: pingora-cache's `Storage` over a moka cache.
+//!
+//! Pingora ships only `MemCache`, which is documented "for testing only" and
+//! never evicts. This storage is bounded by weight (bytes of key, metadata and
+//! body), evicts the least-recently-used entries beyond it, is safe under
+//! concurrency, and counts what it stores and evicts. It does not decide what
+//! is cacheable: that is the rules' job.
+
+use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use moka::notification::RemovalCause;
+use moka::policy::EvictionPolicy;
+use pingora::cache::key::CacheHashKey;
+use pingora::cache::storage::{
+    HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget,
+    PurgeType,
+};
+use pingora::cache::trace::SpanHandle;
+use pingora::cache::{CacheKey, CacheMeta, Storage};
+use pingora::{Error, ErrorType, Result};
+
+use super::key;
+
+/// One stored response.
+struct Entry {
+    /// The request path it answers, without the query: what a purge names.
+    path: String,
+    meta: (Vec<u8>, Vec<u8>),
+    body: Bytes,
+}
+
+impl Entry {
+    fn weight(&self, key: &str) -> u32 {
+        let bytes =
+            key.len() + self.path.len() + self.meta.0.len() + self.meta.1.len() + self.body.len();
+        u32::try_from(bytes).unwrap_or(u32::MAX)
+    }
+}
+
+/// Counters kept by the storage itself.
+#[derive(Default, Debug)]
+pub struct StorageStats {
+    pub evictions: AtomicU64,
+}
+
+/// A bounded in-memory response store.
+pub struct MemoryStorage {
+    entries: moka::sync::Cache<String, Arc<Entry>>,
+    max_object_size: usize,
+    stats: Arc<StorageStats>,
+}
+
+impl MemoryStorage {
+    /// A store of at most `max_size` bytes in which no object exceeds `max_object_size`.
+    pub fn new(max_size: u64, max_object_size: usize) -> MemoryStorage {
+        let stats = Arc::new(StorageStats::default());
+        let counted = Arc::clone(&stats);
+        let entries = moka::sync::Cache::builder()
+            .max_capacity(max_size)
+            .weigher(|key: &String, entry: &Arc<Entry>| entry.weight(key))
+            .eviction_policy(EvictionPolicy::lru())
+            .eviction_listener(move |_key, _entry, cause| {
+                if cause == RemovalCause::Size {
+                    counted.evictions.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .build();
+        MemoryStorage {
+            entries,
+            max_object_size,
+            stats,
+        }
+    }
+
+    /// Entries evicted to stay within the size bound so far.
+    pub fn evictions(&self) -> u64 {
+        self.entries.run_pending_tasks(); // evictions are noticed by housekeeping
+        self.stats.evictions.load(Ordering::Relaxed)
+    }
+
+    /// Bytes held now (keys, metadata and bodies).
+    pub fn stored_bytes(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        self.entries.weighted_size()
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        self.entries.entry_count()
+    }
+
+    /// Removes every stored response for `path` (every host, query and
+    /// variant); returns how many there were.
+    pub fn purge_path(&self, path: &str) -> usize {
+        let doomed: Vec<Arc<String>> = self
+            .entries
+            .iter()
+            .filter(|(_, entry)| entry.path == path)
+            .map(|(key, _)| key)
+            .collect();
+        for key in &doomed {
+            self.entries.invalidate(key.as_str());
+        }
+        self.entries.run_pending_tasks();
+        doomed.len()
+    }
+
+    fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
+        self.entries.get(&key.combined())
+    }
+}
+
+fn storage_error(what: &'static str) -> Box<Error> {
+    Error::explain(ErrorType::InternalError, what)
+}
+
+#[async_trait]
+impl Storage for MemoryStorage {
+    async fn lookup(
+        &'static self,
+        key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let Some(entry) = self.get(key) else {
+            return Ok(None);
+        };
+        let meta = CacheMeta::deserialize(&entry.meta.0, &entry.meta.1)?;
+        let end = entry.body.len();
+        Ok(Some((
+            meta,
+            Box::new(Hit {
+                body: entry.body.clone(),
+                start: 0,
+                end,
+                done: false,
+            }),
+        )))
+    }
+
+    async fn get_miss_handler(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<MissHandler> {
+        Ok(Box::new(Miss {
+            storage: self,
+            key: key.combined(),
+            path: key::path_of(key.primary_key()).to_owned(),
+            meta: meta.serialize()?,
+            body: Vec::new(),
+            oversize: false,
+        }))
+    }
+
+    async fn purge(
+        &'static self,
+        target: PurgeTarget<'_>,
+        _purge_type: PurgeType,
+        _trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
+        let key = target.key().combined();
+        Ok(match self.entries.remove(&key) {
+            Some(_) => PurgeOutcome::Purged(None),
+            None => PurgeOutcome::NotFound,
+        })
+    }
+
+    async fn update_meta(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<bool> {
+        let Some(old) = self.get(key) else {
+            return Ok(false);
+        };
+        let updated = Entry {
+            path: old.path.clone(),
+            meta: meta.serialize()?,
+            body: old.body.clone(),
+        };
+        self.entries.insert(key.combined(), Arc::new(updated));
+        Ok(true)
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
+        self
+    }
+}
+
+/// Reads one stored body, whole or a byte range of it.
+struct Hit {
+    body: Bytes,
+    start: usize,
+    end: usize,
+    done: bool,
+}
+
+#[async_trait]
+impl HandleHit for Hit {
+    async fn read_body(&mut self) -> Result<Option<Bytes>> {
+        if self.done {
+            return Ok(None);
+        }
+        self.done = true;
+        Ok(Some(self.body.slice(self.start..self.end)))
+    }
+
+    async fn finish(
+        self: Box<Self>,
+        _storage: &'static (dyn Storage + Sync),
+        _key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn can_seek(&self) -> bool {
+        true
+    }
+
+    fn seek(&mut self, start: usize, end: Option<usize>) -> Result<()> {
+        if start >= self.body.len() {
+            return Err(storage_error("seek start beyond the cached body"));
+        }
+        self.start = start;
+        self.end = end.map_or(self.body.len(), |e| e.min(self.body.len()));
+        self.done = false;
+        Ok(())
+    }
+
+    fn get_eviction_weight(&self) -> usize {
+        self.body.len()
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync) {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut (dyn Any + Send + Sync) {
+        self
+    }
+}
+
+/// Collects a response body from the origin and stores it when it is complete.
+struct Miss {
+    storage: &'static MemoryStorage,
+    key: String,
+    path: String,
+    meta: (Vec<u8>, Vec<u8>),
+    body: Vec<u8>,
+    oversize: bool,
+}
+
+#[async_trait]
+impl HandleMiss for Miss {
+    async fn write_body(&mut self, data: Bytes, _eof: bool) -> Result<()> {
+        if self.body.len() + data.len() > self.storage.max_object_size {
+            // Pingora's own size check stops admission first; this is the backstop.
+            self.oversize = true;
+            self.body = Vec::new();
+        }
+        if !self.oversize {
+            self.body.extend_from_slice(&data);
+        }
+        Ok(())
+    }
+
+    async fn finish(self: Box<Self>) -> Result<MissFinishType> {
+        if self.oversize {
+            return Err(storage_error("response larger than cache.max_object_size"));
+        }
+        let size = self.body.len();
+        let entry = Entry {
+            path: self.path,
+            meta: self.meta,
+            body: Bytes::from(self.body),
+        };
+        self.storage.entries.insert(self.key, Arc::new(entry));
+        Ok(MissFinishType::Created(size))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pingora::cache::trace::Span;
+    use pingora::http::ResponseHeader;
+    use std::time::{Duration, SystemTime};
+
+    fn leak(max_size: u64, max_object: usize) -> &'static MemoryStorage {
+        Box::leak(Box::new(MemoryStorage::new(max_size, max_object)))
+    }
+
+    fn meta() -> CacheMeta {
+        let now = SystemTime::now();
+        let header = ResponseHeader::build(200, None).unwrap();
+        CacheMeta::new(now + Duration::from_secs(30), now, 0, 0, header)
+    }
+
+    async fn put(
+        storage: &'static MemoryStorage,
+        key: &CacheKey,
+        body: &[u8],
+    ) -> Result<MissFinishType> {
+        let mut miss = storage
+            .get_miss_handler(key, &meta(), &Span::inactive().handle())
+            .await?;
+        miss.write_body(Bytes::copy_from_slice(body), true).await?;
+        miss.finish().await
+    }
+
+    async fn body_of(storage: &'static MemoryStorage, key: &CacheKey) -> Option<Bytes> {
+        let (_, mut hit) = storage
+            .lookup(key, &Span::inactive().handle())
+            .await
+            .unwrap()?;
+        hit.read_body().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn stores_reads_and_seeks() {
+        let storage = leak(1 << 20, 1 << 16);
+        let k = key::cache_key("example.test", "/cache-me?x=1");
+        assert!(body_of(storage, &k).await.is_none());
+        put(storage, &k, b"hello world").await.unwrap();
+        assert_eq!(body_of(storage, &k).await.unwrap(), "hello world");
+        let (_, mut hit) = storage
+            .lookup(&k, &Span::inactive().handle())
+            .await
+            .unwrap()
+            .unwrap();
+        hit.seek(6, Some(11)).unwrap();
+        assert_eq!(hit.read_body().await.unwrap().unwrap(), "world");
+        assert!(hit.read_body().await.unwrap().is_none());
+        assert!(storage.stored_bytes() >= 11);
+    }
+
+    #[tokio::test]
+    async fn objects_over_the_size_limit_are_not_stored() {
+        let storage = leak(1 << 20, 8);
+        let k = key::cache_key("h", "/big");
+        assert!(put(storage, &k, b"more than eight bytes").await.is_err());
+        assert!(body_of(storage, &k).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn the_bound_evicts_and_counts() {
+        let storage = leak(8 << 10, 1 << 20);
+        for i in 0..40 {
+            put(
+                storage,
+                &key::cache_key("h", &format!("/item/{i}")),
+                &[b'x'; 1000],
+            )
+            .await
+            .unwrap();
+        }
+        assert!(
+            storage.stored_bytes() <= 8 << 10,
+            "{} bytes held",
+            storage.stored_bytes()
+        );
+        assert!(storage.evictions() >= 30);
+        assert!(
+            body_of(storage, &key::cache_key("h", "/item/39"))
+                .await
+                .is_some(),
+            "the newest stays"
+        );
+        assert!(
+            body_of(storage, &key::cache_key("h", "/item/0"))
+                .await
+                .is_none(),
+            "the oldest went"
+        );
+    }
+
+    #[tokio::test]
+    async fn purge_by_path_removes_every_host_query_and_variant() {
+        let storage = leak(1 << 20, 1 << 20);
+        let mut variant = key::cache_key("a", "/cache-me");
+        variant.set_variance_key(*b"0123456789abcdef");
+        let keys = [
+            key::cache_key("a", "/cache-me"),
+            key::cache_key("b", "/cache-me?v=2"),
+            variant,
+        ];
+        for k in &keys {
+            put(storage, k, b"x").await.unwrap();
+        }
+        let other = key::cache_key("a", "/cache-me-not");
+        put(storage, &other, b"y").await.unwrap();
+        assert_eq!(storage.purge_path("/cache-me"), 3);
+        for k in &keys {
+            assert!(body_of(storage, k).await.is_none());
+        }
+        assert!(body_of(storage, &other).await.is_some());
+        assert_eq!(storage.purge_path("/cache-me"), 0);
+    }
+
+    #[tokio::test]
+    async fn update_meta_keeps_the_body() {
+        let storage = leak(1 << 20, 1 << 20);
+        let k = key::cache_key("h", "/r");
+        assert!(!storage
+            .update_meta(&k, &meta(), &Span::inactive().handle())
+            .await
+            .unwrap());
+        put(storage, &k, b"body").await.unwrap();
+        assert!(storage
+            .update_meta(&k, &meta(), &Span::inactive().handle())
+            .await
+            .unwrap());
+        assert_eq!(body_of(storage, &k).await.unwrap(), "body");
+    }
+}
