@@ -2,6 +2,7 @@
 //! offers. `GET /status` reports the upstreams and the cache as JSON;
 //! `PURGE /path` empties the cache for a path.
 
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -11,11 +12,14 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
 use crate::cache::ResponseCache;
+use crate::reload::ReloadStats;
 use crate::upstream::Pool;
 
 pub struct Admin {
     pub cache: &'static ResponseCache,
     pub pool: Arc<Pool>,
+    pub config_path: PathBuf,
+    pub reloads: Arc<ReloadStats>,
 }
 
 impl Admin {
@@ -36,7 +40,21 @@ impl Admin {
             .collect();
         let stats = &self.cache.stats;
         let storage = self.cache.storage;
+        let reloads = &self.reloads;
+        let loaded_at = *reloads.loaded_at.lock().unwrap_or_else(|e| e.into_inner());
+        let last_error = reloads
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         serde_json::json!({
+            "config": {
+                "path": self.config_path.display().to_string(),
+                "loaded_at": httpdate::fmt_http_date(loaded_at),
+                "reloads_succeeded": reloads.succeeded.load(Ordering::Relaxed),
+                "reloads_failed": reloads.failed.load(Ordering::Relaxed),
+                "last_reload_error": last_error,
+            },
             "upstreams": upstreams,
             "cache": {
                 "hits": stats.hits.load(Ordering::Relaxed),

@@ -104,12 +104,13 @@ pub struct HealthCheck {
 
 impl Config {
     /// Reads and parses `path`; the error names the file and the line.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    /// Returns the text too, as the reference that reloads compare against.
+    pub fn load(path: &Path) -> Result<(Config, String), ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Config::parse(path, &text)
+        Ok((Config::parse(path, &text)?, text))
     }
 
     /// Parses `text`, which was read from `path` (used in error messages).

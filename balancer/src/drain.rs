@@ -8,11 +8,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use tokio::time::{sleep, Instant};
 
+use crate::config::Config;
 use crate::proxy::InFlight;
 
 /// How long the balancer must be idle before it counts as drained: a client
@@ -21,7 +23,8 @@ const SETTLE: Duration = Duration::from_millis(100);
 
 pub struct Drain {
     pub in_flight: Arc<InFlight>,
-    pub grace_period: Duration,
+    /// `grace_period` is read when SIGTERM comes, so a reloaded value counts.
+    pub config: Arc<ArcSwap<Config>>,
 }
 
 #[async_trait]
@@ -32,7 +35,7 @@ impl BackgroundService for Drain {
                 return;
             }
         }
-        let deadline = Instant::now() + self.grace_period;
+        let deadline = Instant::now() + self.config.load().grace_period.0;
         let mut idle_since: Option<Instant> = None;
         loop {
             let now = Instant::now();

@@ -8,6 +8,7 @@ mod config;
 mod discovery;
 mod drain;
 mod proxy;
+mod reload;
 mod upkeep;
 mod upstream;
 
@@ -26,6 +27,9 @@ use pingora::server::configuration::ServerConf;
 use pingora::services::background::background_service;
 
 use crate::config::Config;
+
+/// SIGTERM never waits longer than this, whatever `grace_period` says.
+const MAX_GRACE_PERIOD: Duration = Duration::from_secs(300);
 
 #[derive(Parser)]
 #[command(
@@ -56,8 +60,8 @@ fn main() -> ExitCode {
         eprintln!("balancer: --config FILE is required (the TOML configuration)");
         return ExitCode::from(2);
     };
-    let config = match Config::load(&path) {
-        Ok(config) => config,
+    let (config, text) = match Config::load(&path) {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("balancer: {e}");
             return ExitCode::FAILURE;
@@ -88,17 +92,17 @@ fn main() -> ExitCode {
         None => {
             env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
                 .init();
-            run(config)
+            run(config, path, text)
         }
     }
 }
 
-fn run(config: Config) -> ExitCode {
-    let grace_period = config.grace_period.0;
+fn run(config: Config, path: PathBuf, text: String) -> ExitCode {
     let server_conf = ServerConf {
         threads: config.threads(),
-        // Pingora sleeps this long after SIGTERM; `drain` exits sooner once idle.
-        grace_period_seconds: Some(grace_period.as_secs_f64().ceil() as u64),
+        // Pingora then sleeps this long after SIGTERM; `drain` ends the process
+        // sooner, once idle or at the (live) grace_period.
+        grace_period_seconds: Some(MAX_GRACE_PERIOD.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
@@ -111,6 +115,9 @@ fn run(config: Config) -> ExitCode {
     let config = Arc::new(ArcSwap::from_pointee(config));
     let pool = Arc::new(upstream::Pool::default());
     let in_flight = Arc::new(proxy::InFlight::default());
+    let reloaded = Arc::new(tokio::sync::Notify::new());
+    let config_path = path.clone();
+    let reloader = reload::Reloader::new(path, Arc::clone(&config), Arc::clone(&reloaded), text);
 
     let upkeep = background_service(
         "upstream upkeep",
@@ -118,15 +125,18 @@ fn run(config: Config) -> ExitCode {
             pool: Arc::clone(&pool),
             config: Arc::clone(&config),
             resolver: discovery::Resolver::default(),
+            reloaded,
         },
     );
     let drain = background_service(
         "graceful stop",
         drain::Drain {
             in_flight: Arc::clone(&in_flight),
-            grace_period,
+            config: Arc::clone(&config),
         },
     );
+    let reload_stats = Arc::clone(&reloader.stats);
+    let reloader = background_service("config reload", reloader);
     let mut proxy = http_proxy_service(
         &server.configuration,
         proxy::Balancer {
@@ -144,6 +154,8 @@ fn run(config: Config) -> ExitCode {
             admin::Admin {
                 cache,
                 pool: Arc::clone(&pool),
+                config_path,
+                reloads: reload_stats,
             },
         );
         admin.add_tcp(&admin_listen.to_string());
@@ -151,6 +163,7 @@ fn run(config: Config) -> ExitCode {
         log::info!("admin listening on {admin_listen}");
     }
     server.add_service(upkeep);
+    server.add_service(reloader);
     server.add_service(drain);
     server.add_service(proxy);
     log::info!("balancer listening on {listen}");

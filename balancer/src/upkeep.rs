@@ -14,6 +14,7 @@ use pingora::http::RequestHeader;
 use pingora::lb::health_check::{HealthCheck as _, HttpHealthCheck};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use tokio::sync::Notify;
 use tokio::time::{sleep_until, Instant};
 
 use crate::config::{Config, HealthCheck};
@@ -24,51 +25,65 @@ pub struct Upkeep {
     pub pool: Arc<Pool>,
     pub config: Arc<ArcSwap<Config>>,
     pub resolver: Resolver,
+    /// Woken when a new configuration is in force: act on it at once.
+    pub reloaded: Arc<Notify>,
 }
 
 impl Upkeep {
-    /// Re-resolves the servers and swaps in the new membership, logging each change.
+    /// Re-resolves the servers and swaps in the new membership, logging each
+    /// change. With checks on, new addresses are probed before they are
+    /// published, so a replaced list has its healthy backends from the start.
     pub async fn refresh_membership(&self) {
         let config = self.config.load_full();
         let found = self.resolver.resolve(config.upstream.servers.iter()).await;
-        let trust_new = config.upstream.health_check.is_none();
-        let change = self.pool.replace(&found, trust_new);
-        for (addr, server) in &change.added {
-            log::info!("upstream added {addr} ({server})");
+        let checks = config.upstream.health_check.as_ref();
+        let (members, change) = self.pool.plan(&found, checks.is_none());
+        if let Some(hc) = checks {
+            check_all(&change.added, hc).await;
+        } else {
+            self.pool.trust_all();
         }
-        for (addr, server) in &change.removed {
-            log::info!("upstream removed {addr} ({server})");
+        self.pool.publish(members, &change);
+        for b in &change.added {
+            let health = if b.is_healthy() {
+                "healthy"
+            } else {
+                "not healthy yet"
+            };
+            log::info!("upstream address added {} ({}), {health}", b.addr, b.server);
+        }
+        for b in &change.removed {
+            log::info!("upstream address removed {} ({})", b.addr, b.server);
         }
         if found.is_empty() {
             log::warn!("no upstream address is known: every request gets 503 until one resolves");
         }
     }
+}
 
-    /// Probes every backend once, all at the same time.
-    pub async fn check_health(&self, hc: &HealthCheck) {
-        let members = self.pool.members();
-        let probes = members.iter().map(|backend| async move {
-            let outcome = probe(backend, hc).await;
-            let flip = backend.observe(
-                outcome.is_ok(),
-                hc.healthy_threshold.get(),
-                hc.unhealthy_threshold.get(),
-            );
-            match (flip, outcome) {
-                (Some(true), _) => {
-                    log::info!("upstream {} ({}) is healthy", backend.addr, backend.server)
-                }
-                (Some(false), Err(why)) => log::warn!(
-                    "upstream {} ({}) is unhealthy: {why}",
-                    backend.addr,
-                    backend.server
-                ),
-                _ => {}
+/// Probes every backend in `backends` once, all at the same time.
+async fn check_all(backends: &[Arc<Backend>], hc: &HealthCheck) {
+    let probes = backends.iter().map(|backend| async move {
+        let outcome = probe(backend, hc).await;
+        let flip = backend.observe(
+            outcome.is_ok(),
+            hc.healthy_threshold.get(),
+            hc.unhealthy_threshold.get(),
+        );
+        match (flip, outcome) {
+            (Some(true), _) => {
+                log::info!("upstream {} ({}) is healthy", backend.addr, backend.server)
             }
-        });
-        // Polled together: a hung backend must not delay the others' checks.
-        futures::future::join_all(probes).await;
-    }
+            (Some(false), Err(why)) => log::warn!(
+                "upstream {} ({}) is unhealthy: {why}",
+                backend.addr,
+                backend.server
+            ),
+            _ => {}
+        }
+    });
+    // Polled together: a hung backend must not delay the others' checks.
+    futures::future::join_all(probes).await;
 }
 
 /// One HTTP probe of `hc.path` on `backend`, bounded by `hc.timeout`.
@@ -108,7 +123,7 @@ impl BackgroundService for Upkeep {
             let due = match &config.upstream.health_check {
                 Some(hc) => {
                     if now >= next_check {
-                        self.check_health(hc).await;
+                        check_all(&self.pool.members(), hc).await;
                         next_check = Instant::now() + hc.interval.0;
                     }
                     next_resolve.min(next_check)
@@ -117,6 +132,10 @@ impl BackgroundService for Upkeep {
             };
             tokio::select! {
                 _ = sleep_until(due.max(Instant::now() + Duration::from_millis(10))) => {}
+                _ = self.reloaded.notified() => {
+                    next_resolve = Instant::now();
+                    next_check = Instant::now();
+                }
                 _ = shutdown.changed() => return,
             }
         }

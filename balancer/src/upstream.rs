@@ -97,11 +97,11 @@ pub struct Pool {
     next: AtomicUsize,
 }
 
-/// What a membership change did, for the log.
-#[derive(Debug, Default, PartialEq)]
+/// What a membership change does.
+#[derive(Debug, Default)]
 pub struct Change {
-    pub added: Vec<(SocketAddr, Arc<str>)>,
-    pub removed: Vec<(SocketAddr, Arc<str>)>,
+    pub added: Vec<Arc<Backend>>,
+    pub removed: Vec<Arc<Backend>>,
 }
 
 impl Pool {
@@ -134,10 +134,23 @@ impl Pool {
         self.members.load_full()
     }
 
-    /// Makes `found` (address -> server entry) the membership. Backends that
-    /// stay keep their state; new ones start healthy only when `trust_new`
-    /// (that is, when no health check will admit them).
-    pub fn replace(&self, found: &BTreeMap<SocketAddr, Arc<str>>, trust_new: bool) -> Change {
+    /// Plans and publishes at once (the tests' shorthand).
+    #[cfg(test)]
+    pub fn replace_now(&self, found: &BTreeMap<SocketAddr, Arc<str>>, trust_new: bool) -> Change {
+        let (members, change) = self.plan(found, trust_new);
+        self.publish(members, &change);
+        change
+    }
+
+    /// The membership `found` (address -> server entry) would make, without
+    /// making it yet: the new backends in it can be checked before any request
+    /// can reach them. Backends that stay keep their state; new ones start
+    /// healthy only when `trust_new` (when no health check will admit them).
+    pub fn plan(
+        &self,
+        found: &BTreeMap<SocketAddr, Arc<str>>,
+        trust_new: bool,
+    ) -> (Vec<Arc<Backend>>, Change) {
         let old = self.members.load_full();
         let mut change = Change::default();
         let members: Vec<Arc<Backend>> = found
@@ -147,20 +160,34 @@ impl Pool {
                     .find(|b| b.addr == *addr && b.server == *server)
                     .cloned()
                     .unwrap_or_else(|| {
-                        change.added.push((*addr, Arc::clone(server)));
-                        Arc::new(Backend::new(*addr, Arc::clone(server), trust_new))
+                        let backend = Arc::new(Backend::new(*addr, Arc::clone(server), trust_new));
+                        change.added.push(Arc::clone(&backend));
+                        backend
                     })
             })
             .collect();
         for b in old.iter() {
             if found.get(&b.addr).is_none_or(|s| *s != b.server) {
-                change.removed.push((b.addr, Arc::clone(&b.server)));
+                change.removed.push(Arc::clone(b));
             }
         }
+        (members, change)
+    }
+
+    /// Makes a planned membership the one requests see.
+    pub fn publish(&self, members: Vec<Arc<Backend>>, change: &Change) {
         if !change.added.is_empty() || !change.removed.is_empty() {
             self.members.store(Arc::new(members));
         }
-        change
+    }
+
+    /// Marks every backend healthy: with health checks turned off, nothing
+    /// else would ever bring a backend that was marked down back.
+    pub fn trust_all(&self) {
+        for b in self.members.load().iter() {
+            b.healthy.store(true, Ordering::Relaxed);
+            b.admitted.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -187,7 +214,7 @@ mod tests {
     #[test]
     fn round_robin_visits_every_healthy_backend_in_turn() {
         let pool = Pool::default();
-        pool.replace(&found(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]), true);
+        pool.replace_now(&found(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]), true);
         let mut seen = picks(&pool, 6);
         assert_eq!(seen[..3], seen[3..], "the order repeats");
         seen.truncate(3);
@@ -198,7 +225,7 @@ mod tests {
     #[test]
     fn unhealthy_and_already_tried_backends_are_skipped() {
         let pool = Pool::default();
-        pool.replace(&found(&["10.0.0.1:80", "10.0.0.2:80"]), true);
+        pool.replace_now(&found(&["10.0.0.1:80", "10.0.0.2:80"]), true);
         let first = pool.members()[0].clone();
         assert_eq!(
             first.observe(false, 2, 2),
@@ -209,7 +236,7 @@ mod tests {
         assert_eq!(picks(&pool, 3), ["10.0.0.2:80"; 3]);
         let second: SocketAddr = "10.0.0.2:80".parse().unwrap();
         assert!(pool.select(&[second]).is_none(), "nothing is left to try");
-        pool.replace(&found(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]), true);
+        pool.replace_now(&found(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]), true);
         let mut turns = picks(&pool, 4);
         turns.sort();
         assert_eq!(
@@ -229,7 +256,7 @@ mod tests {
     #[test]
     fn new_backends_wait_for_their_first_pass_when_checks_are_on() {
         let pool = Pool::default();
-        let change = pool.replace(&found(&["10.0.0.1:80"]), false);
+        let change = pool.replace_now(&found(&["10.0.0.1:80"]), false);
         assert_eq!(change.added.len(), 1);
         assert!(pool.select(&[]).is_none());
         assert_eq!(
@@ -243,23 +270,19 @@ mod tests {
     #[test]
     fn replacing_keeps_the_state_of_backends_that_stay() {
         let pool = Pool::default();
-        pool.replace(&found(&["10.0.0.1:80", "10.0.0.2:80"]), true);
+        pool.replace_now(&found(&["10.0.0.1:80", "10.0.0.2:80"]), true);
         let kept = pool.members()[1].clone();
         kept.observe(false, 1, 1);
-        let change = pool.replace(&found(&["10.0.0.2:80", "10.0.0.3:80"]), false);
-        assert_eq!(
-            change.added,
-            [("10.0.0.3:80".parse().unwrap(), Arc::from("backend:8000"))]
-        );
-        assert_eq!(
-            change.removed,
-            [("10.0.0.1:80".parse().unwrap(), Arc::from("backend:8000"))]
-        );
+        let change = pool.replace_now(&found(&["10.0.0.2:80", "10.0.0.3:80"]), false);
+        let addrs =
+            |list: &[Arc<Backend>]| list.iter().map(|b| b.addr.to_string()).collect::<Vec<_>>();
+        assert_eq!(addrs(&change.added), ["10.0.0.3:80"]);
+        assert_eq!(addrs(&change.removed), ["10.0.0.1:80"]);
         assert!(Arc::ptr_eq(&pool.members()[0], &kept));
         assert!(!pool.members()[0].is_healthy());
-        assert_eq!(
-            pool.replace(&found(&["10.0.0.2:80", "10.0.0.3:80"]), false),
-            Change::default()
-        );
+        let unchanged = pool.replace_now(&found(&["10.0.0.2:80", "10.0.0.3:80"]), false);
+        assert!(unchanged.added.is_empty() && unchanged.removed.is_empty());
+        pool.trust_all();
+        assert!(pool.members().iter().all(|b| b.is_healthy()));
     }
 }
