@@ -128,6 +128,30 @@ impl Balancer {
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
+
+    /// Overwrites the configuration file in place with `body` (same listen address).
+    pub fn rewrite(&self, body: &str) {
+        std::fs::write(&self.config, config_text(self.port, body)).unwrap();
+    }
+
+    /// Waits until the balancer's log has a line containing `text`; returns it.
+    pub fn wait_for_log(&self, text: &str) -> String {
+        wait_for(
+            Duration::from_secs(10),
+            &format!("a log line with {text:?}"),
+            || {
+                self.proc
+                    .log_text()
+                    .lines()
+                    .find(|l| l.contains(text))
+                    .map(str::to_owned)
+            },
+        )
+    }
+}
+
+pub fn config_text(port: u16, body: &str) -> String {
+    format!("listen = \"127.0.0.1:{port}\"\nthreads = 2\n{body}")
 }
 
 /// Writes `body` (a config without `listen`) and starts a real `balancer` on it.
@@ -135,11 +159,7 @@ pub fn start_balancer(body: &str) -> Balancer {
     let dir = tempfile::tempdir().expect("temp dir");
     let port = free_port();
     let config = dir.path().join("balancer.toml");
-    std::fs::write(
-        &config,
-        format!("listen = \"127.0.0.1:{port}\"\nthreads = 2\n{body}"),
-    )
-    .unwrap();
+    std::fs::write(&config, config_text(port, body)).unwrap();
     let mut cmd = Command::new(binary("balancer"));
     cmd.arg("--config").arg(&config).env("RUST_LOG", "info");
     let log = dir.path().join("balancer.log");
