@@ -26,6 +26,9 @@ pub struct Config {
     /// Worker threads of the proxy; `None` means one per CPU.
     #[serde(default)]
     pub threads: Option<NonZeroU32>,
+    /// The access log's format: one `text` line or one `json` object per request.
+    #[serde(default)]
+    pub log_format: LogFormat,
     /// How long SIGTERM waits for in-flight requests before the process exits.
     #[serde(default = "default_grace_period")]
     pub grace_period: Positive,
@@ -66,6 +69,14 @@ pub struct CacheRule {
     /// What clients are told to keep (`Cache-Control: max-age` and `Expires`), like nginx's `expires`.
     #[serde(default)]
     pub client_max_age: Option<Span>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// The pool of servers that requests are balanced over.

@@ -2,11 +2,13 @@
 //! and wires the Pingora services together. The request path is in `proxy`,
 //! the pool upkeep in `upkeep`, the configuration in `config`.
 
+mod access_log;
 mod admin;
 mod cache;
 mod config;
 mod discovery;
 mod drain;
+mod metrics;
 mod proxy;
 mod reload;
 mod upkeep;
@@ -117,6 +119,7 @@ fn run(config: Config, path: PathBuf, text: String) -> ExitCode {
     let in_flight = Arc::new(proxy::InFlight::default());
     let reloaded = Arc::new(tokio::sync::Notify::new());
     let config_path = path.clone();
+    let admin_config = Arc::clone(&config);
     let reloader = reload::Reloader::new(path, Arc::clone(&config), Arc::clone(&reloaded), text);
 
     let upkeep = background_service(
@@ -154,6 +157,7 @@ fn run(config: Config, path: PathBuf, text: String) -> ExitCode {
             admin::Admin {
                 cache,
                 pool: Arc::clone(&pool),
+                config: Arc::clone(&admin_config),
                 config_path,
                 reloads: reload_stats,
             },

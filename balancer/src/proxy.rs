@@ -25,7 +25,8 @@ use pingora::{ErrorSource, ErrorType};
 
 use crate::cache::{self, ResponseCache};
 use crate::config::{CacheRule, Config};
-use crate::upstream::{Backend, Pool};
+use crate::upstream::{BackendGuard, Pool};
+use crate::{access_log, metrics};
 
 /// The balancer's own liveness endpoint, answered without an upstream (as the seed's nginx does).
 pub const HEALTH_CHECK_PATH: &str = "/health-check";
@@ -72,8 +73,12 @@ pub struct RequestCtx {
     /// Which `cache.rule` covers the request, if any.
     cache_rule: Option<usize>,
     started: Instant,
-    /// Every backend tried for this request, in order; the last one is current.
-    tried: Vec<Arc<Backend>>,
+    /// The backend of the current attempt, counted in flight there.
+    current: Option<BackendGuard>,
+    /// Attempts made to reach a backend (1 + retries).
+    tries: u32,
+    /// `X-Cache-Status` of the response, when a cache rule covers the request.
+    cache_status: Option<&'static str>,
     /// The backends this request could not connect to: retries go elsewhere.
     unreachable: Vec<SocketAddr>,
     upstream_started: Option<Instant>,
@@ -97,7 +102,9 @@ impl ProxyHttp for Balancer {
             config: self.config.load_full(),
             cache_rule: None,
             started: Instant::now(),
-            tried: Vec::new(),
+            current: None,
+            tries: 0,
+            cache_status: None,
             unreachable: Vec::new(),
             upstream_started: None,
             upstream_elapsed: None,
@@ -213,13 +220,14 @@ impl ProxyHttp for Balancer {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let Some(rule) = ctx.cache_rule() else {
+        let Some(client_max_age) = ctx.cache_rule().map(|r| r.client_max_age) else {
             return Ok(());
         };
         let status = cache::status_label(session.cache.phase());
         self.cache.stats.count(status);
+        ctx.cache_status = Some(status);
         upstream_response.insert_header("x-cache-status", status)?;
-        if let Some(max_age) = rule.client_max_age {
+        if let Some(max_age) = client_max_age {
             if cache::tells_clients_expiry(upstream_response.status.as_u16()) {
                 let expires = SystemTime::now() + max_age.0;
                 upstream_response
@@ -249,7 +257,8 @@ impl ProxyHttp for Balancer {
         peer.options.connection_timeout = Some(config.upstream.connect_timeout.0);
         peer.options.read_timeout = Some(config.upstream.read_timeout.0);
         peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
-        ctx.tried.push(backend);
+        ctx.current = Some(backend.enter());
+        ctx.tries += 1;
         ctx.upstream_started.get_or_insert_with(Instant::now);
         Ok(Box::new(peer))
     }
@@ -264,7 +273,8 @@ impl ProxyHttp for Balancer {
         let config = &ctx.config;
         // With active checks on, a refused connect counts as a failed check,
         // so a dead backend leaves the rotation without waiting for the next probe.
-        if let (Some(hc), Some(backend)) = (&config.upstream.health_check, ctx.tried.last()) {
+        let backend = ctx.current.as_ref().map(|g| Arc::clone(g.backend()));
+        if let (Some(hc), Some(backend)) = (&config.upstream.health_check, &backend) {
             if backend.observe(
                 false,
                 hc.healthy_threshold.get(),
@@ -279,7 +289,7 @@ impl ProxyHttp for Balancer {
             }
         }
         // Nothing reached the backend, so any request may go to another one.
-        if let Some(backend) = ctx.tried.last() {
+        if let Some(backend) = backend {
             ctx.unreachable.push(backend.addr);
         }
         if self.pool.has_candidate(&ctx.unreachable) {
@@ -347,29 +357,23 @@ impl ProxyHttp for Balancer {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
-        if !log::log_enabled!(target: "access", log::Level::Info) {
-            return;
-        }
         let req = session.req_header();
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let client = session
-            .client_addr()
-            .map_or_else(|| "-".to_owned(), |a| a.to_string());
-        let upstream = ctx
-            .tried
-            .last()
-            .map_or_else(|| "-".to_owned(), |b| b.addr.to_string());
-        let upstream_time = ctx
-            .upstream_elapsed
-            .map_or_else(|| "-".to_owned(), |d| format!("{:.3}", d.as_secs_f64()));
-        log::info!(
-            target: "access",
-            "{client} \"{} {}\" {status} upstream={upstream} upstream_time={upstream_time} time={:.3} tries={}",
-            req.method,
-            req.uri,
-            ctx.started.elapsed().as_secs_f64(),
-            ctx.tried.len(),
-        );
+        let record = access_log::Record {
+            client: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
+            method: req.method.as_str(),
+            uri: &req.uri,
+            status: session.response_written().map_or(0, |r| r.status.as_u16()),
+            upstream: ctx.current.as_ref().map(|g| g.backend().label.as_str()),
+            upstream_time: ctx.upstream_elapsed,
+            time: ctx.started.elapsed(),
+            retries: ctx.tries.saturating_sub(1),
+            cache: ctx.cache_status,
+        };
+        metrics::observe(&record);
+        access_log::write(ctx.config.log_format, &record);
     }
 }
 

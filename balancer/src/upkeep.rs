@@ -65,8 +65,8 @@ impl Upkeep {
 async fn check_all(backends: &[Arc<Backend>], hc: &HealthCheck) {
     let probes = backends.iter().map(|backend| async move {
         let outcome = probe(backend, hc).await;
-        let flip = backend.observe(
-            outcome.is_ok(),
+        let flip = backend.record_check(
+            &outcome,
             hc.healthy_threshold.get(),
             hc.unhealthy_threshold.get(),
         );
@@ -103,7 +103,7 @@ async fn probe(backend: &Backend, hc: &HealthCheck) -> Result<(), String> {
     // The connector's own timeouts cover connect and header reads; this bounds the whole probe.
     match tokio::time::timeout(hc.timeout.0 * 2, check.check(&target)).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Err(e)) => Err(e.to_string().trim().to_owned()),
         Err(_) => Err(format!("no answer within {}", hc.timeout)),
     }
 }

@@ -9,8 +9,9 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 
@@ -18,6 +19,8 @@ use arc_swap::ArcSwap;
 #[derive(Debug)]
 pub struct Backend {
     pub addr: SocketAddr,
+    /// `addr` as text, made once: it labels metrics and log lines.
+    pub label: String,
     /// The `upstream.servers` entry it came from (`backend:8000`).
     pub server: Arc<str>,
     healthy: AtomicBool,
@@ -27,19 +30,64 @@ pub struct Backend {
     consecutive_passes: AtomicU32,
     consecutive_failures: AtomicU32,
     requests: AtomicU64,
+    in_flight: AtomicI64,
+    last_check: Mutex<Option<CheckRecord>>,
+}
+
+/// The outcome of the last health check of a backend.
+#[derive(Debug, Clone)]
+pub struct CheckRecord {
+    pub at: SystemTime,
+    /// `None` when it passed, else why it failed.
+    pub error: Option<String>,
 }
 
 impl Backend {
     fn new(addr: SocketAddr, server: Arc<str>, healthy: bool) -> Backend {
         Backend {
             addr,
+            label: addr.to_string(),
             server,
             healthy: AtomicBool::new(healthy),
             admitted: AtomicBool::new(healthy),
             consecutive_passes: AtomicU32::new(0),
             consecutive_failures: AtomicU32::new(0),
             requests: AtomicU64::new(0),
+            in_flight: AtomicI64::new(0),
+            last_check: Mutex::new(None),
         }
+    }
+
+    /// Requests being proxied to this backend right now.
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request as in flight here until the guard is dropped.
+    pub fn enter(self: &Arc<Self>) -> BackendGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        BackendGuard(Arc::clone(self))
+    }
+
+    pub fn last_check(&self) -> Option<CheckRecord> {
+        self.last_check
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records an active health check's outcome and feeds it to [`Backend::observe`].
+    pub fn record_check(
+        &self,
+        outcome: &Result<(), String>,
+        healthy_threshold: u32,
+        unhealthy_threshold: u32,
+    ) -> Option<bool> {
+        *self.last_check.lock().unwrap_or_else(|e| e.into_inner()) = Some(CheckRecord {
+            at: SystemTime::now(),
+            error: outcome.as_ref().err().cloned(),
+        });
+        self.observe(outcome.is_ok(), healthy_threshold, unhealthy_threshold)
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -87,6 +135,21 @@ impl Backend {
         } else {
             None
         }
+    }
+}
+
+/// A request in flight to a backend; see [`Backend::enter`].
+pub struct BackendGuard(Arc<Backend>);
+
+impl BackendGuard {
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.0
+    }
+}
+
+impl Drop for BackendGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -1,0 +1,385 @@
+//! Operating the balancer: metrics and status after a known sequence of
+//! requests, the status page in a real browser, JSON access logs, and a
+//! graceful stop under load.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// The value of the sample `series` (name and labels exactly as printed), or 0 when absent.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+fn scrape(admin: u16) -> String {
+    let r = get(&format!("http://127.0.0.1:{admin}/metrics")).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("content-type")
+            .is_some_and(|c| c.starts_with("text/plain")),
+        "{r:?}"
+    );
+    r.body
+}
+
+fn status(admin: u16) -> serde_json::Value {
+    serde_json::from_str(
+        &get(&format!("http://127.0.0.1:{admin}/status"))
+            .unwrap()
+            .body,
+    )
+    .unwrap()
+}
+
+/// The `/status` entry of `address`.
+fn address(status: &serde_json::Value, address: &str) -> serde_json::Value {
+    status["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|u| u["addresses"].as_array().unwrap().clone())
+        .find(|a| a["address"] == address)
+        .unwrap_or_else(|| panic!("{address} not in {status}"))
+}
+
+fn config(admin: u16, servers: &[u16], checks: bool) -> String {
+    let list: Vec<String> = servers
+        .iter()
+        .map(|p| format!("\"127.0.0.1:{p}\""))
+        .collect();
+    let checks = if checks {
+        "[upstream.health_check]\ninterval = \"200ms\"\ntimeout = \"500ms\"\nunhealthy_threshold = 1\n"
+    } else {
+        ""
+    };
+    format!(
+        "admin_listen = \"127.0.0.1:{admin}\"\n[upstream]\nservers = [{}]\n{checks}\
+         [cache]\n[[cache.rule]]\npath = \"/cache-me\"\nttl = \"30s\"\n",
+        list.join(", ")
+    )
+}
+
+#[test]
+fn metrics_and_status_follow_a_known_sequence() {
+    let (pa, pb) = (free_port(), free_port());
+    let _a = start_backend("a", pa);
+    let mut b = start_backend("b", pb);
+    let admin = free_port();
+    let lb = start_balancer(&config(admin, &[pa, pb], true));
+    let (a, b_addr) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
+    wait_for(Duration::from_secs(10), "both backends healthy", || {
+        let s = status(admin);
+        (address(&s, &a)["healthy"] == true && address(&s, &b_addr)["healthy"] == true)
+            .then_some(())
+    });
+    let before = scrape(admin);
+    let requests = |upstream: &str, class: &str| {
+        format!("balancer_requests_total{{method=\"GET\",status_class=\"{class}\",upstream=\"{upstream}\"}}")
+    };
+    let delta = |after: &str, series: &str| sample(after, series) - sample(&before, series);
+
+    for _ in 0..4 {
+        assert_eq!(get(&lb.url("/")).unwrap().status, 200);
+    }
+    let statuses: Vec<String> = (0..3)
+        .map(|_| {
+            get(&lb.url("/cache-me"))
+                .unwrap()
+                .header("x-cache-status")
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(statuses, ["MISS", "HIT", "HIT"]);
+    b.kill();
+    wait_for(Duration::from_secs(10), "b marked down", || {
+        (address(&status(admin), &b_addr)["healthy"] == false).then_some(())
+    });
+    for _ in 0..2 {
+        assert_eq!(get(&lb.url("/")).unwrap().status, 200);
+    }
+    assert_eq!(get(&lb.url("/nowhere")).unwrap().status, 404);
+
+    let after = scrape(admin);
+    let to_a = delta(&after, &requests(&a, "2xx"));
+    let to_b = delta(&after, &requests(&b_addr, "2xx"));
+    assert_eq!(to_a + to_b, 7.0, "4 + 1 miss + 2 after the kill:\n{after}");
+    assert!(to_a >= 4.0 && to_b >= 2.0, "a {to_a}, b {to_b}");
+    assert_eq!(
+        delta(&after, &requests("none", "2xx")),
+        2.0,
+        "cache hits reach no upstream"
+    );
+    assert_eq!(delta(&after, &requests(&a, "4xx")), 1.0);
+    assert_eq!(
+        delta(&after, "balancer_request_duration_seconds_count"),
+        10.0
+    );
+    assert!(
+        delta(
+            &after,
+            &format!("balancer_upstream_duration_seconds_count{{upstream=\"{a}\"}}")
+        ) >= 4.0
+    );
+    assert_eq!(
+        sample(
+            &after,
+            &format!("balancer_upstream_healthy{{server=\"{a}\",upstream=\"{a}\"}}")
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &after,
+            &format!("balancer_upstream_healthy{{server=\"{b_addr}\",upstream=\"{b_addr}\"}}")
+        ),
+        0.0
+    );
+    assert!(sample(&after, &format!("balancer_upstream_consecutive_failures{{server=\"{b_addr}\",upstream=\"{b_addr}\"}}")) >= 1.0);
+    assert_eq!(
+        sample(
+            &after,
+            &format!("balancer_upstream_in_flight_requests{{server=\"{a}\",upstream=\"{a}\"}}")
+        ),
+        0.0
+    );
+    assert_eq!(
+        delta(&after, "balancer_cache_responses_total{outcome=\"hit\"}"),
+        2.0
+    );
+    assert_eq!(
+        delta(&after, "balancer_cache_responses_total{outcome=\"miss\"}"),
+        1.0
+    );
+    assert!(sample(&after, "balancer_cache_stored_bytes") > 0.0);
+    assert_eq!(sample(&after, "balancer_cache_evictions_total"), 0.0);
+    assert_eq!(
+        sample(&after, "balancer_config_reloads_total{result=\"ok\"}"),
+        0.0
+    );
+    assert_eq!(
+        sample(
+            &after,
+            &format!(
+                "balancer_build_info{{version=\"{}\"}}",
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        1.0
+    );
+
+    let s = status(admin);
+    assert_eq!(s["config"]["path"], lb.config.display().to_string());
+    assert!(s["config"]["loaded_at"].as_str().unwrap().ends_with("GMT"));
+    let down = address(&s, &b_addr);
+    assert_eq!(down["last_check"]["ok"], false);
+    assert!(
+        down["last_check"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("onnect"),
+        "{down}"
+    );
+    let up = address(&s, &a);
+    assert_eq!(up["last_check"]["ok"], true);
+    assert!(up["requests"].as_u64().unwrap() >= 4);
+    assert_eq!(s["cache"]["hits"], 2);
+    assert_eq!(s["cache"]["misses"], 1);
+    assert_eq!(s["upstreams"][0]["name"], a);
+
+    // A reload shows up in both.
+    lb.rewrite(&config(admin, &[pa], true));
+    lb.wait_for_log("upstream removed");
+    wait_for(Duration::from_secs(5), "the reload counted", || {
+        (sample(
+            &scrape(admin),
+            "balancer_config_reloads_total{result=\"ok\"}",
+        ) == 1.0)
+            .then_some(())
+    });
+    assert_eq!(status(admin)["config"]["reloads_succeeded"], 1);
+}
+
+#[test]
+fn a_failed_connect_is_counted_as_a_retry() {
+    let pa = free_port();
+    let _a = start_backend("a", pa);
+    let dead = free_port();
+    let admin = free_port();
+    let lb = start_balancer(&config(admin, &[pa, dead], false));
+    wait_for(Duration::from_secs(10), "the balancer", || {
+        get(&lb.url("/")).ok().filter(|r| r.status == 200)
+    });
+    let before = sample(&scrape(admin), "balancer_retries_total");
+    for _ in 0..6 {
+        assert_eq!(
+            get(&lb.url("/")).unwrap().status,
+            200,
+            "retried on the live backend"
+        );
+    }
+    let retries = sample(&scrape(admin), "balancer_retries_total") - before;
+    assert!((2.0..=6.0).contains(&retries), "{retries} retries");
+}
+
+#[test]
+fn the_access_log_can_be_json() {
+    let origin = Origin::start();
+    let lb = start_balancer(&format!(
+        "log_format = \"json\"\n[upstream]\nservers = [\"127.0.0.1:{}\"]\n[cache]\n[[cache.rule]]\npath = \"/c\"\nttl = \"30s\"\n",
+        origin.port
+    ));
+    wait_for(Duration::from_secs(10), "the origin", || {
+        get(&lb.url("/c")).ok().filter(|r| r.status == 200)
+    });
+    get(&lb.url("/c?second")).unwrap();
+    get(&lb.url("/c?second")).unwrap();
+    let line = lb.wait_for_log("\"cache\":\"HIT\"");
+    let json: serde_json::Value = serde_json::from_str(&line[line.find('{').unwrap()..]).unwrap();
+    assert_eq!(json["uri"], "/c?second");
+    assert_eq!(json["status"], 200);
+    assert_eq!(json["retries"], 0);
+    assert_eq!(json["method"], "GET");
+    assert!(json["time"].as_f64().is_some());
+    assert_eq!(json["client"], "127.0.0.1");
+}
+
+#[test]
+fn sigterm_under_load_answers_every_accepted_request() {
+    let origin = Origin::start();
+    origin.on("/", Act::Slow(Duration::from_millis(100), 200, "done"));
+    let mut lb = start_balancer(&format!(
+        "grace_period = \"5s\"\n[upstream]\nservers = [\"127.0.0.1:{}\"]\n",
+        origin.port
+    ));
+    wait_for(Duration::from_secs(10), "the origin", || {
+        get(&lb.url("/")).ok().filter(|r| r.status == 200)
+    });
+    let outcomes: Arc<Mutex<Vec<Result<u16, String>>>> = Arc::default();
+    let url = lb.url("/");
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (url, outcomes) = (url.clone(), Arc::clone(&outcomes));
+            std::thread::spawn(move || {
+                // A fresh connection per request: each is either refused or answered.
+                let agent = ureq::AgentBuilder::new()
+                    .max_idle_connections(0)
+                    .timeout(Duration::from_secs(10))
+                    .build();
+                while Instant::now() < deadline {
+                    let outcome = match agent.get(&url).call() {
+                        Ok(r) => Ok(r.status()),
+                        Err(ureq::Error::Status(code, _)) => Ok(code),
+                        Err(e) if e.to_string().contains("Connection refused") => break,
+                        Err(e) => Err(e.to_string()),
+                    };
+                    outcomes.lock().unwrap().push(outcome);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let stopped = Instant::now();
+    lb.proc.terminate();
+    let exit = wait_for(Duration::from_secs(8), "the balancer to exit", || {
+        lb.proc.child.try_wait().unwrap()
+    });
+    let took = stopped.elapsed();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let outcomes = outcomes.lock().unwrap();
+    let answered = outcomes.iter().filter(|o| **o == Ok(200)).count();
+    let failed: Vec<_> = outcomes.iter().filter(|o| **o != Ok(200)).collect();
+    assert!(answered >= 16, "the loop ran: {answered} answered");
+    assert!(failed.is_empty(), "accepted but not answered: {failed:?}");
+    assert_eq!(exit.code(), Some(0), "{}", lb.proc.log_text());
+    assert!(took < Duration::from_secs(5), "drained in {took:?}");
+}
+
+#[test]
+fn the_status_page_shows_the_upstreams_in_a_real_browser() {
+    let chromium = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| Command::new(b).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .expect("a headless Chromium is needed for this test: apt-get install chromium (.ci/run installs it)");
+    let (pa, dead) = (free_port(), free_port());
+    let _a = start_backend("a", pa);
+    let admin = free_port();
+    let lb = start_balancer(&config(admin, &[pa, dead], true));
+    for _ in 0..5 {
+        get(&lb.url("/")).unwrap();
+        get(&lb.url("/cache-me")).unwrap();
+    }
+    let page = format!("http://127.0.0.1:{admin}/");
+    let profile = tempfile::tempdir().unwrap();
+    let browser = |extra: &[&str]| {
+        let mut cmd = Command::new(chromium);
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-quic",
+            "--virtual-time-budget=3000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(extra)
+        .arg(&page);
+        let out = cmd.output().expect("chromium runs");
+        assert!(
+            out.status.success(),
+            "chromium failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let dom = browser(&["--dump-dom"]);
+    let rows: Vec<&str> = dom.split("<tr class=\"backend\"").skip(1).collect();
+    assert_eq!(
+        rows.len(),
+        2,
+        "two upstream rows in the rendered table:\n{dom}"
+    );
+    let row = |addr: &str| {
+        *rows
+            .iter()
+            .find(|r| r.contains(&format!("data-address=\"{addr}\"")))
+            .unwrap()
+    };
+    assert!(row(&format!("127.0.0.1:{pa}")).contains("data-healthy=\"true\""));
+    assert!(row(&format!("127.0.0.1:{pa}")).contains("class=\"health up\""));
+    assert!(row(&format!("127.0.0.1:{dead}")).contains("data-healthy=\"false\""));
+    assert!(row(&format!("127.0.0.1:{dead}")).contains("class=\"health down\""));
+    assert!(dom.contains("id=\"hit-ratio\">80 %<"), "4 hits of 5: {dom}");
+    assert!(dom.contains("class=\"bar-row\""), "the bar chart is drawn");
+
+    let shot: PathBuf = std::env::temp_dir().join("balancer-status-page.png");
+    let _ = std::fs::remove_file(&shot);
+    browser(&[
+        &format!("--screenshot={}", shot.display()),
+        "--window-size=1100,720",
+        "--hide-scrollbars",
+    ]);
+    let png = std::fs::read(&shot).expect("a screenshot was written");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+}
