@@ -33,9 +33,37 @@ pub struct Config {
     #[serde(default = "default_grace_period")]
     pub grace_period: Positive,
     pub upstream: Upstream,
+    /// What a client may send.
+    #[serde(default)]
+    pub limits: Limits,
     /// Response caching; absent: nothing is cached.
     #[serde(default)]
     pub cache: Option<Cache>,
+}
+
+/// Bounds on what clients may send, and on how long an idle client is kept.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// The request line and headers together; beyond it: 431.
+    pub max_header_size: ByteSize,
+    /// Header fields in one request; beyond it: 431.
+    pub max_headers: u32,
+    /// A request body (declared or received); beyond it: 413.
+    pub max_body_size: ByteSize,
+    /// An idle keep-alive client connection is closed after this long.
+    pub keepalive_timeout: Positive,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_size: ByteSize(32 << 10),
+            max_headers: 100,
+            max_body_size: ByteSize(8 << 20),
+            keepalive_timeout: Positive::secs(60),
+        }
+    }
 }
 
 /// The response cache: its bounds and the rules that say what is cached.

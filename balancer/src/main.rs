@@ -2,18 +2,6 @@
 //! and wires the Pingora services together. The request path is in `proxy`,
 //! the pool upkeep in `upkeep`, the configuration in `config`.
 
-mod access_log;
-mod admin;
-mod cache;
-mod config;
-mod discovery;
-mod drain;
-mod metrics;
-mod proxy;
-mod reload;
-mod upkeep;
-mod upstream;
-
 #[path = "../../backend/src/probe.rs"]
 mod probe;
 
@@ -28,7 +16,8 @@ use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
 use pingora::services::background::background_service;
 
-use crate::config::Config;
+use balancer::config::Config;
+use balancer::{admin, cache, discovery, drain, proxy, reload, upkeep, upstream};
 
 /// SIGTERM never waits longer than this, whatever `grace_period` says.
 const MAX_GRACE_PERIOD: Duration = Duration::from_secs(300);
@@ -135,6 +124,7 @@ fn run(config: Config, path: PathBuf, text: String) -> ExitCode {
         "graceful stop",
         drain::Drain {
             in_flight: Arc::clone(&in_flight),
+            listening: vec![listen],
             config: Arc::clone(&config),
         },
     );

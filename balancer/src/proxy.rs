@@ -25,8 +25,8 @@ use pingora::{ErrorSource, ErrorType};
 
 use crate::cache::{self, ResponseCache};
 use crate::config::{CacheRule, Config};
-use crate::upstream::{BackendGuard, Pool};
-use crate::{access_log, metrics};
+use crate::upstream::{Backend, BackendGuard, Pool};
+use crate::{access_log, forwarded, limits, metrics};
 
 /// The balancer's own liveness endpoint, answered without an upstream (as the seed's nginx does).
 pub const HEALTH_CHECK_PATH: &str = "/health-check";
@@ -73,13 +73,18 @@ pub struct RequestCtx {
     /// Which `cache.rule` covers the request, if any.
     cache_rule: Option<usize>,
     started: Instant,
-    /// The backend of the current attempt, counted in flight there.
-    current: Option<BackendGuard>,
+    /// The backend of the current attempt.
+    current: Option<Arc<Backend>>,
+    /// Counts the request in flight at `current` until its response has arrived.
+    in_flight: Option<BackendGuard>,
     /// Attempts made to reach a backend (1 + retries).
     tries: u32,
+    /// Request body bytes received so far.
+    body_bytes: u64,
     /// `X-Cache-Status` of the response, when a cache rule covers the request.
     cache_status: Option<&'static str>,
-    /// The backends this request could not connect to: retries go elsewhere.
+    /// The backends that failed this request (no connection, or dropped it
+    /// unanswered): its retries go elsewhere.
     unreachable: Vec<SocketAddr>,
     upstream_started: Option<Instant>,
     upstream_elapsed: Option<Duration>,
@@ -103,13 +108,51 @@ impl ProxyHttp for Balancer {
             cache_rule: None,
             started: Instant::now(),
             current: None,
+            in_flight: None,
             tries: 0,
+            body_bytes: 0,
             cache_status: None,
             unreachable: Vec::new(),
             upstream_started: None,
             upstream_elapsed: None,
             _in_flight: self.in_flight.enter(),
         }
+    }
+
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let limits = &ctx.config.limits;
+        session.set_keepalive(Some(limits.keepalive_timeout.0.as_secs().max(1)));
+        if let Some(h1) = session.as_downstream().as_http1() {
+            limits::check_head(&h1.get_headers_raw_bytes(), limits).map_err(refuse)?;
+        }
+        let declared = session
+            .req_header()
+            .headers
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if let Some(length) = declared {
+            limits::check_body(length, limits).map_err(refuse)?;
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(chunk) = body {
+            ctx.body_bytes += chunk.len() as u64;
+            limits::check_body(ctx.body_bytes, &ctx.config.limits).map_err(refuse)?;
+        }
+        Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, _ctx: &mut RequestCtx) -> Result<bool> {
@@ -257,7 +300,8 @@ impl ProxyHttp for Balancer {
         peer.options.connection_timeout = Some(config.upstream.connect_timeout.0);
         peer.options.read_timeout = Some(config.upstream.read_timeout.0);
         peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
-        ctx.current = Some(backend.enter());
+        ctx.in_flight = Some(backend.enter());
+        ctx.current = Some(backend);
         ctx.tries += 1;
         ctx.upstream_started.get_or_insert_with(Instant::now);
         Ok(Box::new(peer))
@@ -273,7 +317,7 @@ impl ProxyHttp for Balancer {
         let config = &ctx.config;
         // With active checks on, a refused connect counts as a failed check,
         // so a dead backend leaves the rotation without waiting for the next probe.
-        let backend = ctx.current.as_ref().map(|g| Arc::clone(g.backend()));
+        let backend = ctx.current.clone();
         if let (Some(hc), Some(backend)) = (&config.upstream.health_check, &backend) {
             if backend.observe(
                 false,
@@ -298,31 +342,54 @@ impl ProxyHttp for Balancer {
         e
     }
 
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let replayable = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated();
+        let timed_out = matches!(
+            e.etype(),
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+        );
+        if !replayable || timed_out {
+            // A timeout is answered 504 rather than doubled on another backend;
+            // a reused connection that timed out is still retried (Pingora's rule).
+            if replayable {
+                e.retry.decide_reuse(client_reused);
+            } else {
+                e.set_retry(false);
+            }
+            return e;
+        }
+        // The backend dropped an idempotent request without answering it: send
+        // it elsewhere. A reused connection may just have been closed by a
+        // healthy backend, so that backend stays a candidate.
+        if !client_reused {
+            if let Some(current) = &ctx.current {
+                ctx.unreachable.push(current.addr);
+            }
+        }
+        e.set_retry(client_reused || self.pool.has_candidate(&ctx.unreachable));
+        e
+    }
+
     async fn upstream_request_filter(
         &self,
         session: &mut Session,
         upstream_request: &mut RequestHeader,
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let client_ip = session
+        let client = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string());
-        if let Some(ip) = client_ip {
-            let forwarded_for = match upstream_request.headers.get("x-forwarded-for") {
-                Some(earlier) => {
-                    let mut v = earlier.as_bytes().to_vec();
-                    v.extend_from_slice(b", ");
-                    v.extend_from_slice(ip.as_bytes());
-                    v
-                }
-                None => ip.clone().into_bytes(),
-            };
-            upstream_request.insert_header("x-forwarded-for", forwarded_for)?;
-            upstream_request.insert_header("x-real-ip", ip)?;
-        }
-        upstream_request.insert_header("x-forwarded-proto", "http")?;
-        Ok(())
+            .map(|a| a.ip());
+        forwarded::apply(upstream_request, client)
     }
 
     fn upstream_response_body_filter(
@@ -334,6 +401,7 @@ impl ProxyHttp for Balancer {
     ) -> Result<Option<Duration>> {
         if end_of_stream {
             ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
+            ctx.in_flight = None;
         }
         Ok(None)
     }
@@ -366,7 +434,7 @@ impl ProxyHttp for Balancer {
             method: req.method.as_str(),
             uri: &req.uri,
             status: session.response_written().map_or(0, |r| r.status.as_u16()),
-            upstream: ctx.current.as_ref().map(|g| g.backend().label.as_str()),
+            upstream: ctx.current.as_ref().map(|b| b.label.as_str()),
             upstream_time: ctx.upstream_elapsed,
             time: ctx.started.elapsed(),
             retries: ctx.tries.saturating_sub(1),
@@ -375,6 +443,10 @@ impl ProxyHttp for Balancer {
         metrics::observe(&record);
         access_log::write(ctx.config.log_format, &record);
     }
+}
+
+fn refuse(r: limits::Rejection) -> Box<Error> {
+    Error::explain(ErrorType::HTTPStatus(r.status), r.reason)
 }
 
 /// The status a failed request is answered with (0: the client is gone).
@@ -398,6 +470,8 @@ fn status_for(e: &Error) -> u16 {
 async fn respond_error_text(session: &mut Session, code: u16) -> Result<()> {
     let reason = match code {
         400 => "bad request",
+        413 => "content too large",
+        431 => "request header fields too large",
         502 => "bad gateway: the upstream server failed to answer",
         503 => "service unavailable: no healthy upstream server",
         504 => "gateway timeout: the upstream server did not answer in time",

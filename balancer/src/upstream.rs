@@ -141,12 +141,6 @@ impl Backend {
 /// A request in flight to a backend; see [`Backend::enter`].
 pub struct BackendGuard(Arc<Backend>);
 
-impl BackendGuard {
-    pub fn backend(&self) -> &Arc<Backend> {
-        &self.0
-    }
-}
-
 impl Drop for BackendGuard {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);

@@ -23,7 +23,9 @@ fn sample(metrics: &str, series: &str) -> f64 {
 }
 
 fn scrape(admin: u16) -> String {
-    let r = get(&format!("http://127.0.0.1:{admin}/metrics")).unwrap();
+    let r = wait_for(Duration::from_secs(10), "the admin listener", || {
+        get(&format!("http://127.0.0.1:{admin}/metrics")).ok()
+    });
     assert_eq!(r.status, 200);
     assert!(
         r.header("content-type")
@@ -42,15 +44,17 @@ fn status(admin: u16) -> serde_json::Value {
     .unwrap()
 }
 
-/// The `/status` entry of `address`.
-fn address(status: &serde_json::Value, address: &str) -> serde_json::Value {
+/// The `/status` entry of `address`, once it has been resolved.
+fn try_address(status: &serde_json::Value, address: &str) -> Option<serde_json::Value> {
     status["upstreams"]
-        .as_array()
-        .unwrap()
+        .as_array()?
         .iter()
-        .flat_map(|u| u["addresses"].as_array().unwrap().clone())
+        .flat_map(|u| u["addresses"].as_array().cloned().unwrap_or_default())
         .find(|a| a["address"] == address)
-        .unwrap_or_else(|| panic!("{address} not in {status}"))
+}
+
+fn address(status: &serde_json::Value, address: &str) -> serde_json::Value {
+    try_address(status, address).unwrap_or_else(|| panic!("{address} not in {status}"))
 }
 
 fn config(admin: u16, servers: &[u16], checks: bool) -> String {
@@ -80,8 +84,8 @@ fn metrics_and_status_follow_a_known_sequence() {
     let (a, b_addr) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
     wait_for(Duration::from_secs(10), "both backends healthy", || {
         let s = status(admin);
-        (address(&s, &a)["healthy"] == true && address(&s, &b_addr)["healthy"] == true)
-            .then_some(())
+        let healthy = |addr: &str| try_address(&s, addr).is_some_and(|e| e["healthy"] == true);
+        (healthy(&a) && healthy(&b_addr)).then_some(())
     });
     let before = scrape(admin);
     let requests = |upstream: &str, class: &str| {
@@ -104,14 +108,20 @@ fn metrics_and_status_follow_a_known_sequence() {
     assert_eq!(statuses, ["MISS", "HIT", "HIT"]);
     b.kill();
     wait_for(Duration::from_secs(10), "b marked down", || {
-        (address(&status(admin), &b_addr)["healthy"] == false).then_some(())
+        try_address(&status(admin), &b_addr)
+            .filter(|e| e["healthy"] == false)
+            .map(|_| ())
     });
     for _ in 0..2 {
         assert_eq!(get(&lb.url("/")).unwrap().status, 200);
     }
     assert_eq!(get(&lb.url("/nowhere")).unwrap().status, 404);
 
-    let after = scrape(admin);
+    // Requests are counted as they are logged, just after their response is sent.
+    let after = wait_for(Duration::from_secs(5), "all ten requests counted", || {
+        let after = scrape(admin);
+        (delta(&after, "balancer_request_duration_seconds_count") >= 10.0).then_some(after)
+    });
     let to_a = delta(&after, &requests(&a, "2xx"));
     let to_b = delta(&after, &requests(&b_addr, "2xx"));
     assert_eq!(to_a + to_b, 7.0, "4 + 1 miss + 2 after the kill:\n{after}");
@@ -319,6 +329,9 @@ fn the_status_page_shows_the_upstreams_in_a_real_browser() {
     let _a = start_backend("a", pa);
     let admin = free_port();
     let lb = start_balancer(&config(admin, &[pa, dead], true));
+    wait_for(Duration::from_secs(10), "the live backend admitted", || {
+        get(&lb.url("/")).ok().filter(|r| r.status == 200)
+    });
     for _ in 0..5 {
         get(&lb.url("/")).unwrap();
         get(&lb.url("/cache-me")).unwrap();

@@ -181,6 +181,27 @@ pub fn run_balancer(args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// Sends `bytes` on a fresh connection and reads until the server closes it
+/// (or 5 s pass): (what came back, whether the server closed the connection).
+pub fn raw_exchange(port: u16, bytes: &[u8]) -> (String, bool) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(bytes).expect("send");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
 /// A response as the tests look at it.
 #[derive(Debug)]
 pub struct Reply {
@@ -259,6 +280,10 @@ pub enum Act {
     Slow(Duration, u16, &'static str),
     /// Read the request, then never answer.
     Hang,
+    /// Read the request, then close the connection without answering.
+    Drop,
+    /// Send the status line and part of the headers, then close the connection.
+    Cut,
     /// Answer bytes that are not HTTP.
     Garbage,
 }
@@ -422,6 +447,11 @@ fn serve(stream: TcpStream, state: &OriginState) {
             }
             Act::Hang => {
                 thread::sleep(Duration::from_secs(60));
+                return;
+            }
+            Act::Drop => return,
+            Act::Cut => {
+                let _ = writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n");
                 return;
             }
             Act::Garbage => {

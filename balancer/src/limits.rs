@@ -1,0 +1,113 @@
+//! Limits on what a client may send, checked on the raw request head before
+//! anything is forwarded: its size and header count (431), a body larger than
+//! allowed (413), and framing that could desynchronise the upstream
+//! connection (400). Pingora itself rejects duplicate or invalid
+//! `Content-Length`, unknown `Transfer-Encoding`, obsolete line folding and
+//! bad chunk sizes; this adds what it lets through.
+
+use crate::config::Limits;
+
+/// Why a request is refused, and with which status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub status: u16,
+    pub reason: String,
+}
+
+fn reject(status: u16, reason: impl Into<String>) -> Result<(), Rejection> {
+    Err(Rejection {
+        status,
+        reason: reason.into(),
+    })
+}
+
+/// Checks the raw request head (request line and header lines, as received).
+pub fn check_head(raw: &[u8], limits: &Limits) -> Result<(), Rejection> {
+    if raw.len() as u64 > limits.max_header_size.0 {
+        return reject(
+            431,
+            format!(
+                "request head of {} bytes exceeds limits.max_header_size",
+                raw.len()
+            ),
+        );
+    }
+    let mut headers = 0usize;
+    let (mut content_length, mut transfer_encoding) = (false, false);
+    // The first line is the request line; the head ends at an empty line.
+    for line in raw.split(|b| *b == b'\n').skip(1) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        headers += 1;
+        let name = line
+            .split(|b| *b == b':')
+            .next()
+            .unwrap_or_default()
+            .trim_ascii();
+        content_length |= name.eq_ignore_ascii_case(b"content-length");
+        transfer_encoding |= name.eq_ignore_ascii_case(b"transfer-encoding");
+    }
+    if headers > limits.max_headers as usize {
+        return reject(
+            431,
+            format!("{headers} header fields exceed limits.max_headers"),
+        );
+    }
+    if content_length && transfer_encoding {
+        // RFC 9112 lets a server drop Content-Length instead; refusing is
+        // safer in front of upstreams that might not.
+        return reject(400, "both Content-Length and Transfer-Encoding");
+    }
+    Ok(())
+}
+
+/// Checks a declared or so-far received body size.
+pub fn check_body(bytes: u64, limits: &Limits) -> Result<(), Rejection> {
+    if bytes > limits.max_body_size.0 {
+        return reject(
+            413,
+            format!("request body of {bytes} bytes exceeds limits.max_body_size"),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ByteSize;
+
+    fn limits() -> Limits {
+        Limits {
+            max_header_size: ByteSize(200),
+            max_headers: 3,
+            max_body_size: ByteSize(10),
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn heads_within_limits_pass() {
+        let raw = b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\nContent-Length: 3\r\n\r\n";
+        assert_eq!(check_head(raw, &limits()), Ok(()));
+    }
+
+    #[test]
+    fn too_large_too_many_and_conflicting_heads_are_refused() {
+        let big = [
+            b"GET / HTTP/1.1\r\nX: ".as_slice(),
+            &[b'a'; 300],
+            b"\r\n\r\n",
+        ]
+        .concat();
+        assert_eq!(check_head(&big, &limits()).unwrap_err().status, 431);
+        let many = b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n";
+        assert_eq!(check_head(many, &limits()).unwrap_err().status, 431);
+        let both = b"POST / HTTP/1.1\r\ncontent-LENGTH: 4\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(check_head(both, &limits()).unwrap_err().status, 400);
+        assert_eq!(check_body(11, &limits()).unwrap_err().status, 413);
+        assert_eq!(check_body(10, &limits()), Ok(()));
+    }
+}

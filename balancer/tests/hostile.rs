@@ -1,0 +1,202 @@
+//! Hostile clients and failing backends: limits, request smuggling, and
+//! faults that must neither take the balancer down nor reach the client.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn one_origin(origin: &Origin, extra: &str) -> Balancer {
+    let lb = start_balancer(&format!(
+        "{extra}\n[upstream]\nservers = [\"127.0.0.1:{}\"]\nread_timeout = \"2s\"\n",
+        origin.port
+    ));
+    wait_for(Duration::from_secs(10), "the origin", || {
+        get(&lb.url("/")).ok().filter(|r| r.status == 200)
+    });
+    lb
+}
+
+#[test]
+fn smuggling_attempts_are_refused_and_never_reach_the_upstream() {
+    let origin = Origin::start();
+    let lb = one_origin(&origin, "");
+    let cases: [(&str, &[u8]); 6] = [
+        (
+            "Content-Length with Transfer-Encoding",
+            b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        ),
+        (
+            "two different Content-Lengths",
+            b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 40\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        ),
+        (
+            "obsolete line folding",
+            b"GET /c HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n Transfer-Encoding: chunked\r\n\r\n",
+        ),
+        (
+            "an invalid chunk size",
+            b"POST /d HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nGET /smuggled HTTP/1.1\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "an unknown transfer coding",
+            b"POST /e HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        ),
+        (
+            "two transfer codings",
+            b"POST /f HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        ),
+    ];
+    for (what, bytes) in cases {
+        let (reply, closed) = raw_exchange(lb.port, bytes);
+        assert!(reply.starts_with("HTTP/1.1 400 "), "{what}: {reply:?}");
+        assert!(closed, "{what}: the connection is closed after the 400");
+        assert_eq!(
+            reply.matches("HTTP/1.1").count(),
+            1,
+            "{what}: one response only: {reply:?}"
+        );
+        assert_eq!(
+            get(&lb.url("/after")).map(|r| r.status),
+            Ok(200),
+            "{what}: a fresh connection still works"
+        );
+    }
+    let seen: Vec<String> = origin.seen().into_iter().map(|s| s.path).collect();
+    assert!(
+        !seen
+            .iter()
+            .any(|p| p == "/smuggled" || p == "/a" || p == "/b" || p == "/c"),
+        "the upstream saw {seen:?}"
+    );
+}
+
+#[test]
+fn oversized_heads_and_bodies_are_refused() {
+    let origin = Origin::start();
+    let lb = one_origin(
+        &origin,
+        "[limits]\nmax_header_size = \"4KiB\"\nmax_headers = 20\nmax_body_size = \"1KiB\"",
+    );
+    let long = "a".repeat(5000);
+    let r = get_with(&lb.url("/big-head"), &[("x-long", &long)]).unwrap();
+    assert_eq!(r.status, 431, "{r:?}");
+    let many: Vec<(String, String)> = (0..25)
+        .map(|i| (format!("x-h{i}"), "1".to_owned()))
+        .collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    assert_eq!(get_with(&lb.url("/many"), &many).unwrap().status, 431);
+
+    let declared = raw_exchange(
+        lb.port,
+        format!(
+            "POST /declared HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n{}",
+            "b".repeat(2000)
+        )
+        .as_bytes(),
+    );
+    assert!(declared.0.starts_with("HTTP/1.1 413 "), "{declared:?}");
+    let chunk = "c".repeat(600);
+    let chunked = raw_exchange(
+        lb.port,
+        format!("POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n258\r\n{chunk}\r\n258\r\n{chunk}\r\n0\r\n\r\n").as_bytes(),
+    );
+    assert!(chunked.0.starts_with("HTTP/1.1 413 "), "{chunked:?}");
+    let small = raw_exchange(
+        lb.port,
+        b"POST /small HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    );
+    assert!(small.0.starts_with("HTTP/1.1 200 "), "{small:?}");
+    let seen: Vec<String> = origin.seen().into_iter().map(|s| s.path).collect();
+    for refused in ["/big-head", "/many", "/declared"] {
+        assert!(
+            !seen.iter().any(|p| p == refused),
+            "{refused} reached the upstream"
+        );
+    }
+}
+
+#[test]
+fn an_idle_client_is_cut_off_after_the_keepalive_timeout() {
+    let origin = Origin::start();
+    let lb = one_origin(&origin, "[limits]\nkeepalive_timeout = \"1s\"");
+    let mut stream = TcpStream::connect(("127.0.0.1", lb.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = stream.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let idle = Instant::now();
+    let closed = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => continue,
+            Err(_) => break false,
+        }
+    };
+    assert!(closed, "the idle connection was closed");
+    let after = idle.elapsed();
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(4),
+        "closed after {after:?}"
+    );
+}
+
+#[test]
+fn failing_backends_fail_no_get_while_another_is_healthy() {
+    let good = Origin::start();
+    let bad = Origin::start();
+    let lb = start_balancer(&format!(
+        "[upstream]\nservers = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\nread_timeout = \"2s\"\n",
+        good.port, bad.port
+    ));
+    wait_for(Duration::from_secs(10), "both origins", || {
+        (get(&lb.url("/")).is_ok_and(|r| r.status == 200) && bad.hits_except("") > 0).then_some(())
+    });
+    for (what, act) in [
+        ("drops the request", Act::Drop),
+        ("cuts its answer short", Act::Cut),
+    ] {
+        bad.on("/", act);
+        for i in 0..6 {
+            let r = get(&lb.url(&format!("/x{i}"))).unwrap();
+            assert_eq!(
+                (r.status, r.body.as_str()),
+                (200, "origin"),
+                "when a backend {what}"
+            );
+        }
+        assert!(
+            bad.seen().iter().any(|s| s.path.starts_with("/x")),
+            "the bad backend was tried ({what})"
+        );
+    }
+    // A request that is not safe to repeat is not repeated.
+    bad.on("/", Act::Drop);
+    let posts: Vec<u16> = (0..4)
+        .map(|i| raw_exchange(lb.port, format!("POST /p{i} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes()))
+        .map(|(reply, _)| reply.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0))
+        .collect();
+    assert!(
+        posts.contains(&502),
+        "a dropped POST is a 502, not a retry: {posts:?}"
+    );
+    let posted: usize = (0..4)
+        .map(|i| {
+            good.seen()
+                .iter()
+                .chain(bad.seen().iter())
+                .filter(|s| s.path == format!("/p{i}"))
+                .count()
+        })
+        .sum();
+    assert_eq!(posted, 4, "each POST reached one backend once");
+    assert_eq!(get(&lb.url("/")).unwrap().status, 200, "still serving");
+}
