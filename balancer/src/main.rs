@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use clap::{Parser, Subcommand};
-use pingora::prelude::*;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
 use pingora::services::background::background_service;
 
@@ -151,7 +151,8 @@ fn run(config: Config, path: PathBuf, text: String) -> ExitCode {
     // Pingora reads clients through a 64 KiB buffer each; requests here are
     // small, and at 1,000 connections that buffer alone is 64 MB.
     proxy.add_listener(
-        ListenerConfig::tcp(listen.to_string()).l4_buffer(L4BufferSettings::new(CLIENT_READ_BUFFER, 1460)),
+        ListenerConfig::tcp(listen.to_string())
+            .l4_buffer(L4BufferSettings::new(CLIENT_READ_BUFFER, 1460)),
     );
 
     if let Some(admin_listen) = admin_listen {
@@ -169,10 +170,10 @@ fn run(config: Config, path: PathBuf, text: String) -> ExitCode {
         server.add_service(admin);
         log::info!("admin listening on {admin_listen}");
     }
-    server.add_service(upkeep);
+    let upkeep = server.add_service(upkeep);
     server.add_service(reloader);
     server.add_service(drain);
-    server.add_service(proxy);
+    server.add_service(proxy).add_dependency(&upkeep);
     log::info!("balancer listening on {listen}");
     server.run_forever()
 }

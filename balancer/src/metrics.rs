@@ -113,9 +113,11 @@ pub fn observe(r: &Record<'_>) {
             .with_label_values(&[upstream])
             .observe(t.as_secs_f64());
     }
-    if r.retries > 0 {
-        RETRIES.inc_by(u64::from(r.retries));
-    }
+}
+
+/// Counts one retry, when it is decided (so before its response is sent).
+pub fn count_retry() {
+    RETRIES.inc();
 }
 
 /// Brings a counter that mirrors `total` up to it.

@@ -338,6 +338,7 @@ impl ProxyHttp for Balancer {
         }
         if self.pool.has_candidate(&ctx.unreachable) {
             e.set_retry(true);
+            metrics::count_retry();
         }
         e
     }
@@ -362,6 +363,9 @@ impl ProxyHttp for Balancer {
             // a reused connection that timed out is still retried (Pingora's rule).
             if replayable {
                 e.retry.decide_reuse(client_reused);
+                if e.retry() {
+                    metrics::count_retry();
+                }
             } else {
                 e.set_retry(false);
             }
@@ -375,7 +379,11 @@ impl ProxyHttp for Balancer {
                 ctx.unreachable.push(current.addr);
             }
         }
-        e.set_retry(client_reused || self.pool.has_candidate(&ctx.unreachable));
+        let retry = client_reused || self.pool.has_candidate(&ctx.unreachable);
+        e.set_retry(retry);
+        if retry {
+            metrics::count_retry();
+        }
         e
     }
 

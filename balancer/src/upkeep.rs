@@ -14,6 +14,7 @@ use pingora::http::RequestHeader;
 use pingora::lb::health_check::{HealthCheck as _, HttpHealthCheck};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use pingora::services::ServiceReadyNotifier;
 use tokio::sync::Notify;
 use tokio::time::{sleep_until, Instant};
 
@@ -110,8 +111,22 @@ async fn probe(backend: &Backend, hc: &HealthCheck) -> Result<(), String> {
 
 #[async_trait]
 impl BackgroundService for Upkeep {
+    /// Ready once the servers have been resolved (and new addresses probed)
+    /// the first time: the proxy listens only then, so its first requests
+    /// do not meet an empty pool.
+    async fn start_with_ready_notifier(
+        &self,
+        shutdown: ShutdownWatch,
+        ready: ServiceReadyNotifier,
+    ) {
+        self.refresh_membership().await;
+        ready.notify_ready();
+        self.start(shutdown).await;
+    }
+
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut next_resolve = Instant::now();
+        let first_interval = self.config.load().upstream.resolve_interval.0;
+        let mut next_resolve = Instant::now() + first_interval;
         let mut next_check = Instant::now();
         loop {
             let config = self.config.load_full();

@@ -36,12 +36,11 @@ fn scrape(admin: u16) -> String {
 }
 
 fn status(admin: u16) -> serde_json::Value {
-    serde_json::from_str(
-        &get(&format!("http://127.0.0.1:{admin}/status"))
-            .unwrap()
-            .body,
-    )
-    .unwrap()
+    // The admin listener may start a moment after the public one.
+    let reply = wait_for(Duration::from_secs(10), "the admin listener", || {
+        get(&format!("http://127.0.0.1:{admin}/status")).ok()
+    });
+    serde_json::from_str(&reply.body).unwrap()
 }
 
 /// The `/status` entry of `address`, once it has been resolved.
@@ -276,6 +275,7 @@ fn sigterm_under_load_answers_every_accepted_request() {
     wait_for(Duration::from_secs(10), "the origin", || {
         get(&lb.url("/")).ok().filter(|r| r.status == 200)
     });
+    let forwarded_before = origin.hits("/");
     let outcomes: Arc<Mutex<Vec<Result<u16, String>>>> = Arc::default();
     let url = lb.url("/");
     let deadline = Instant::now() + Duration::from_secs(8);
@@ -283,7 +283,7 @@ fn sigterm_under_load_answers_every_accepted_request() {
         .map(|_| {
             let (url, outcomes) = (url.clone(), Arc::clone(&outcomes));
             std::thread::spawn(move || {
-                // A fresh connection per request: each is either refused or answered.
+                // A fresh connection per request, until the balancer stops taking them.
                 let agent = ureq::AgentBuilder::new()
                     .max_idle_connections(0)
                     .timeout(Duration::from_secs(10))
@@ -292,10 +292,13 @@ fn sigterm_under_load_answers_every_accepted_request() {
                     let outcome = match agent.get(&url).call() {
                         Ok(r) => Ok(r.status()),
                         Err(ureq::Error::Status(code, _)) => Ok(code),
-                        Err(e) if e.to_string().contains("Connection refused") => break,
                         Err(e) => Err(e.to_string()),
                     };
+                    let stop = outcome.is_err();
                     outcomes.lock().unwrap().push(outcome);
+                    if stop {
+                        break;
+                    }
                 }
             })
         })
@@ -312,9 +315,23 @@ fn sigterm_under_load_answers_every_accepted_request() {
     }
     let outcomes = outcomes.lock().unwrap();
     let answered = outcomes.iter().filter(|o| **o == Ok(200)).count();
-    let failed: Vec<_> = outcomes.iter().filter(|o| **o != Ok(200)).collect();
+    let forwarded = origin.hits("/") - forwarded_before;
+    // Every request the balancer took in and passed on was answered. A client
+    // that connected in the instant the listener closed may see its connection
+    // refused or reset before any byte of an answer (the kernel had queued it;
+    // nginx behaves the same): that request never reached the balancer.
     assert!(answered >= 16, "the loop ran: {answered} answered");
-    assert!(failed.is_empty(), "accepted but not answered: {failed:?}");
+    assert_eq!(
+        answered, forwarded,
+        "accepted requests left unanswered: {outcomes:?}"
+    );
+    for o in outcomes.iter().filter(|o| **o != Ok(200)) {
+        let e = o.as_ref().unwrap_err();
+        assert!(
+            e.contains("Connection refused") || e.contains("reset") && e.contains("status line"),
+            "a request failed other than by being refused: {e}"
+        );
+    }
     assert_eq!(exit.code(), Some(0), "{}", lb.proc.log_text());
     assert!(took < Duration::from_secs(5), "drained in {took:?}");
 }

@@ -12,12 +12,22 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago. Ports are handed out from a
+/// range below the kernel's ephemeral ones (where test origins and client
+/// sockets get theirs), each at most once per test process, so parallel tests
+/// do not race for the same port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free loopback port")
+    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU16> = std::sync::OnceLock::new();
+    let next = NEXT.get_or_init(|| {
+        std::sync::atomic::AtomicU16::new(20_000 + (std::process::id() % 40) as u16 * 250)
+    });
+    loop {
+        let port = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(port < 32_000, "ran out of test ports");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Polls `what` until it returns `Some` or `within` passes.
