@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# End-to-end test of deploy/swarm/stack.yaml on a single-node swarm: deploys
+# the stack from the images compose.yaml builds, checks curl through the
+# published port, that every backend task gets requests, that scaling the
+# backend up and down is followed without restarting the balancer, that a new
+# balancer config rolls out, then removes the stack and leaves the swarm (when
+# this script made it). Every wait is bounded; the last line is
+# `N passed, M failed`. Needs a Docker engine, the images, curl and port 80.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+STACK=${E2E_STACK:-lbe2e}
+URL=${E2E_URL:-http://localhost}
+work=$(mktemp -d)
+passed=0
+failed=0
+made_swarm=0
+
+say() { printf '    %s\n' "$*"; }
+cleanup() {
+    local rc=$?
+    docker stack rm "$STACK" >/dev/null 2>&1 || true
+    for _ in $(seq 60); do
+        [ -z "$(docker ps -aq --filter "label=com.docker.stack.namespace=$STACK")" ] && break
+        sleep 1
+    done
+    docker config rm "${STACK}_toml_v2" >/dev/null 2>&1 || true
+    docker config rm lb_balancer_toml_v1 >/dev/null 2>&1 || true
+    if [ "$made_swarm" -eq 1 ]; then docker swarm leave --force >/dev/null 2>&1 || true; fi
+    rm -rf "$work"
+    exit "$rc"
+}
+trap cleanup EXIT
+
+step() {
+    local title=$1; shift
+    echo "--- $title"
+    if ( set -euo pipefail; "$@" ); then
+        passed=$((passed + 1)); echo "    ok"
+    else
+        failed=$((failed + 1)); echo "    FAILED: $title"
+        docker service ls >&2 || true
+        docker service logs --tail 30 "${STACK}_balancer" >&2 || true
+        echo "$passed passed, $failed failed"
+        exit 1
+    fi
+}
+
+# Polls "$@" once a second for up to $1 seconds.
+within() {
+    local seconds=$1; shift
+    for _ in $(seq "$seconds"); do
+        if "$@"; then return 0; fi
+        sleep 1
+    done
+    "$@"
+}
+
+ids_seen() {  # ids_seen N: distinct container ids in N requests of /info
+    for _ in $(seq "$1"); do
+        curl -sf --max-time 5 "$URL/info" | python3 -c 'import json,sys; print(json.load(sys.stdin)["container_id"])'
+    done | sort -u | wc -l
+}
+balancer_container() {
+    docker ps -q --filter "label=com.docker.swarm.service.name=${STACK}_balancer"
+}
+
+# A request loop in the background: one line per failed request in $work/failures.
+start_loop() {
+    : > "$work/failures"
+    ( end=$((SECONDS + $1))
+      while [ $SECONDS -lt $end ]; do
+          curl -sf --max-time 5 -o /dev/null "$URL/info" || echo "failed at $SECONDS s" >> "$work/failures"
+      done ) &
+    loop_pid=$!
+}
+
+step_swarm() {
+    if [ "$(docker info --format '{{.Swarm.LocalNodeState}}')" != active ]; then
+        docker swarm init --advertise-addr 127.0.0.1 >/dev/null 2>&1 || docker swarm init >/dev/null
+        made_swarm=1
+    fi
+    docker image inspect pingora-lb/balancer:latest pingora-lb/backend:latest >/dev/null
+}
+
+step_deploy() {
+    docker stack deploy -c "$here/stack.yaml" "$STACK" >/dev/null
+    within 120 bash -c "curl -sf --max-time 3 '$URL/' | grep -qx 'Hello World!'"
+    say "$(curl -s "$URL/")"
+}
+
+step_every_task() {
+    within 60 bash -c "[ \$(docker service ps -q --filter desired-state=running ${STACK}_backend | wc -l) -eq 3 ]"
+    within 60 bash -c "$(declare -f ids_seen); [ \$(ids_seen 30) -eq 3 ]"
+    say "3 backend tasks answered /info"
+}
+
+step_scale() {
+    local before after
+    before=$(balancer_container)
+    start_loop 60
+    docker service scale -d "${STACK}_backend=5" >/dev/null
+    within 90 bash -c "$(declare -f ids_seen); [ \$(ids_seen 40) -eq 5 ]"
+    say "scaled up: 5 backend tasks answered"
+    docker service scale -d "${STACK}_backend=2" >/dev/null
+    within 90 bash -c "$(declare -f ids_seen); [ \$(ids_seen 30) -eq 2 ]"
+    say "scaled down: 2 backend tasks answered"
+    kill "$loop_pid" 2>/dev/null || true
+    wait "$loop_pid" 2>/dev/null || true
+    after=$(balancer_container)
+    [ -n "$before" ] && [ "$before" = "$after" ] || { say "the balancer container changed: $before -> $after"; return 1; }
+    say "the balancer was not restarted ($after)"
+    if [ -s "$work/failures" ]; then say "failed requests: $(wc -l < "$work/failures")"; return 1; fi
+    say "no request failed while scaling"
+}
+
+step_config_update() {
+    # A new config that also caches /info: the header shows it is in force.
+    sed 's|^\[\[cache.rule\]\]$|[[cache.rule]]\npath = "/info"\nttl = "5s"\n\n[[cache.rule]]|' \
+        "$here/balancer.toml" > "$work/balancer-v2.toml"
+    grep -q '"/info"' "$work/balancer-v2.toml"
+    docker config create "${STACK}_toml_v2" "$work/balancer-v2.toml" >/dev/null
+    docker service update -d \
+        --config-rm lb_balancer_toml_v1 \
+        --config-add "source=${STACK}_toml_v2,target=/etc/balancer/balancer.toml" \
+        "${STACK}_balancer" >/dev/null
+    within 120 bash -c "curl -si --max-time 3 '$URL/info' | grep -qi '^x-cache-status:'"
+    say "the rolled-out config caches /info"
+}
+
+step_remove() {
+    docker stack rm "$STACK" >/dev/null
+    within 60 bash -c "[ -z \"\$(docker ps -aq --filter label=com.docker.stack.namespace=$STACK)\" ]"
+    say "no container of the stack is left"
+}
+
+step "swarm and images" step_swarm
+step "stack deploy, curl through the published port" step_deploy
+step "requests reach every backend task" step_every_task
+step "scale up and down under load, balancer not restarted" step_scale
+step "a balancer config update rolls out" step_config_update
+step "stack removed" step_remove
+echo "$passed passed, $failed failed"
