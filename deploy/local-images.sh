@@ -216,8 +216,9 @@ make_builder_image() {
     fi
     local sysroot root=$WORKDIR/builder-root
     sysroot=$(rustc --print sysroot) || die "rustc --print sysroot failed"
-    [ -x "$sysroot/bin/rustc" ] && [ -x "$sysroot/bin/cargo" ] ||
+    if [ ! -x "$sysroot/bin/rustc" ] || [ ! -x "$sysroot/bin/cargo" ]; then
         die "$sysroot has no bin/rustc and bin/cargo"
+    fi
     debootstrap_root "$root"
     log "installing ${BUILDER_PACKAGES[*]} in the builder root"
     root_apt_install "$root" "${BUILDER_PACKAGES[@]}"
