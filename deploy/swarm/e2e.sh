@@ -10,6 +10,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 STACK=${E2E_STACK:-lbe2e}
 URL=${E2E_URL:-http://localhost}
+export URL STACK   # the checks run in child shells (within bash -c)
 work=$(mktemp -d)
 passed=0
 failed=0
