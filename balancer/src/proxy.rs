@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -155,23 +155,22 @@ impl ProxyHttp for Balancer {
         Ok(())
     }
 
-    async fn request_filter(&self, session: &mut Session, _ctx: &mut RequestCtx) -> Result<bool> {
-        if session.req_header().uri.path() != HEALTH_CHECK_PATH {
-            return Ok(false);
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let path = session.req_header().uri.path();
+        if path == HEALTH_CHECK_PATH {
+            respond_text(session, 200, "success").await?;
+            return Ok(true);
         }
-        respond_text(session, 200, "success").await?;
-        Ok(true)
+        if let Some(settings) = &ctx.config.cache {
+            ctx.cache_rule = cache::rule_index(&settings.rules, path);
+        }
+        self.serve_fresh_hit(session, ctx).await
     }
 
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
         let Some(settings) = &ctx.config.cache else {
             return Ok(());
         };
-        let path = session.req_header().uri.path();
-        ctx.cache_rule = settings
-            .rules
-            .iter()
-            .position(|r| Some(r) == cache::rule_for(&settings.rules, path));
         if ctx.cache_rule.is_none()
             || !pingora::cache::filters::request_cacheable(session.req_header())
         {
@@ -269,16 +268,7 @@ impl ProxyHttp for Balancer {
         let status = cache::status_label(session.cache.phase());
         self.cache.stats.count(status);
         ctx.cache_status = Some(status);
-        upstream_response.insert_header("x-cache-status", status)?;
-        if let Some(max_age) = client_max_age {
-            if cache::tells_clients_expiry(upstream_response.status.as_u16()) {
-                let expires = SystemTime::now() + max_age.0;
-                upstream_response
-                    .insert_header("cache-control", format!("max-age={}", max_age.0.as_secs()))?;
-                upstream_response.insert_header("expires", httpdate::fmt_http_date(expires))?;
-            }
-        }
-        Ok(())
+        cache::label_response(upstream_response, status, client_max_age.map(|a| a.0))
     }
 
     async fn upstream_peer(
@@ -450,6 +440,43 @@ impl ProxyHttp for Balancer {
         };
         metrics::observe(&record);
         access_log::write(ctx.config.log_format, &record);
+    }
+}
+
+impl Balancer {
+    /// Answers a plain GET or HEAD from a fresh cached copy without the rest
+    /// of the cache machinery (lock, variants, revalidation): the common hit,
+    /// made short. Anything less simple returns `false` and takes the full
+    /// path, which answers it the same way.
+    async fn serve_fresh_hit(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let Some(rule) = ctx.cache_rule() else {
+            return Ok(false);
+        };
+        if !cache::plain_hit_candidate(session.req_header()) {
+            return Ok(false);
+        }
+        let client_max_age = rule.client_max_age.map(|a| a.0);
+        let key = self.cache_key_callback(session, ctx)?;
+        let Some(hit) = self.cache.storage.fresh_hit(&key) else {
+            return Ok(false);
+        };
+        let mut header = hit.header;
+        header.set_version(http::Version::HTTP_11);
+        header.remove_header("transfer-encoding");
+        header.insert_header("content-length", hit.body.len())?;
+        header.insert_header("Age", hit.age.as_secs())?;
+        header.insert_header("Accept-Ranges", "bytes")?;
+        cache::label_response(&mut header, "HIT", client_max_age)?;
+        self.cache.stats.count("HIT");
+        ctx.cache_status = Some("HIT");
+        let head_only = session.req_header().method == http::Method::HEAD;
+        session
+            .write_response_header(Box::new(header), head_only)
+            .await?;
+        if !head_only {
+            session.write_response_body(Some(hit.body), true).await?;
+        }
+        Ok(true)
     }
 }
 

@@ -78,10 +78,57 @@ impl CacheStats {
 
 /// The rule covering `path`: the one with the longest matching prefix.
 pub fn rule_for<'a>(rules: &'a [CacheRule], path: &str) -> Option<&'a CacheRule> {
+    rules.get(rule_index(rules, path)?)
+}
+
+/// The position in `rules` of [`rule_for`]'s rule.
+pub fn rule_index(rules: &[CacheRule], path: &str) -> Option<usize> {
     rules
         .iter()
-        .filter(|r| path.starts_with(r.path.as_str()))
-        .max_by_key(|r| r.path.as_str().len())
+        .enumerate()
+        .filter(|(_, r)| path.starts_with(r.path.as_str()))
+        .max_by_key(|(_, r)| r.path.as_str().len())
+        .map(|(i, _)| i)
+}
+
+/// Whether a stored fresh response may answer `req` as it is, with no lock,
+/// lookup of variants or revalidation: a plain GET or HEAD that carries no
+/// credentials, no conditions, no range and no cache directives of its own.
+/// Everything else takes Pingora's full cache path.
+pub fn plain_hit_candidate(req: &RequestHeader) -> bool {
+    const DISQUALIFYING: [&str; 9] = [
+        "authorization",
+        "range",
+        "if-none-match",
+        "if-modified-since",
+        "if-match",
+        "if-unmodified-since",
+        "if-range",
+        "cache-control",
+        "pragma",
+    ];
+    matches!(req.method, http::Method::GET | http::Method::HEAD)
+        && !DISQUALIFYING.iter().any(|h| req.headers.contains_key(*h))
+}
+
+/// Marks a response that a rule covers: `X-Cache-Status`, and what clients
+/// are told to keep when the rule says (`client_max_age`, like nginx's `expires`).
+pub fn label_response(
+    resp: &mut ResponseHeader,
+    status: &'static str,
+    client_max_age: Option<Duration>,
+) -> pingora::Result<()> {
+    resp.insert_header("x-cache-status", status)?;
+    if let Some(max_age) = client_max_age {
+        if tells_clients_expiry(resp.status.as_u16()) {
+            resp.insert_header("cache-control", format!("max-age={}", max_age.as_secs()))?;
+            resp.insert_header(
+                "expires",
+                httpdate::fmt_http_date(SystemTime::now() + max_age),
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// The `X-Cache-Status` value for a response in `phase`.

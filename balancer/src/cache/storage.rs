@@ -9,6 +9,7 @@
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -21,6 +22,7 @@ use pingora::cache::storage::{
 };
 use pingora::cache::trace::SpanHandle;
 use pingora::cache::{CacheKey, CacheMeta, Storage};
+use pingora::http::ResponseHeader;
 use pingora::{Error, ErrorType, Result};
 
 use super::key;
@@ -31,6 +33,37 @@ struct Entry {
     path: String,
     meta: (Vec<u8>, Vec<u8>),
     body: Bytes,
+    /// The metadata read once, for [`MemoryStorage::fresh_hit`].
+    ready: Option<Ready>,
+}
+
+/// What a fresh hit needs, decoded once when the entry is written.
+struct Ready {
+    header: ResponseHeader,
+    fresh_until: SystemTime,
+    /// Age is counted from here (the last revalidation, or the creation).
+    epoch: SystemTime,
+    /// A `Vary` variant: only the full lookup can tell which one a request wants.
+    varies: bool,
+}
+
+impl Ready {
+    fn decode(meta: &(Vec<u8>, Vec<u8>)) -> Option<Ready> {
+        let meta = CacheMeta::deserialize(&meta.0, &meta.1).ok()?;
+        Some(Ready {
+            header: meta.response_header_copy(),
+            fresh_until: meta.fresh_until(),
+            epoch: meta.epoch(),
+            varies: meta.variance().is_some(),
+        })
+    }
+}
+
+/// A fresh stored response, ready to be sent as it is.
+pub struct FreshHit {
+    pub header: ResponseHeader,
+    pub age: Duration,
+    pub body: Bytes,
 }
 
 impl Entry {
@@ -109,6 +142,23 @@ impl MemoryStorage {
         doomed.len()
     }
 
+    /// The stored response for `key` when it is fresh and has no variants:
+    /// a hit that needs neither the cache lock nor revalidation, served
+    /// without decoding its metadata again.
+    pub fn fresh_hit(&self, key: &CacheKey) -> Option<FreshHit> {
+        let entry = self.get(key)?;
+        let ready = entry.ready.as_ref()?;
+        let now = SystemTime::now();
+        if ready.varies || now >= ready.fresh_until {
+            return None;
+        }
+        Some(FreshHit {
+            header: ready.header.clone(),
+            age: now.duration_since(ready.epoch).unwrap_or_default(),
+            body: entry.body.clone(),
+        })
+    }
+
     fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
         self.entries.get(&key.combined())
     }
@@ -179,9 +229,11 @@ impl Storage for MemoryStorage {
         let Some(old) = self.get(key) else {
             return Ok(false);
         };
+        let meta = meta.serialize()?;
         let updated = Entry {
             path: old.path.clone(),
-            meta: meta.serialize()?,
+            ready: Ready::decode(&meta),
+            meta,
             body: old.body.clone(),
         };
         self.entries.insert(key.combined(), Arc::new(updated));
@@ -278,6 +330,7 @@ impl HandleMiss for Miss {
         let size = self.body.len();
         let entry = Entry {
             path: self.path,
+            ready: Ready::decode(&self.meta),
             meta: self.meta,
             body: Bytes::from(self.body),
         };
@@ -290,8 +343,6 @@ impl HandleMiss for Miss {
 mod tests {
     use super::*;
     use pingora::cache::trace::Span;
-    use pingora::http::ResponseHeader;
-    use std::time::{Duration, SystemTime};
 
     fn leak(max_size: u64, max_object: usize) -> &'static MemoryStorage {
         Box::leak(Box::new(MemoryStorage::new(max_size, max_object)))
@@ -402,6 +453,52 @@ mod tests {
         }
         assert!(body_of(storage, &other).await.is_some());
         assert_eq!(storage.purge_path("/cache-me"), 0);
+    }
+
+    #[tokio::test]
+    async fn fresh_hits_come_only_from_fresh_plain_entries() {
+        let storage = leak(1 << 20, 1 << 20);
+        let k = key::cache_key("h", "/fresh");
+        assert!(storage.fresh_hit(&k).is_none());
+        put(storage, &k, b"body").await.unwrap();
+        let hit = storage.fresh_hit(&k).expect("fresh for 30 s");
+        assert_eq!(
+            (hit.header.status.as_u16(), &hit.body[..]),
+            (200, &b"body"[..])
+        );
+        assert!(hit.age < Duration::from_secs(5));
+        let now = SystemTime::now();
+        let expired = CacheMeta::new(
+            now - Duration::from_secs(1),
+            now - Duration::from_secs(9),
+            0,
+            0,
+            ResponseHeader::build(200, None).unwrap(),
+        );
+        storage
+            .update_meta(&k, &expired, &Span::inactive().handle())
+            .await
+            .unwrap();
+        assert!(
+            storage.fresh_hit(&k).is_none(),
+            "an expired entry goes the full way"
+        );
+        let mut variant = key::cache_key("h", "/variant");
+        variant.set_variance_key(*b"0123456789abcdef");
+        let mut varied = meta();
+        varied.set_variance_key(*b"0123456789abcdef");
+        let mut miss = storage
+            .get_miss_handler(&variant, &varied, &Span::inactive().handle())
+            .await
+            .unwrap();
+        miss.write_body(Bytes::from_static(b"v"), true)
+            .await
+            .unwrap();
+        miss.finish().await.unwrap();
+        assert!(
+            storage.fresh_hit(&variant).is_none(),
+            "variants need the full lookup"
+        );
     }
 
     #[tokio::test]
