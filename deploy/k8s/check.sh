@@ -6,7 +6,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 balancer=${1:-$here/../../target/debug/balancer}
 
-kubernetes-validate --strict "$here"/*.yaml
+python3 -m kubernetes_validate --strict "$here"/*.yaml
 
 toml=$(mktemp --suffix=.toml)
 trap 'rm -f "$toml"' EXIT
