@@ -76,7 +76,7 @@ pub struct RequestCtx {
     /// The backend of the current attempt.
     current: Option<Arc<Backend>>,
     /// Counts the request in flight at `current` until its response has arrived.
-    in_flight: Option<BackendGuard>,
+    at_backend: Option<BackendGuard>,
     /// Attempts made to reach a backend (1 + retries).
     tries: u32,
     /// Request body bytes received so far.
@@ -88,7 +88,8 @@ pub struct RequestCtx {
     unreachable: Vec<SocketAddr>,
     upstream_started: Option<Instant>,
     upstream_elapsed: Option<Duration>,
-    _in_flight: InFlightGuard,
+    /// Counts the request in the process-wide figure that graceful stop waits on.
+    _counted: InFlightGuard,
 }
 
 impl RequestCtx {
@@ -108,14 +109,14 @@ impl ProxyHttp for Balancer {
             cache_rule: None,
             started: Instant::now(),
             current: None,
-            in_flight: None,
+            at_backend: None,
             tries: 0,
             body_bytes: 0,
             cache_status: None,
             unreachable: Vec::new(),
             upstream_started: None,
             upstream_elapsed: None,
-            _in_flight: self.in_flight.enter(),
+            _counted: self.in_flight.enter(),
         }
     }
 
@@ -290,7 +291,7 @@ impl ProxyHttp for Balancer {
         peer.options.connection_timeout = Some(config.upstream.connect_timeout.0);
         peer.options.read_timeout = Some(config.upstream.read_timeout.0);
         peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
-        ctx.in_flight = Some(backend.enter());
+        ctx.at_backend = Some(backend.enter());
         ctx.current = Some(backend);
         ctx.tries += 1;
         ctx.upstream_started.get_or_insert_with(Instant::now);
@@ -399,7 +400,7 @@ impl ProxyHttp for Balancer {
     ) -> Result<Option<Duration>> {
         if end_of_stream {
             ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
-            ctx.in_flight = None;
+            ctx.at_backend = None;
         }
         Ok(None)
     }
