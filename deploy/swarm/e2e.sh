@@ -14,7 +14,6 @@ export URL STACK   # the checks run in child shells (within bash -c)
 work=$(mktemp -d)
 passed=0
 failed=0
-made_swarm=0
 
 say() { printf '    %s\n' "$*"; }
 cleanup() {
@@ -26,7 +25,10 @@ cleanup() {
     done
     docker config rm "${STACK}_toml_v2" >/dev/null 2>&1 || true
     docker config rm lb_balancer_toml_v1 >/dev/null 2>&1 || true
-    if [ "$made_swarm" -eq 1 ]; then docker swarm leave --force >/dev/null 2>&1 || true; fi
+    # A file, not a variable: steps run in subshells.
+    if [ -f "$work/made-swarm" ]; then
+        docker swarm leave --force >/dev/null 2>&1 && echo "left the swarm this test made"
+    fi
     rm -rf "$work"
     exit "$rc"
 }
@@ -78,7 +80,7 @@ start_loop() {
 step_swarm() {
     if [ "$(docker info --format '{{.Swarm.LocalNodeState}}')" != active ]; then
         docker swarm init --advertise-addr 127.0.0.1 >/dev/null 2>&1 || docker swarm init >/dev/null
-        made_swarm=1
+        touch "$work/made-swarm"
     fi
     docker image inspect pingora-lb/balancer:latest pingora-lb/backend:latest >/dev/null
 }
