@@ -94,6 +94,11 @@ impl Backend {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// Whether this backend may take a request that already failed on `skip`.
+    fn takes(&self, skip: &[SocketAddr]) -> bool {
+        self.is_healthy() && !skip.contains(&self.addr)
+    }
+
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }
@@ -166,7 +171,7 @@ impl Pool {
     /// (the ones that already failed this request), or `None`.
     pub fn select(&self, skip: &[SocketAddr]) -> Option<Arc<Backend>> {
         let members = self.members.load();
-        let eligible = |b: &&Arc<Backend>| b.is_healthy() && !skip.contains(&b.addr);
+        let eligible = |b: &&Arc<Backend>| b.takes(skip);
         // Counting over the eligible backends only keeps the turns even when
         // some are down (skipping ahead would give the next one a double share).
         let count = members.iter().filter(eligible).count();
@@ -181,10 +186,7 @@ impl Pool {
 
     /// Whether a healthy backend outside `skip` exists, i.e. a retry has somewhere to go.
     pub fn has_candidate(&self, skip: &[SocketAddr]) -> bool {
-        self.members
-            .load()
-            .iter()
-            .any(|b| b.is_healthy() && !skip.contains(&b.addr))
+        self.members.load().iter().any(|b| b.takes(skip))
     }
 
     pub fn members(&self) -> Arc<Vec<Arc<Backend>>> {
