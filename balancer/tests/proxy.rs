@@ -101,18 +101,10 @@ fn the_backend_answers_its_routes() {
 fn the_backend_healthcheck_subcommand_reports_health() {
     let port = free_port();
     let probe = |port: u16| {
-        std::process::Command::new(
-            std::env::current_exe()
-                .unwrap()
-                .parent()
-                .unwrap()
-                .parent()
-                .unwrap()
-                .join("backend"),
-        )
-        .args(["healthcheck", "--listen", &format!("127.0.0.1:{port}")])
-        .output()
-        .unwrap()
+        std::process::Command::new(binary("backend"))
+            .args(["healthcheck", "--listen", &format!("127.0.0.1:{port}")])
+            .output()
+            .unwrap()
     };
     let down = probe(port);
     assert_eq!(down.status.code(), Some(1));

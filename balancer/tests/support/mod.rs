@@ -45,7 +45,8 @@ pub fn wait_for<T>(within: Duration, description: &str, mut what: impl FnMut() -
     }
 }
 
-fn binary(name: &str) -> PathBuf {
+/// The path of one of the workspace's binaries, built by `cargo test --workspace`.
+pub fn binary(name: &str) -> PathBuf {
     // Test executables live in target/<profile>/deps; the workspace's binaries one level up.
     let exe = std::env::current_exe().expect("the test executable has a path");
     let dir = exe
