@@ -16,6 +16,7 @@ use pingora_prometheus::PrometheusHttpApp;
 
 use crate::cache::ResponseCache;
 use crate::config::Config;
+use crate::connections::Connections;
 use crate::metrics;
 use crate::reload::ReloadStats;
 use crate::upstream::{Backend, Pool};
@@ -29,6 +30,7 @@ pub struct Admin {
     pub config: Arc<ArcSwap<Config>>,
     pub config_path: PathBuf,
     pub reloads: Arc<ReloadStats>,
+    pub connections: Arc<Connections>,
 }
 
 impl Admin {
@@ -68,6 +70,12 @@ impl Admin {
                 "last_reload_error": last_error,
                 "health_checks": config.upstream.health_check.is_some(),
                 "cache_rules": config.cache.as_ref().map(|c| c.rules.iter().map(|r| r.path.as_str()).collect::<Vec<_>>()).unwrap_or_default(),
+            },
+            "connections": {
+                "open": self.connections.open(),
+                "max": config.limits.max_connections.get(),
+                "refused": self.connections.refused(),
+                "header_timeouts": self.connections.header_timeouts(),
             },
             "upstreams": upstreams,
             "cache": {
@@ -117,7 +125,7 @@ impl ServeHttp for Admin {
                 reply(status, "text/plain; charset=utf-8", format!("purged {purged} cached entries for {path}\n"))
             }
             ("GET", "/metrics") => {
-                metrics::refresh(&self.pool, self.cache, &self.reloads);
+                metrics::refresh(&self.pool, self.cache, &self.reloads, &self.connections);
                 PrometheusHttpApp.response(session).await
             }
             ("GET", "/status") => reply(StatusCode::OK, "application/json", format!("{}\n", self.status())),

@@ -53,6 +53,14 @@ pub struct Limits {
     pub max_body_size: ByteSize,
     /// An idle keep-alive client connection is closed after this long.
     pub keepalive_timeout: Positive,
+    /// How long a client has to send a whole request head: from the accept
+    /// for a connection's first request, from the first byte for later ones.
+    /// Beyond it: 408 (or, when nothing was received, a silent close).
+    #[serde(deserialize_with = "header_timeout")]
+    pub client_header_timeout: Positive,
+    /// Client connections open at once; beyond it a new one is answered 503
+    /// and closed.
+    pub max_connections: NonZeroU32,
 }
 
 impl Default for Limits {
@@ -62,6 +70,8 @@ impl Default for Limits {
             max_headers: 100,
             max_body_size: ByteSize(8 << 20),
             keepalive_timeout: Positive::secs(60),
+            client_header_timeout: Positive::secs(10),
+            max_connections: NonZeroU32::new(4096).expect("not zero"),
         }
     }
 }
@@ -245,6 +255,20 @@ impl<'de> Deserialize<'de> for Positive {
         }
         Ok(Positive(duration))
     }
+}
+
+/// Pingora waits at most this long for each read of a new connection's
+/// request head, so a longer `client_header_timeout` could never apply.
+pub const MAX_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn header_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Positive, D::Error> {
+    let timeout = Positive::deserialize(d)?;
+    if timeout.0 > MAX_HEADER_TIMEOUT {
+        return Err(de::Error::custom(format!(
+            "client_header_timeout {timeout} is longer than the 60s allowed"
+        )));
+    }
+    Ok(timeout)
 }
 
 /// A duration that may be zero, written like [`Positive`].
@@ -524,6 +548,8 @@ unhealthy_threshold = 3
         assert_eq!(c.upstream.resolve_interval.0, Duration::from_secs(5));
         assert_eq!(c.upstream.read_timeout.0, Duration::from_secs(60));
         assert!(c.upstream.health_check.is_none());
+        assert_eq!(c.limits.client_header_timeout.0, Duration::from_secs(10));
+        assert_eq!(c.limits.max_connections.get(), 4096);
         let hc = parse("[upstream]\nservers = [\"b:1\"]\n[upstream.health_check]\n")
             .unwrap()
             .upstream
@@ -586,6 +612,16 @@ unhealthy_threshold = 3
                 "threads = \"two\"\n[upstream]\nservers = [\"b:1\"]\n",
                 "line 1",
                 "threads",
+            ),
+            (
+                "[upstream]\nservers = [\"b:1\"]\n[limits]\nclient_header_timeout = \"2m\"\n",
+                "line 4",
+                "client_header_timeout 2m is longer than the 60s allowed",
+            ),
+            (
+                "[upstream]\nservers = [\"b:1\"]\n[limits]\nmax_connections = 0\n",
+                "line 4",
+                "max_connections",
             ),
             ("listen = \"0.0.0.0:80\"\n", "lb.toml", "upstream"),
             ("[upstream\nservers = [\"b:1\"]\n", "line 1", "lb.toml"),

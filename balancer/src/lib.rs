@@ -6,6 +6,7 @@ pub mod access_log;
 pub mod admin;
 pub mod cache;
 pub mod config;
+pub mod connections;
 pub mod discovery;
 pub mod drain;
 pub mod forwarded;

@@ -18,7 +18,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::services::background::background_service;
 
 use balancer::config::Config;
-use balancer::{admin, cache, discovery, drain, proxy, reload, upkeep, upstream};
+use balancer::{admin, cache, connections, discovery, drain, proxy, reload, upkeep, upstream};
 
 /// mimalloc: the request path allocates small, short-lived objects, which
 /// glibc's malloc serves noticeably slower (see bench/).
@@ -139,14 +139,19 @@ fn run(config: Config, path: PathBuf, text: String) -> ExitCode {
     );
     let reload_stats = Arc::clone(&reloader.stats);
     let reloader = background_service("config reload", reloader);
-    let mut proxy = http_proxy_service(
+    let connections = Arc::new(connections::Connections::default());
+    let balancer = pingora::proxy::http_proxy(
         &server.configuration,
         proxy::Balancer {
             pool: Arc::clone(&pool),
-            config,
+            config: Arc::clone(&config),
             in_flight,
             cache,
         },
+    );
+    let mut proxy = pingora::services::listening::Service::new(
+        "balancer".to_owned(),
+        connections::Guarded::new(balancer, config, Arc::clone(&connections)),
     );
     // Pingora reads clients through a 64 KiB buffer each; requests here are
     // small, and at 1,000 connections that buffer alone is 64 MB.
@@ -164,6 +169,7 @@ fn run(config: Config, path: PathBuf, text: String) -> ExitCode {
                 config: Arc::clone(&admin_config),
                 config_path,
                 reloads: reload_stats,
+                connections,
             },
         );
         admin.add_tcp(&admin_listen.to_string());

@@ -16,6 +16,7 @@ use pingora_prometheus::prometheus::{
 
 use crate::access_log::Record;
 use crate::cache::ResponseCache;
+use crate::connections::Connections;
 use crate::reload::ReloadStats;
 use crate::upstream::Pool;
 
@@ -84,6 +85,18 @@ metric!(RELOADS: IntCounterVec = register_int_counter_vec!(
     "Configuration reloads, by result (ok, failed)",
     &["result"]
 ));
+metric!(CONNECTIONS_OPEN: IntGauge = register_int_gauge!(
+    "balancer_client_connections_open",
+    "Client connections open now"
+));
+metric!(CONNECTIONS_REFUSED: IntCounter = register_int_counter!(
+    "balancer_client_connections_refused_total",
+    "Client connections answered 503 and closed because limits.max_connections were open"
+));
+metric!(HEADER_TIMEOUTS: IntCounter = register_int_counter!(
+    "balancer_client_header_timeouts_total",
+    "Client connections closed because a request head took longer than limits.client_header_timeout"
+));
 metric!(BUILD_INFO: IntGaugeVec = register_int_gauge_vec!(
     "balancer_build_info",
     "Always 1; the labels say which build this is",
@@ -128,8 +141,14 @@ fn catch_up(counter: &IntCounter, total: u64) {
     }
 }
 
-/// Copies the current state of upstreams, cache and reloads into the metrics.
-pub fn refresh(pool: &Pool, cache: &ResponseCache, reloads: &ReloadStats) {
+/// Copies the current state of upstreams, cache, reloads and client
+/// connections into the metrics.
+pub fn refresh(
+    pool: &Pool,
+    cache: &ResponseCache,
+    reloads: &ReloadStats,
+    connections: &Connections,
+) {
     BUILD_INFO
         .with_label_values(&[env!("CARGO_PKG_VERSION")])
         .set(1);
@@ -174,4 +193,7 @@ pub fn refresh(pool: &Pool, cache: &ResponseCache, reloads: &ReloadStats) {
         &RELOADS.with_label_values(&["failed"]),
         reloads.failed.load(Ordering::Relaxed),
     );
+    CONNECTIONS_OPEN.set(i64::try_from(connections.open()).unwrap_or(i64::MAX));
+    catch_up(&CONNECTIONS_REFUSED, connections.refused());
+    catch_up(&HEADER_TIMEOUTS, connections.header_timeouts());
 }

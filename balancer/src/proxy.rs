@@ -26,7 +26,7 @@ use pingora::{ErrorSource, ErrorType};
 use crate::cache::{self, ResponseCache};
 use crate::config::{CacheRule, Config};
 use crate::upstream::{Backend, BackendGuard, Pool};
-use crate::{access_log, forwarded, limits, metrics};
+use crate::{access_log, connections, forwarded, limits, metrics};
 
 /// The balancer's own liveness endpoint, answered without an upstream (as the seed's nginx does).
 pub const HEALTH_CHECK_PATH: &str = "/health-check";
@@ -125,6 +125,7 @@ impl ProxyHttp for Balancer {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        connections::head_received(session);
         let limits = &ctx.config.limits;
         session.set_keepalive(Some(limits.keepalive_timeout.0.as_secs().max(1)));
         if let Some(h1) = session.as_downstream().as_http1() {
@@ -424,6 +425,7 @@ impl ProxyHttp for Balancer {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        connections::request_done(session);
         let req = session.req_header();
         let record = access_log::Record {
             client: session

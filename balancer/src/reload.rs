@@ -20,7 +20,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use tokio::sync::{mpsc, Notify};
 
-use crate::config::Config;
+use crate::config::{Config, HealthCheck};
 
 /// How often the file is re-read when no event says it changed.
 const POLL: Duration = Duration::from_secs(2);
@@ -172,60 +172,61 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
     for s in old_servers.iter().filter(|s| !new_servers.contains(s)) {
         lines.push(format!("upstream removed {s}"));
     }
-    let mut setting = |key: &str, old: String, new: String| {
-        if old != new {
-            lines.push(format!("{key} {old} -> {new}"));
+    // Each live setting, as the file names it and as it is shown.
+    type Show<T> = fn(&T) -> String;
+    let settings: [(&str, Show<Config>); 11] = [
+        ("upstream.resolve_interval", |c| {
+            c.upstream.resolve_interval.to_string()
+        }),
+        ("upstream.connect_timeout", |c| {
+            c.upstream.connect_timeout.to_string()
+        }),
+        ("upstream.read_timeout", |c| {
+            c.upstream.read_timeout.to_string()
+        }),
+        ("grace_period", |c| c.grace_period.to_string()),
+        ("log_format", |c| {
+            format!("{:?}", c.log_format).to_lowercase()
+        }),
+        ("limits.max_header_size", |c| {
+            c.limits.max_header_size.0.to_string()
+        }),
+        ("limits.max_headers", |c| c.limits.max_headers.to_string()),
+        ("limits.max_body_size", |c| {
+            c.limits.max_body_size.0.to_string()
+        }),
+        ("limits.keepalive_timeout", |c| {
+            c.limits.keepalive_timeout.to_string()
+        }),
+        ("limits.client_header_timeout", |c| {
+            c.limits.client_header_timeout.to_string()
+        }),
+        ("limits.max_connections", |c| {
+            c.limits.max_connections.to_string()
+        }),
+    ];
+    let checks: [(&str, Show<HealthCheck>); 5] = [
+        ("health_check.path", |h| h.path.as_str().to_owned()),
+        ("health_check.interval", |h| h.interval.to_string()),
+        ("health_check.timeout", |h| h.timeout.to_string()),
+        ("health_check.healthy_threshold", |h| {
+            h.healthy_threshold.to_string()
+        }),
+        ("health_check.unhealthy_threshold", |h| {
+            h.unhealthy_threshold.to_string()
+        }),
+    ];
+    fn compare<T>(lines: &mut Vec<String>, old: &T, new: &T, settings: &[(&str, Show<T>)]) {
+        for (key, show) in settings {
+            let (was, is) = (show(old), show(new));
+            if was != is {
+                lines.push(format!("{key} {was} -> {is}"));
+            }
         }
-    };
-    let u = (&old.upstream, &new.upstream);
-    setting(
-        "upstream.resolve_interval",
-        u.0.resolve_interval.to_string(),
-        u.1.resolve_interval.to_string(),
-    );
-    setting(
-        "upstream.connect_timeout",
-        u.0.connect_timeout.to_string(),
-        u.1.connect_timeout.to_string(),
-    );
-    setting(
-        "upstream.read_timeout",
-        u.0.read_timeout.to_string(),
-        u.1.read_timeout.to_string(),
-    );
-    setting(
-        "grace_period",
-        old.grace_period.to_string(),
-        new.grace_period.to_string(),
-    );
-    match (&u.0.health_check, &u.1.health_check) {
-        (Some(a), Some(b)) => {
-            setting(
-                "health_check.path",
-                a.path.as_str().to_owned(),
-                b.path.as_str().to_owned(),
-            );
-            setting(
-                "health_check.interval",
-                a.interval.to_string(),
-                b.interval.to_string(),
-            );
-            setting(
-                "health_check.timeout",
-                a.timeout.to_string(),
-                b.timeout.to_string(),
-            );
-            setting(
-                "health_check.healthy_threshold",
-                a.healthy_threshold.to_string(),
-                b.healthy_threshold.to_string(),
-            );
-            setting(
-                "health_check.unhealthy_threshold",
-                a.unhealthy_threshold.to_string(),
-                b.unhealthy_threshold.to_string(),
-            );
-        }
+    }
+    compare(&mut lines, old, new, &settings);
+    match (&old.upstream.health_check, &new.upstream.health_check) {
+        (Some(a), Some(b)) => compare(&mut lines, a, b, &checks),
         (None, Some(_)) => lines.push("health checks turned on".to_owned()),
         (Some(_), None) => {
             lines.push("health checks turned off: every address takes traffic".to_owned())

@@ -11,38 +11,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-/// The value of the sample `series` (name and labels exactly as printed), or 0 when absent.
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.strip_prefix(' '))
-        })
-        .map_or(0.0, |v| v.trim().parse().unwrap())
-}
-
-fn scrape(admin: u16) -> String {
-    let r = wait_for(Duration::from_secs(10), "the admin listener", || {
-        get(&format!("http://127.0.0.1:{admin}/metrics")).ok()
-    });
-    assert_eq!(r.status, 200);
-    assert!(
-        r.header("content-type")
-            .is_some_and(|c| c.starts_with("text/plain")),
-        "{r:?}"
-    );
-    r.body
-}
-
-fn status(admin: u16) -> serde_json::Value {
-    // The admin listener may start a moment after the public one.
-    let reply = wait_for(Duration::from_secs(10), "the admin listener", || {
-        get(&format!("http://127.0.0.1:{admin}/status")).ok()
-    });
-    serde_json::from_str(&reply.body).unwrap()
-}
-
 /// The `/status` entry of `address`, once it has been resolved.
 fn try_address(status: &serde_json::Value, address: &str) -> Option<serde_json::Value> {
     status["upstreams"]
@@ -398,12 +366,16 @@ fn the_status_page_shows_the_upstreams_in_a_real_browser() {
     assert!(row(&format!("127.0.0.1:{dead}")).contains("class=\"health down\""));
     assert!(dom.contains("id=\"hit-ratio\">80 %<"), "4 hits of 5: {dom}");
     assert!(dom.contains("class=\"bar-row\""), "the bar chart is drawn");
+    assert!(
+        dom.contains(" / 4096</div>"),
+        "open client connections of max_connections: {dom}"
+    );
 
     let shot: PathBuf = std::env::temp_dir().join("balancer-status-page.png");
     let _ = std::fs::remove_file(&shot);
     browser(&[
         &format!("--screenshot={}", shot.display()),
-        "--window-size=1100,720",
+        "--window-size=1100,700",
         "--hide-scrollbars",
     ]);
     let png = std::fs::read(&shot).expect("a screenshot was written");

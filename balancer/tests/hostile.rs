@@ -200,3 +200,202 @@ fn failing_backends_fail_no_get_while_another_is_healthy() {
     assert_eq!(posted, 4, "each POST reached one backend once");
     assert_eq!(get(&lb.url("/")).unwrap().status, 200, "still serving");
 }
+
+/// Reads one response (head and `Content-Length` body) from a kept-alive connection.
+fn read_response(stream: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return text,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A keep-alive connection that has had one request answered 200.
+fn served_connection(port: u16, path: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let reply = read_response(&mut stream);
+    assert!(reply.starts_with("HTTP/1.1 200 "), "{path}: {reply:?}");
+    stream
+}
+
+/// Sends `head` on `stream` a few bytes at a time, one piece every 100 ms, for
+/// as long as the server keeps the connection open (at most `for_at_most`);
+/// then reads what the server answered. Returns (answer, whether the server
+/// ended the connection before the client had finished).
+fn trickle(mut stream: TcpStream, head: &str, for_at_most: Duration) -> (String, bool) {
+    let started = Instant::now();
+    let mut writer = stream.try_clone().unwrap();
+    let pieces: Vec<u8> = head.bytes().collect();
+    let sender = std::thread::spawn(move || {
+        // The piece size stretches the head over `for_at_most`.
+        let per_piece = (pieces.len() / (for_at_most.as_millis() as usize / 100)).max(1);
+        for piece in pieces.chunks(per_piece) {
+            if writer.write_all(piece).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    stream
+        .set_read_timeout(Some(for_at_most + Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+    }
+    let cut_early = started.elapsed() < for_at_most;
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    sender.join().unwrap();
+    (String::from_utf8_lossy(&answer).into_owned(), cut_early)
+}
+
+#[test]
+fn a_request_head_sent_too_slowly_is_cut_off_but_a_slow_body_or_an_idle_pause_is_not() {
+    let origin = Origin::start();
+    let admin = free_port();
+    let lb = one_origin(
+        &origin,
+        &format!("admin_listen = \"127.0.0.1:{admin}\"\n[limits]\nclient_header_timeout = \"1s\""),
+    );
+    // Each piece arrives long before Pingora's 60 s per read, but the whole
+    // head would take 10 s: the connection is answered 408 and closed first.
+    let slow_head = format!(
+        "GET /slowloris HTTP/1.1\r\nHost: x\r\n{}\r\n",
+        "X-Pad: y\r\n".repeat(20)
+    );
+    let fresh = TcpStream::connect(("127.0.0.1", lb.port)).unwrap();
+    let (answer, cut_early) = trickle(fresh, &slow_head, Duration::from_secs(10));
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer:?}");
+    assert!(cut_early, "the client was cut off while still sending");
+
+    // The same on a kept-alive connection's second request.
+    let kept = served_connection(lb.port, "/first");
+    let (answer, cut_early) = trickle(kept, &slow_head, Duration::from_secs(10));
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer:?}");
+    assert!(cut_early);
+
+    // A client that connects and sends nothing is closed without an answer
+    // (a browser's preconnected socket must not read a stray 408).
+    let (answer, closed) = raw_exchange(lb.port, b"");
+    assert_eq!((answer.as_str(), closed), ("", true));
+    assert!(
+        !origin.saw_path("/slowloris"),
+        "the slow head never reached the upstream"
+    );
+
+    // A body may take longer than the head's limit...
+    let head = "POST /slow-body HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n";
+    let mut stream = TcpStream::connect(("127.0.0.1", lb.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(100));
+        stream.write_all(b"b").unwrap();
+    }
+    let reply = read_response(&mut stream);
+    assert!(reply.starts_with("HTTP/1.1 200 "), "{reply:?}");
+    assert!(origin.saw_path("/slow-body"));
+
+    // ...and a kept-alive client may pause between requests (that wait is
+    // keepalive_timeout's, 60 s here) before sending its next head at once.
+    std::thread::sleep(Duration::from_millis(1500));
+    stream
+        .write_all(b"GET /after-a-pause HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let reply = read_response(&mut stream);
+    assert!(reply.starts_with("HTTP/1.1 200 "), "{reply:?}");
+
+    assert_eq!(
+        sample(&scrape(admin), "balancer_client_header_timeouts_total"),
+        3.0,
+        "two slow heads and one silent client"
+    );
+    assert_eq!(status(admin)["connections"]["header_timeouts"], 3);
+}
+
+#[test]
+fn connections_beyond_max_connections_are_answered_503_and_the_limit_reloads_live() {
+    let origin = Origin::start();
+    let admin = free_port();
+    let settings = |max: u32| {
+        format!(
+            "admin_listen = \"127.0.0.1:{admin}\"\n[limits]\nmax_connections = {max}\n\
+             [upstream]\nservers = [\"127.0.0.1:{}\"]\n",
+            origin.port
+        )
+    };
+    let lb = start_balancer(&settings(2));
+    let mut first = served_connection(lb.port, "/one");
+    let _second = served_connection(lb.port, "/two");
+
+    let (reply, closed) = raw_exchange(lb.port, b"GET /three HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(reply.starts_with("HTTP/1.1 503 "), "{reply:?}");
+    assert!(reply.contains("Retry-After: 1"), "{reply:?}");
+    assert!(reply.ends_with("too many open connections; try again in a moment\n"));
+    assert!(closed, "the refused connection is closed");
+    assert!(!origin.saw_path("/three"));
+
+    // The connections already open go on being served.
+    first
+        .write_all(b"GET /one-again HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert!(read_response(&mut first).starts_with("HTTP/1.1 200 "));
+    let s = status(admin);
+    assert_eq!(s["connections"]["open"], 2, "{s}");
+    assert_eq!(s["connections"]["max"], 2);
+    assert_eq!(s["connections"]["refused"], 1);
+    let metrics = scrape(admin);
+    assert_eq!(
+        sample(&metrics, "balancer_client_connections_refused_total"),
+        1.0
+    );
+    assert_eq!(sample(&metrics, "balancer_client_connections_open"), 2.0);
+
+    // A closed connection frees its place.
+    drop(first);
+    let third = wait_for(Duration::from_secs(10), "a free place", || {
+        let (reply, _) = raw_exchange(
+            lb.port,
+            b"GET /three HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        reply.starts_with("HTTP/1.1 200 ").then_some(reply)
+    });
+    assert!(third.ends_with("origin"), "{third:?}");
+
+    // Raising the limit takes effect without a restart.
+    let _third = served_connection(lb.port, "/held");
+    lb.rewrite(&settings(3));
+    lb.wait_for_log("limits.max_connections 2 -> 3");
+    let _fourth = served_connection(lb.port, "/fourth");
+    assert_eq!(status(admin)["connections"]["open"], 3);
+}

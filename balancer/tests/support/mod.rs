@@ -485,3 +485,39 @@ fn serve(stream: TcpStream, state: &OriginState) {
         }
     }
 }
+
+// The admin listener.
+
+/// The value of the sample `series` (name and labels exactly as printed), or 0 when absent.
+pub fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// GET /metrics from the admin listener `admin`.
+pub fn scrape(admin: u16) -> String {
+    let r = wait_for(Duration::from_secs(10), "the admin listener", || {
+        get(&format!("http://127.0.0.1:{admin}/metrics")).ok()
+    });
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("content-type")
+            .is_some_and(|c| c.starts_with("text/plain")),
+        "{r:?}"
+    );
+    r.body
+}
+
+/// GET /status from the admin listener `admin`, parsed.
+pub fn status(admin: u16) -> serde_json::Value {
+    // The admin listener may start a moment after the public one.
+    let reply = wait_for(Duration::from_secs(10), "the admin listener", || {
+        get(&format!("http://127.0.0.1:{admin}/status")).ok()
+    });
+    serde_json::from_str(&reply.body).unwrap()
+}
