@@ -255,6 +255,27 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
     lines
 }
 
+/// Whether a file-system event in the file's directory may have changed the
+/// file named `name`. Opening and reading it do not: counting them would make
+/// every re-read (ours included) trigger the next one. Docker bind mounts
+/// surface as the directory changing, so any other event naming the file
+/// counts; so does the swap of the `..data` link through which Kubernetes
+/// updates a mounted ConfigMap.
+fn may_change(event: &notify::Event, name: &std::ffi::OsStr) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    let content_may_differ = match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    };
+    content_may_differ
+        && event
+            .paths
+            .iter()
+            .filter_map(|p| p.file_name())
+            .any(|n| n == name || n == "..data")
+}
+
 /// Forwards file-system events about `file` into a channel. The watch is on
 /// the directory: a file renamed over the old one is a new inode that a watch
 /// on the file itself would miss.
@@ -267,8 +288,7 @@ fn watch(file: &Path) -> Option<(notify::RecommendedWatcher, mpsc::UnboundedRece
     let (tx, rx) = mpsc::unbounded_channel();
     let handler = move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event {
-            // Docker bind mounts surface as the directory changing; any event naming the file counts.
-            if event.paths.iter().any(|p| p.file_name() == Some(&name)) {
+            if may_change(&event, &name) {
                 let _ = tx.send(());
             }
         }
@@ -328,5 +348,50 @@ impl BackgroundService for Reloader {
             };
             self.reload(force);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_change;
+    use notify::event::{
+        AccessKind, AccessMode, CreateKind, DataChange, EventKind, ModifyKind, RenameMode,
+    };
+    use std::ffi::OsStr;
+
+    fn event(kind: EventKind, path: &str) -> notify::Event {
+        notify::Event::new(kind).add_path(path.into())
+    }
+
+    #[test]
+    fn only_events_that_may_change_the_file_trigger_a_reload() {
+        let name = OsStr::new("balancer.toml");
+        let file = "/etc/balancer/balancer.toml";
+        let changes = [
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            EventKind::Create(CreateKind::File),
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Any,
+        ];
+        for kind in changes {
+            assert!(may_change(&event(kind, file), name), "{kind:?}");
+        }
+        // Reading the file (as each reload does) is no reason to read it again.
+        let reads = [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Read),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+        ];
+        for kind in reads {
+            assert!(!may_change(&event(kind, file), name), "{kind:?}");
+        }
+        let modified = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        assert!(!may_change(&event(modified, "/etc/balancer/other.toml"), name));
+        let swapped = EventKind::Modify(ModifyKind::Name(RenameMode::To));
+        assert!(
+            may_change(&event(swapped, "/etc/balancer/..data"), name),
+            "a Kubernetes ConfigMap update"
+        );
     }
 }
