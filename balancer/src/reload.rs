@@ -387,7 +387,10 @@ mod tests {
             assert!(!may_change(&event(kind, file), name), "{kind:?}");
         }
         let modified = EventKind::Modify(ModifyKind::Data(DataChange::Any));
-        assert!(!may_change(&event(modified, "/etc/balancer/other.toml"), name));
+        assert!(!may_change(
+            &event(modified, "/etc/balancer/other.toml"),
+            name
+        ));
         let swapped = EventKind::Modify(ModifyKind::Name(RenameMode::To));
         assert!(
             may_change(&event(swapped, "/etc/balancer/..data"), name),
