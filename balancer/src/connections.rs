@@ -178,7 +178,9 @@ async fn refuse(mut stream: Stream) {
         stream.write_all(REFUSAL).await?;
         stream.flush().await?;
         AsyncWriteExt::shutdown(&mut stream).await?;
-        let mut buf = [0u8; 4096];
+        // On the heap: this future is part of every connection's, and an
+        // array here would make each one 4 KiB larger.
+        let mut buf = vec![0u8; 4096];
         let mut drained = 0;
         while drained < REFUSAL_DRAIN_LIMIT {
             match stream.read(&mut buf).await? {
