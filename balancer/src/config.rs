@@ -91,6 +91,17 @@ pub struct Cache {
     pub rules: Vec<CacheRule>,
 }
 
+impl Default for Cache {
+    /// The bounds of a `[cache]` section that sets none, and no rules.
+    fn default() -> Self {
+        Cache {
+            max_size: default_cache_size(),
+            max_object_size: default_object_size(),
+            rules: Vec::new(),
+        }
+    }
+}
+
 /// What is cached under one path prefix, and for how long.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -38,18 +38,17 @@ use crate::config::Config;
 const REFUSAL_LINGER: Duration = Duration::from_millis(500);
 const REFUSAL_DRAIN_LIMIT: usize = 64 << 10;
 
-const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
-Content-Type: text/plain; charset=utf-8\r\n\
-Content-Length: 48\r\n\
-Retry-After: 1\r\n\
-Connection: close\r\n\r\n\
-too many open connections; try again in a moment\n";
-
-const HEAD_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\n\
-Content-Type: text/plain; charset=utf-8\r\n\
-Content-Length: 39\r\n\
-Connection: close\r\n\r\n\
-the request head took too long to send\n";
+/// A complete plain-text response that closes the connection, written
+/// straight to the client before Pingora has a session for it; `headers` are
+/// extra header lines, each ending in CRLF.
+fn closing_response(status: &str, headers: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\n{headers}Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
 
 /// Counts shared by every connection, read by `/status` and `/metrics`.
 #[derive(Debug, Default)]
@@ -175,7 +174,12 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
 /// for a moment first.
 async fn refuse(mut stream: Stream) {
     let answered = async {
-        stream.write_all(REFUSAL).await?;
+        let answer = closing_response(
+            "503 Service Unavailable",
+            "Retry-After: 1\r\n",
+            "too many open connections; try again in a moment\n",
+        );
+        stream.write_all(&answer).await?;
         stream.flush().await?;
         AsyncWriteExt::shutdown(&mut stream).await?;
         // On the heap: this future is part of every connection's, and an
@@ -238,9 +242,14 @@ impl Timed {
         if self.head_bytes > 0 {
             // Best effort on an idle socket: the tiny answer fits its send
             // buffer at once; if it does not, the close alone must do.
+            let answer = closing_response(
+                "408 Request Timeout",
+                "",
+                "the request head took too long to send\n",
+            );
             let mut inner = Pin::new(&mut self.inner);
-            if let Poll::Ready(Ok(n)) = inner.as_mut().poll_write(cx, HEAD_TIMEOUT) {
-                if n == HEAD_TIMEOUT.len() {
+            if let Poll::Ready(Ok(n)) = inner.as_mut().poll_write(cx, &answer) {
+                if n == answer.len() {
                     let _ = inner.poll_flush(cx);
                 }
             }

@@ -385,11 +385,7 @@ impl ProxyHttp for Balancer {
         upstream_request: &mut RequestHeader,
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let client = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        forwarded::apply(upstream_request, client)
+        forwarded::apply(upstream_request, client_ip(session))
     }
 
     fn upstream_response_body_filter(
@@ -428,10 +424,7 @@ impl ProxyHttp for Balancer {
         connections::request_done(session);
         let req = session.req_header();
         let record = access_log::Record {
-            client: session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip()),
+            client: client_ip(session),
             method: req.method.as_str(),
             uri: &req.uri,
             status: session.response_written().map_or(0, |r| r.status.as_u16()),
@@ -481,6 +474,14 @@ impl Balancer {
         }
         Ok(true)
     }
+}
+
+/// The client's IP address (none for a Unix-socket client).
+fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
 }
 
 fn refuse(r: limits::Rejection) -> Box<Error> {

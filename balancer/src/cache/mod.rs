@@ -39,11 +39,11 @@ impl ResponseCache {
     /// Builds the cache sized by `settings` (or by the defaults when the file has no `[cache]`).
     /// Its size is fixed for the life of the process.
     pub fn leak(settings: Option<&config::Cache>) -> &'static ResponseCache {
-        let (max_size, max_object) =
-            settings.map_or((64 << 20, 1 << 20), |c| (c.max_size.0, c.max_object_size.0));
+        let defaults = config::Cache::default();
+        let settings = settings.unwrap_or(&defaults);
         let storage = Box::leak(Box::new(MemoryStorage::new(
-            max_size,
-            usize::try_from(max_object).unwrap_or(usize::MAX),
+            settings.max_size.0,
+            usize::try_from(settings.max_object_size.0).unwrap_or(usize::MAX),
         )));
         let lock: &'static CacheKeyLockImpl = Box::leak(CacheLock::new_boxed(LOCK_AGE));
         Box::leak(Box::new(ResponseCache {
@@ -242,7 +242,6 @@ pub fn tells_clients_expiry(status: u16) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Positive, Span, UriPath};
 
     fn rule(path: &str) -> CacheRule {
         let text = format!("path = {path:?}\nttl = \"30s\"\nstale_while_revalidate = \"10s\"\nstale_if_error = \"5m\"\n");
@@ -277,11 +276,6 @@ mod tests {
         );
         assert_eq!(rule_for(&rules, "/other").unwrap().path.as_str(), "/");
         assert!(rule_for(&rules[1..], "/other").is_none());
-        let _ = (
-            Positive(Duration::from_secs(1)),
-            Span::default(),
-            UriPath::clone(&rules[0].path),
-        );
     }
 
     #[test]

@@ -67,6 +67,16 @@ pub struct FreshHit {
 }
 
 impl Entry {
+    /// An entry whose fresh-hit view is decoded from `meta` here, once.
+    fn new(path: String, meta: (Vec<u8>, Vec<u8>), body: Bytes) -> Entry {
+        Entry {
+            path,
+            ready: Ready::decode(&meta),
+            meta,
+            body,
+        }
+    }
+
     fn weight(&self, key: &str) -> u32 {
         let bytes =
             key.len() + self.path.len() + self.meta.0.len() + self.meta.1.len() + self.body.len();
@@ -229,13 +239,7 @@ impl Storage for MemoryStorage {
         let Some(old) = self.get(key) else {
             return Ok(false);
         };
-        let meta = meta.serialize()?;
-        let updated = Entry {
-            path: old.path.clone(),
-            ready: Ready::decode(&meta),
-            meta,
-            body: old.body.clone(),
-        };
+        let updated = Entry::new(old.path.clone(), meta.serialize()?, old.body.clone());
         self.entries.insert(key.combined(), Arc::new(updated));
         Ok(true)
     }
@@ -328,12 +332,7 @@ impl HandleMiss for Miss {
             return Err(storage_error("response larger than cache.max_object_size"));
         }
         let size = self.body.len();
-        let entry = Entry {
-            path: self.path,
-            ready: Ready::decode(&self.meta),
-            meta: self.meta,
-            body: Bytes::from(self.body),
-        };
+        let entry = Entry::new(self.path, self.meta, Bytes::from(self.body));
         self.storage.entries.insert(self.key, Arc::new(entry));
         Ok(MissFinishType::Created(size))
     }
