@@ -123,16 +123,11 @@ fn oversized_heads_and_bodies_are_refused() {
 fn an_idle_client_is_cut_off_after_the_keepalive_timeout() {
     let origin = Origin::start();
     let lb = one_origin(&origin, "[limits]\nkeepalive_timeout = \"1s\"");
-    let mut stream = TcpStream::connect(("127.0.0.1", lb.port)).unwrap();
+    let mut stream = served_connection(lb.port, "/");
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
     let mut buf = [0u8; 4096];
-    let n = stream.read(&mut buf).unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     let idle = Instant::now();
     let closed = loop {
         match stream.read(&mut buf) {
@@ -262,19 +257,11 @@ fn trickle(mut stream: TcpStream, head: &str, for_at_most: Duration) -> (String,
     stream
         .set_read_timeout(Some(for_at_most + Duration::from_secs(5)))
         .unwrap();
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => answer.extend_from_slice(&buf[..n]),
-            Err(_) => break,
-        }
-    }
+    let (answer, _) = read_to_close(&mut stream);
     let cut_early = started.elapsed() < for_at_most;
     let _ = stream.shutdown(std::net::Shutdown::Both);
     sender.join().unwrap();
-    (String::from_utf8_lossy(&answer).into_owned(), cut_early)
+    (answer, cut_early)
 }
 
 #[test]

@@ -200,6 +200,12 @@ pub fn raw_exchange(port: u16, bytes: &[u8]) -> (String, bool) {
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     stream.write_all(bytes).expect("send");
+    read_to_close(&mut stream)
+}
+
+/// Reads until the server closes `stream` or its read timeout passes:
+/// (what came, whether the server closed the connection or reset it).
+pub fn read_to_close(stream: &mut TcpStream) -> (String, bool) {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     let closed = loop {
