@@ -1,6 +1,12 @@
 //! The admin listener (`admin_listen`): what the public listener never
 //! offers. `GET /` is the status page, `GET /status` its JSON, `GET /metrics`
 //! the Prometheus metrics, and `PURGE /path` empties the cache for a path.
+//!
+//! What only reads is open to whoever reaches the listener. What changes
+//! state (`PURGE`) needs the admin token (`Authorization: Bearer TOKEN`)
+//! whenever one is set (`BALANCER_ADMIN_TOKEN`, or the file named by
+//! `admin_token_file`), and is refused outright when the listener is not on a
+//! loopback address and no token is set.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -24,7 +30,12 @@ use crate::upstream::{Backend, Pool};
 /// The status page: one self-contained file (no external assets), built on `/status`.
 const STATUS_PAGE: &str = include_str!("status.html");
 
+/// The environment variable that may hold the admin token.
+pub const TOKEN_ENV: &str = "BALANCER_ADMIN_TOKEN";
+
 pub struct Admin {
+    /// `BALANCER_ADMIN_TOKEN` as it was at start-up (empty counts as unset).
+    pub token_from_env: Option<String>,
     pub cache: &'static ResponseCache,
     pub pool: Arc<Pool>,
     pub config: Arc<ArcSwap<Config>>,
@@ -34,6 +45,51 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// Whether `req` may change state; the error is the reason a client reads.
+    fn authorize(&self, req: &pingora::http::RequestHeader) -> Result<(), String> {
+        let config = self.config.load();
+        let token = match (&self.token_from_env, &config.admin_token_file) {
+            (Some(token), _) => Some(token.clone()),
+            (None, Some(file)) => match std::fs::read_to_string(file) {
+                Ok(text) if !text.trim().is_empty() => Some(text.trim().to_owned()),
+                Ok(_) => {
+                    log::error!(
+                        "admin_token_file {} is empty: PURGE is refused",
+                        file.display()
+                    );
+                    return Err("no admin token is set".to_owned());
+                }
+                Err(e) => {
+                    log::error!(
+                        "cannot read admin_token_file {}: {e}; PURGE is refused",
+                        file.display()
+                    );
+                    return Err("no admin token is set".to_owned());
+                }
+            },
+            (None, None) => None,
+        };
+        let Some(token) = token else {
+            return match config.admin_listen {
+                Some(addr) if addr.ip().is_loopback() => Ok(()),
+                _ => Err(format!(
+                    "admin_listen is not a loopback address and no admin token is set ({TOKEN_ENV} or admin_token_file)"
+                )),
+            };
+        };
+        let offered = req
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match offered {
+            Some(offered) if same_secret(offered.as_bytes(), token.as_bytes()) => Ok(()),
+            Some(_) => Err("the admin token does not match".to_owned()),
+            None => Err("send the admin token as Authorization: Bearer TOKEN".to_owned()),
+        }
+    }
+
     fn status(&self) -> serde_json::Value {
         let config = self.config.load();
         let members = self.pool.members();
@@ -76,6 +132,7 @@ impl Admin {
                 "max": config.limits.max_connections.get(),
                 "refused": self.connections.refused(),
                 "header_timeouts": self.connections.header_timeouts(),
+                "lingering": self.connections.lingering(),
             },
             "upstreams": upstreams,
             "cache": {
@@ -117,7 +174,15 @@ impl ServeHttp for Admin {
         let req = session.req_header();
         let path = req.uri.path().to_owned();
         let method = req.method.clone();
+        let refusal = (method.as_str() == "PURGE")
+            .then(|| self.authorize(req).err())
+            .flatten();
         match (method.as_str(), path.as_str()) {
+            ("PURGE", _) if refusal.is_some() => reply(
+                StatusCode::UNAUTHORIZED,
+                "text/plain; charset=utf-8",
+                format!("401 unauthorized: {}\n", refusal.unwrap_or_default()),
+            ),
             ("PURGE", _) => {
                 let purged = self.cache.storage.purge_path(&path);
                 log::info!("cache purge of {path}: {purged} entries removed");
@@ -142,6 +207,11 @@ impl ServeHttp for Admin {
             ),
         }
     }
+}
+
+/// Compares two secrets in a time that does not depend on where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Vec<u8>> {

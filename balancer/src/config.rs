@@ -29,6 +29,14 @@ pub struct Config {
     /// The access log's format: one `text` line or one `json` object per request.
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Whether probes of `/health-check` (Docker's, every few seconds) are access-logged.
+    #[serde(default)]
+    pub log_health_checks: bool,
+    /// A file holding the token that `PURGE` on the admin listener must carry
+    /// (`Authorization: Bearer TOKEN`); `BALANCER_ADMIN_TOKEN` is the other way
+    /// to give it. The token itself is never written in this file.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
     /// How long SIGTERM waits for in-flight requests before the process exits.
     #[serde(default = "default_grace_period")]
     pub grace_period: Positive,
@@ -61,6 +69,14 @@ pub struct Limits {
     /// Client connections open at once; beyond it a new one is answered 503
     /// and closed.
     pub max_connections: NonZeroU32,
+    /// After an answer sent before its request was read whole (413, 431,
+    /// 400, 408, ...), what the client still sends is read and discarded for
+    /// at most this long before the connection is closed (nginx's
+    /// `lingering_time`), so that the client can read the answer.
+    pub lingering_time: Positive,
+    /// ... and the connection is closed sooner when the client sends
+    /// nothing for this long (nginx's `lingering_timeout`).
+    pub lingering_timeout: Positive,
 }
 
 impl Default for Limits {
@@ -72,6 +88,8 @@ impl Default for Limits {
             keepalive_timeout: Positive::secs(60),
             client_header_timeout: Positive::secs(10),
             max_connections: NonZeroU32::new(4096).expect("not zero"),
+            lingering_time: Positive::secs(30),
+            lingering_timeout: Positive::secs(5),
         }
     }
 }
@@ -118,6 +136,23 @@ pub struct CacheRule {
     /// What clients are told to keep (`Cache-Control: max-age` and `Expires`), like nginx's `expires`.
     #[serde(default)]
     pub client_max_age: Option<Span>,
+}
+
+impl fmt::Display for CacheRule {
+    /// The rule in the words of the file: `ttl 30s, stale_while_revalidate 10s, ...`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ttl {}, stale_while_revalidate {}, stale_if_error {}, client_max_age ",
+            self.ttl,
+            humantime::format_duration(self.stale_while_revalidate.0),
+            humantime::format_duration(self.stale_if_error.0),
+        )?;
+        match self.client_max_age {
+            Some(age) => humantime::format_duration(age.0).fmt(f),
+            None => f.write_str("(none)"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -177,10 +212,18 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         toml::from_str(text).map_err(|e| {
             let position = e.span().map(|span| Position::of(text, span.start));
+            // One line: the parser's own messages may span several.
+            let message = e
+                .message()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
             ConfigError::Invalid {
                 path: path.to_owned(),
                 position,
-                message: e.message().trim_end().to_owned(),
+                message,
             }
         })
     }

@@ -1,18 +1,23 @@
 //! Client connections, around the requests on them: how many may be open at
-//! once (`limits.max_connections`) and how long a client may take to send a
-//! request head (`limits.client_header_timeout`). Pingora 0.9 offers neither,
-//! so the proxy runs behind [`Guarded`], which holds a slot for each
-//! connection while it lives and hands the proxy a [`Timed`] stream, whose
-//! reads fail once a request head is overdue.
+//! once (`limits.max_connections`), how long a client may take to send a
+//! request head (`limits.client_header_timeout`), and how a connection whose
+//! request was refused before it was read whole is closed (a lingering close,
+//! `limits.lingering_time`). Pingora 0.9 offers none of these, so the proxy
+//! runs behind [`Guarded`], which admits each connection into a slot and hands
+//! the proxy a [`Timed`] stream: its reads fail once a request head is
+//! overdue, and when it is dropped after an early answer it reads and discards
+//! what the client still sends before it closes, so that the close does not
+//! reset the answer away before the client has read it.
 //!
 //! Where one request ends and the next begins is known to the proxy, not to
-//! the bytes: the proxy calls [`head_received`] when it has parsed a head and
-//! [`request_done`] when the request has ended.
+//! the bytes: the proxy calls [`head_received`] when it has parsed a head,
+//! [`request_done`] when the request has ended, and [`answered_early`] when it
+//! answered before the request was read.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -31,12 +36,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::config::Config;
+use crate::drain::Stopping;
+use crate::logging::Throttle;
 
-/// How long a refused client is read from (and its request discarded) after
-/// its 503, so that closing does not reset the connection before the client
-/// has read the answer.
+/// How long a connection turned away (beyond `max_connections`, or while
+/// stopping) is read from after its 503: it holds no slot, so it is kept short.
 const REFUSAL_LINGER: Duration = Duration::from_millis(500);
-const REFUSAL_DRAIN_LIMIT: usize = 64 << 10;
 
 /// A complete plain-text response that closes the connection, written
 /// straight to the client before Pingora has a session for it; `headers` are
@@ -56,8 +61,9 @@ pub struct Connections {
     open: AtomicUsize,
     refused: AtomicU64,
     header_timeouts: AtomicU64,
-    /// Seconds since `Connections` was made, at the last refusal logged.
-    refusal_logged_at: AtomicU64,
+    lingering: AtomicUsize,
+    refusals_logged: Throttle,
+    timeouts_logged: Throttle,
 }
 
 impl Connections {
@@ -75,6 +81,11 @@ impl Connections {
         self.header_timeouts.load(Ordering::Relaxed)
     }
 
+    /// Connections being read from and discarded before they close.
+    pub fn lingering(&self) -> usize {
+        self.lingering.load(Ordering::Relaxed)
+    }
+
     /// A slot for one more connection, when fewer than `max` are open.
     fn admit(self: &Arc<Self>, max: usize) -> Option<Slot> {
         if self.open.fetch_add(1, Ordering::AcqRel) < max {
@@ -85,26 +96,10 @@ impl Connections {
             None
         }
     }
-
-    /// Logs a refusal, at most once a second, so that a flood does not flood the log too.
-    fn log_refusal(&self, max: usize, started: std::time::Instant) {
-        let now = started.elapsed().as_secs() + 1;
-        let last = self.refusal_logged_at.load(Ordering::Relaxed);
-        if now > last
-            && self
-                .refusal_logged_at
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            log::warn!(
-                "refusing new client connections: limits.max_connections ({max}) are open; {} refused so far",
-                self.refused()
-            );
-        }
-    }
 }
 
 /// One open connection, counted until it is dropped.
+#[derive(Debug)]
 struct Slot(Arc<Connections>);
 
 impl Drop for Slot {
@@ -118,16 +113,21 @@ pub struct Guarded<A> {
     app: Arc<A>,
     config: Arc<ArcSwap<Config>>,
     connections: Arc<Connections>,
-    started: std::time::Instant,
+    stopping: Arc<Stopping>,
 }
 
 impl<A> Guarded<A> {
-    pub fn new(app: A, config: Arc<ArcSwap<Config>>, connections: Arc<Connections>) -> Self {
+    pub fn new(
+        app: A,
+        config: Arc<ArcSwap<Config>>,
+        connections: Arc<Connections>,
+        stopping: Arc<Stopping>,
+    ) -> Self {
         Guarded {
             app: Arc::new(app),
             config,
             connections,
-            started: std::time::Instant::now(),
+            stopping,
         }
     }
 }
@@ -139,23 +139,33 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let (max, header_timeout) = {
-            let limits = &self.config.load().limits;
-            (
-                limits.max_connections.get() as usize,
-                limits.client_header_timeout.0,
+        let limits = self.config.load().limits.clone();
+        if self.stopping.is_set() {
+            refuse(
+                stream,
+                "503 Service Unavailable",
+                "the server is shutting down; try again\n",
             )
-        };
-        let Some(_slot) = self.connections.admit(max) else {
-            self.connections.log_refusal(max, self.started);
-            refuse(stream).await;
+            .await;
+            return None;
+        }
+        let max = limits.max_connections.get() as usize;
+        let Some(slot) = self.connections.admit(max) else {
+            if self.connections.refusals_logged.allow() {
+                log::info!(
+                    "refusing new client connections: limits.max_connections ({max}) are open; {} refused so far",
+                    self.connections.refused()
+                );
+            }
+            refuse(
+                stream,
+                "503 Service Unavailable",
+                "too many open connections; try again in a moment\n",
+            )
+            .await;
             return None;
         };
-        let stream: Stream = Box::new(Timed::new(
-            stream,
-            header_timeout,
-            Arc::clone(&self.connections),
-        ));
+        let stream: Stream = Box::new(Timed::new(stream, &limits, slot));
         // An HTTP app serves every request of the connection in one call;
         // any stream handed back is served here, still inside the slot.
         let mut next = self.app.process_new(stream, shutdown).await;
@@ -170,31 +180,34 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
     }
 }
 
-/// Answers 503 and closes, reading (and discarding) what the client sends
-/// for a moment first.
-async fn refuse(mut stream: Stream) {
-    let answered = async {
-        let answer = closing_response(
-            "503 Service Unavailable",
-            "Retry-After: 1\r\n",
-            "too many open connections; try again in a moment\n",
-        );
-        stream.write_all(&answer).await?;
-        stream.flush().await?;
-        AsyncWriteExt::shutdown(&mut stream).await?;
-        // On the heap: this future is part of every connection's, and an
-        // array here would make each one 4 KiB larger.
-        let mut buf = vec![0u8; 4096];
-        let mut drained = 0;
-        while drained < REFUSAL_DRAIN_LIMIT {
-            match stream.read(&mut buf).await? {
-                0 => break,
-                n => drained += n,
-            }
+/// Answers `status` with `body` and closes, reading (and discarding) what
+/// the client sends for a moment first.
+async fn refuse(mut stream: Stream, status: &str, body: &str) {
+    let answer = closing_response(status, "Retry-After: 1\r\n", body);
+    if stream.write_all(&answer).await.is_ok() {
+        linger(stream, REFUSAL_LINGER, REFUSAL_LINGER).await;
+    }
+}
+
+/// The lingering close: ends the answer already written (so the client sees
+/// it complete), then reads and discards what the client still sends, for at
+/// most `time` in all and `timeout` between reads, and closes. Without it,
+/// closing a socket with unread bytes resets the connection, and a client
+/// that writes its whole request before reading loses the answer.
+async fn linger(mut stream: Stream, time: Duration, timeout: Duration) {
+    if AsyncWriteExt::shutdown(&mut stream).await.is_err() {
+        return;
+    }
+    let deadline = Instant::now() + time;
+    // On the heap: this future is part of every connection's.
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let until = deadline.min(Instant::now() + timeout);
+        match tokio::time::timeout_at(until, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
         }
-        Ok::<_, io::Error>(())
-    };
-    let _ = tokio::time::timeout(REFUSAL_LINGER, answered).await;
+    }
 }
 
 /// Where a connection is, as far as the head deadline is concerned.
@@ -207,6 +220,8 @@ const TIMED_OUT: u8 = 3;
 /// time. The deadline runs from the accept for the first request, and from
 /// the first byte of each later one (the wait for that byte is the
 /// keep-alive idle time, which Pingora bounds with `keepalive_timeout`).
+/// It holds its connection's slot, and gives it back only once the
+/// connection is closed, lingering included.
 #[derive(Debug)]
 pub struct Timed {
     inner: Stream,
@@ -216,19 +231,34 @@ pub struct Timed {
     deadline: Pin<Box<Sleep>>,
     /// Bytes of the current head received so far.
     head_bytes: usize,
-    connections: Arc<Connections>,
+    /// An answer went out before its request was read whole: close lingering.
+    answered_early: AtomicBool,
+    /// The current request line as it came from the socket.
+    request_line: RequestLine,
+    lingering_time: Duration,
+    lingering_timeout: Duration,
+    slot: Option<Slot>,
 }
 
 impl Timed {
-    fn new(inner: Stream, limit: Duration, connections: Arc<Connections>) -> Self {
+    fn new(inner: Stream, limits: &crate::config::Limits, slot: Slot) -> Self {
+        let limit = limits.client_header_timeout.0;
         Timed {
             inner,
             limit,
             state: AtomicU8::new(READING_HEAD),
             deadline: Box::pin(tokio::time::sleep(limit)),
             head_bytes: 0,
-            connections,
+            answered_early: AtomicBool::new(false),
+            request_line: RequestLine::default(),
+            lingering_time: limits.lingering_time.0,
+            lingering_timeout: limits.lingering_timeout.0,
+            slot: Some(slot),
         }
+    }
+
+    fn connections(&self) -> Option<&Connections> {
+        self.slot.as_ref().map(|s| &*s.0)
     }
 
     /// The deadline passed: answer 408 when part of a head came (a client
@@ -236,9 +266,17 @@ impl Timed {
     /// and fail the read.
     fn time_out(&mut self, cx: &mut Context<'_>) -> io::Error {
         self.state.store(TIMED_OUT, Ordering::Relaxed);
-        self.connections
-            .header_timeouts
-            .fetch_add(1, Ordering::Relaxed);
+        let limit = humantime::format_duration(self.limit);
+        if let Some(connections) = self.connections() {
+            connections.header_timeouts.fetch_add(1, Ordering::Relaxed);
+            if connections.timeouts_logged.allow() {
+                log::info!(
+                    "closed a client connection{}: no complete request head within {limit} (limits.client_header_timeout); {} so far",
+                    peer(&*self.inner).map(|p| format!(" from {p}")).unwrap_or_default(),
+                    connections.header_timeouts(),
+                );
+            }
+        }
         if self.head_bytes > 0 {
             // Best effort on an idle socket: the tiny answer fits its send
             // buffer at once; if it does not, the close alone must do.
@@ -251,16 +289,88 @@ impl Timed {
             if let Poll::Ready(Ok(n)) = inner.as_mut().poll_write(cx, &answer) {
                 if n == answer.len() {
                     let _ = inner.poll_flush(cx);
+                    self.answered_early.store(true, Ordering::Relaxed);
                 }
             }
         }
         io::Error::new(
             io::ErrorKind::TimedOut,
-            format!(
-                "no complete request head within {:?} (limits.client_header_timeout)",
-                self.limit
-            ),
+            format!("no complete request head within {limit} (limits.client_header_timeout)"),
         )
+    }
+
+    /// Whether closing now could reset an answer the client has not read:
+    /// one was sent before its request was read whole (by the proxy, by the
+    /// head deadline, or by Pingora refusing a malformed head).
+    fn must_linger(&self) -> bool {
+        self.answered_early.load(Ordering::Relaxed)
+            || (self.state.load(Ordering::Relaxed) == READING_HEAD && self.head_bytes > 0)
+    }
+}
+
+/// What is seen of a request line as its bytes arrive. Pingora percent-
+/// encodes a request-target that contains spaces and parses it anyway, so
+/// the bytes are the only place where such a line can be told from a
+/// well-formed one. (A pipelined request that arrived together with the one
+/// before it is parsed from Pingora's buffer, not read here.)
+#[derive(Debug, Default, Clone, Copy)]
+struct RequestLine {
+    spaces: u8,
+    complete: bool,
+}
+
+impl RequestLine {
+    fn scan(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.complete {
+                return;
+            }
+            match b {
+                b' ' => self.spaces = self.spaces.saturating_add(1),
+                b'\n' => self.complete = true,
+                _ => {}
+            }
+        }
+    }
+
+    /// `METHOD SP request-target SP HTTP-version` has exactly two spaces.
+    fn has_extra_spaces(&self) -> bool {
+        self.spaces > 2
+    }
+}
+
+/// Whether the request line of the request being served had a space in its
+/// request-target (RFC 9112 section 3.2: answer 400).
+pub fn request_line_malformed(session: &Session) -> bool {
+    timed(session).is_some_and(|t| t.request_line.has_extra_spaces())
+}
+
+/// The client's address, for log lines.
+fn peer(stream: &dyn pingora::protocols::IO) -> Option<std::net::SocketAddr> {
+    stream.get_socket_digest()?.peer_addr()?.as_inet().copied()
+}
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        if !self.must_linger() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        // The stream moves into the lingering task; what stays behind is never read.
+        let stream = std::mem::replace(&mut self.inner, Box::new(io::Cursor::new(Vec::new())));
+        let slot = self.slot.take();
+        let (time, timeout) = (self.lingering_time, self.lingering_timeout);
+        if let Some(slot) = &slot {
+            slot.0.lingering.fetch_add(1, Ordering::Relaxed);
+        }
+        runtime.spawn(async move {
+            linger(stream, time, timeout).await;
+            if let Some(slot) = slot {
+                slot.0.lingering.fetch_sub(1, Ordering::Relaxed);
+            }
+        });
     }
 }
 
@@ -293,6 +403,14 @@ pub fn request_done(session: &Session) {
     }
 }
 
+/// The proxy answered before the request (its body) was read whole, and
+/// will close the connection: close it lingering.
+pub fn answered_early(session: &Session) {
+    if let Some(t) = timed(session) {
+        t.answered_early.store(true, Ordering::Relaxed);
+    }
+}
+
 impl AsyncRead for Timed {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -313,6 +431,8 @@ impl AsyncRead for Timed {
                 // The first byte of the next request: its head's clock starts.
                 this.state.store(READING_HEAD, Ordering::Relaxed);
                 this.head_bytes = got;
+                this.request_line = RequestLine::default();
+                this.request_line.scan(&buf.filled()[before..]);
                 let deadline = Instant::now() + this.limit;
                 this.deadline.as_mut().reset(deadline);
                 read
@@ -323,6 +443,7 @@ impl AsyncRead for Timed {
             },
             (READING_HEAD, _) => {
                 this.head_bytes += got;
+                this.request_line.scan(&buf.filled()[before..]);
                 read
             }
             _ => read,

@@ -1,23 +1,24 @@
-//! Graceful stop: after SIGTERM, stop listening, wait for the requests in
-//! flight, then exit 0.
+//! Graceful stop: on `SIGTERM` (what `docker stop` sends), finish the
+//! requests in flight, then let Pingora shut down; at most `grace_period`.
 //!
-//! Pingora stops accepting on SIGTERM but keeps its listening sockets open
-//! (for a graceful upgrade) and then sleeps the whole grace period whatever
-//! is left to do. A socket left open lets the kernel complete handshakes that
-//! nobody will ever answer, and the sleep is time a `docker stop` user waits
-//! for nothing. So this service closes the listening sockets at once (new
-//! clients are refused, and can go elsewhere) and ends the process as soon
-//! as no request is in flight, or when the grace period is over.
+//! Pingora's own graceful path broadcasts the stop and then sleeps a grace
+//! period fixed at start-up (300 s by default), whatever is left to do. The
+//! balancer instead hands Pingora a [`Drain`] as its shutdown signal: on
+//! `SIGTERM` it marks the process as stopping (new connections are answered
+//! `503` and closed, responses close their connection), waits until no
+//! request is in flight or the live `grace_period` is over, and only then
+//! tells Pingora to terminate, with no grace period of its own left to sleep.
+//! `SIGINT` stops at once; `SIGQUIT` (Pingora's upgrade signal, which this
+//! balancer does not use) drains like `SIGTERM`.
 
-use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
+use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
+use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::{sleep, Instant};
 
 use crate::config::Config;
@@ -27,86 +28,85 @@ use crate::proxy::InFlight;
 /// whose response has just been written may still be reading it.
 const SETTLE: Duration = Duration::from_millis(100);
 
+/// Whether the process is draining; the proxy and the connection guard read it.
+#[derive(Debug, Default)]
+pub struct Stopping(AtomicBool);
+
+impl Stopping {
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 pub struct Drain {
     pub in_flight: Arc<InFlight>,
-    /// The addresses this process listens on; closed when SIGTERM comes.
-    pub listening: Vec<SocketAddr>,
+    pub stopping: Arc<Stopping>,
     /// `grace_period` is read when SIGTERM comes, so a reloaded value counts.
     pub config: Arc<ArcSwap<Config>>,
 }
 
-#[async_trait]
-impl BackgroundService for Drain {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        while !*shutdown.borrow() {
-            if shutdown.changed().await.is_err() {
-                return;
-            }
-        }
-        let deadline = Instant::now() + self.config.load().grace_period.0;
-        stop_listening(&self.listening);
+impl Drain {
+    /// Waits for the requests in flight, at most the grace period in force.
+    async fn drain(&self, signal_name: &str) {
+        let grace = self.config.load().grace_period;
+        self.stopping.set();
+        log::info!(
+            "{signal_name}: graceful stop, grace period {grace}: no new connections, {} requests in flight",
+            self.in_flight.count()
+        );
+        let deadline = Instant::now() + grace.0;
         let mut idle_since: Option<Instant> = None;
         loop {
             let now = Instant::now();
             if self.in_flight.count() == 0 {
                 if now.duration_since(*idle_since.get_or_insert(now)) >= SETTLE {
                     log::info!("graceful stop: no request in flight, exiting");
-                    break;
+                    return;
                 }
             } else {
                 idle_since = None;
             }
             if now >= deadline {
                 log::warn!(
-                    "graceful stop: grace period over with {} requests still in flight, exiting",
+                    "graceful stop: grace period {grace} over with {} requests still in flight, exiting",
                     self.in_flight.count()
                 );
-                break;
+                return;
             }
             sleep(Duration::from_millis(10)).await;
         }
-        std::process::exit(0);
     }
 }
 
-/// Shuts down this process's listening sockets bound to `addrs`, found among
-/// its open file descriptors (Pingora does not hand them out).
-fn stop_listening(addrs: &[SocketAddr]) {
-    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
-        return;
-    };
-    for entry in fds.flatten() {
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
+#[async_trait]
+impl ShutdownSignalWatch for Drain {
+    async fn recv(&self) -> ShutdownSignal {
+        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
+        ) else {
+            log::error!(
+                "cannot listen for SIGTERM, SIGINT and SIGQUIT: stop the balancer with SIGKILL"
+            );
+            return std::future::pending().await;
         };
-        if is_listener_on(fd, addrs) {
-            // SAFETY: shutdown() on a descriptor this process owns; it stays open
-            // (Pingora closes it at exit), it only stops taking connections.
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = quit.recv() => "SIGQUIT",
+            _ = int.recv() => {
+                log::info!("SIGINT: stopping now, without waiting for requests in flight");
+                return ShutdownSignal::FastShutdown;
+            }
+        };
+        tokio::select! {
+            _ = self.drain(name) => {}
+            _ = int.recv() => log::info!("SIGINT: stopping now"),
         }
+        ShutdownSignal::GracefulTerminate
     }
-}
-
-fn is_listener_on(fd: i32, addrs: &[SocketAddr]) -> bool {
-    // SAFETY: a borrowed view of the descriptor, forgotten before it is dropped.
-    let socket = std::mem::ManuallyDrop::new(unsafe {
-        <std::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd)
-    });
-    let mut listening: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `listening`.
-    let ok = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&mut listening as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    } == 0;
-    ok && listening == 1 && socket.local_addr().is_ok_and(|a| addrs.contains(&a))
 }

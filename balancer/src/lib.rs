@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod drain;
 pub mod forwarded;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

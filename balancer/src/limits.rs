@@ -1,9 +1,11 @@
 //! Limits on what a client may send, checked on the raw request head before
 //! anything is forwarded: its size and header count (431), a body larger than
 //! allowed (413), and framing that could desynchronise the upstream
-//! connection (400). Pingora itself rejects duplicate or invalid
-//! `Content-Length`, unknown `Transfer-Encoding`, obsolete line folding and
-//! bad chunk sizes; this adds what it lets through.
+//! connection (400), a request line with a space in its target (400) and an
+//! HTTP/1.1 request without `Host` (400, RFC 9112 section 3.2). Pingora
+//! itself rejects duplicate or invalid `Content-Length`, unknown
+//! `Transfer-Encoding`, obsolete line folding and bad chunk sizes; this adds
+//! what it lets through.
 
 use crate::config::Limits;
 
@@ -32,10 +34,22 @@ pub fn check_head(raw: &[u8], limits: &Limits) -> Result<(), Rejection> {
             ),
         );
     }
+    let mut lines = raw.split(|b| *b == b'\n');
+    let request_line = lines.next().unwrap_or_default();
+    let request_line = request_line.strip_suffix(b"\r").unwrap_or(request_line);
+    // METHOD SP request-target SP HTTP-version: exactly two single spaces.
+    let parts: Vec<&[u8]> = request_line.split(|b| *b == b' ').collect();
+    if parts.len() != 3 || parts.iter().any(|p| p.is_empty()) {
+        return reject(
+            400,
+            "malformed request line (a request-target may not contain spaces)",
+        );
+    }
+    let http11 = parts[2] == b"HTTP/1.1";
     let mut headers = 0usize;
-    let (mut content_length, mut transfer_encoding) = (false, false);
-    // The first line is the request line; the head ends at an empty line.
-    for line in raw.split(|b| *b == b'\n').skip(1) {
+    let (mut content_length, mut transfer_encoding, mut host) = (false, false, false);
+    // The head ends at an empty line.
+    for line in lines {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
             break;
@@ -48,6 +62,7 @@ pub fn check_head(raw: &[u8], limits: &Limits) -> Result<(), Rejection> {
             .trim_ascii();
         content_length |= name.eq_ignore_ascii_case(b"content-length");
         transfer_encoding |= name.eq_ignore_ascii_case(b"transfer-encoding");
+        host |= name.eq_ignore_ascii_case(b"host");
     }
     if headers > limits.max_headers as usize {
         return reject(
@@ -59,6 +74,9 @@ pub fn check_head(raw: &[u8], limits: &Limits) -> Result<(), Rejection> {
         // RFC 9112 lets a server drop Content-Length instead; refusing is
         // safer in front of upstreams that might not.
         return reject(400, "both Content-Length and Transfer-Encoding");
+    }
+    if http11 && !host {
+        return reject(400, "an HTTP/1.1 request must carry a Host header");
     }
     Ok(())
 }
@@ -95,6 +113,24 @@ mod tests {
     }
 
     #[test]
+    fn malformed_request_lines_and_missing_hosts_are_refused() {
+        for bad in [
+            b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\n".as_slice(),
+            b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /\r\nHost: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX-A: 1\r\n\r\n",
+        ] {
+            let refusal = check_head(bad, &limits()).unwrap_err();
+            assert_eq!(refusal.status, 400, "{:?}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(
+            check_head(b"GET / HTTP/1.0\r\n\r\n", &limits()),
+            Ok(()),
+            "HTTP/1.0 needs no Host"
+        );
+    }
+
+    #[test]
     fn too_large_too_many_and_conflicting_heads_are_refused() {
         let big = [
             b"GET / HTTP/1.1\r\nX: ".as_slice(),
@@ -105,7 +141,7 @@ mod tests {
         assert_eq!(check_head(&big, &limits()).unwrap_err().status, 431);
         let many = b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n";
         assert_eq!(check_head(many, &limits()).unwrap_err().status, 431);
-        let both = b"POST / HTTP/1.1\r\ncontent-LENGTH: 4\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let both = b"POST / HTTP/1.1\r\nHost: a\r\ncontent-LENGTH: 4\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert_eq!(check_head(both, &limits()).unwrap_err().status, 400);
         assert_eq!(check_body(11, &limits()).unwrap_err().status, 413);
         assert_eq!(check_body(10, &limits()), Ok(()));

@@ -15,10 +15,13 @@ use clap::{Parser, Subcommand};
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
+use pingora::server::RunArgs;
 use pingora::services::background::background_service;
 
 use balancer::config::Config;
-use balancer::{admin, cache, connections, discovery, drain, proxy, reload, upkeep, upstream};
+use balancer::{
+    admin, cache, connections, discovery, drain, logging, proxy, reload, upkeep, upstream,
+};
 
 /// mimalloc: the request path allocates small, short-lived objects, which
 /// glibc's malloc serves noticeably slower (see bench/).
@@ -27,9 +30,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Per-client-connection read buffer (Pingora's default is 64 KiB).
 const CLIENT_READ_BUFFER: usize = 8 << 10;
-
-/// SIGTERM never waits longer than this, whatever `grace_period` says.
-const MAX_GRACE_PERIOD: Duration = Duration::from_secs(300);
 
 #[derive(Parser)]
 #[command(
@@ -90,8 +90,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         None => {
-            env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-                .init();
+            logging::init();
             run(config, path, text)
         }
     }
@@ -100,9 +99,9 @@ fn main() -> ExitCode {
 fn run(config: Config, path: PathBuf, text: String) -> ExitCode {
     let server_conf = ServerConf {
         threads: config.threads(),
-        // Pingora then sleeps this long after SIGTERM; `drain` ends the process
-        // sooner, once idle or at the (live) grace_period.
-        grace_period_seconds: Some(MAX_GRACE_PERIOD.as_secs()),
+        // `drain` has waited for the requests in flight (at most the live
+        // grace_period) before it lets Pingora stop: nothing is left to sleep for.
+        grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
@@ -129,14 +128,12 @@ fn run(config: Config, path: PathBuf, text: String) -> ExitCode {
             reloaded,
         },
     );
-    let drain = background_service(
-        "graceful stop",
-        drain::Drain {
-            in_flight: Arc::clone(&in_flight),
-            listening: vec![listen],
-            config: Arc::clone(&config),
-        },
-    );
+    let stopping = Arc::new(drain::Stopping::default());
+    let drain = drain::Drain {
+        in_flight: Arc::clone(&in_flight),
+        stopping: Arc::clone(&stopping),
+        config: Arc::clone(&config),
+    };
     let reload_stats = Arc::clone(&reloader.stats);
     let reloader = background_service("config reload", reloader);
     let connections = Arc::new(connections::Connections::default());
@@ -147,11 +144,12 @@ fn run(config: Config, path: PathBuf, text: String) -> ExitCode {
             config: Arc::clone(&config),
             in_flight,
             cache,
+            stopping: Arc::clone(&stopping),
         },
     );
     let mut proxy = pingora::services::listening::Service::new(
         "balancer".to_owned(),
-        connections::Guarded::new(balancer, config, Arc::clone(&connections)),
+        connections::Guarded::new(balancer, config, Arc::clone(&connections), stopping),
     );
     // Pingora reads clients through a 64 KiB buffer each; requests here are
     // small, and at 1,000 connections that buffer alone is 64 MB.
@@ -164,6 +162,10 @@ fn run(config: Config, path: PathBuf, text: String) -> ExitCode {
         let mut admin = pingora::services::listening::Service::new(
             "admin".to_owned(),
             admin::Admin {
+                token_from_env: std::env::var(admin::TOKEN_ENV)
+                    .ok()
+                    .map(|t| t.trim().to_owned())
+                    .filter(|t| !t.is_empty()),
                 cache,
                 pool: Arc::clone(&pool),
                 config: Arc::clone(&admin_config),
@@ -178,8 +180,10 @@ fn run(config: Config, path: PathBuf, text: String) -> ExitCode {
     }
     let upkeep = server.add_service(upkeep);
     server.add_service(reloader);
-    server.add_service(drain);
     server.add_service(proxy).add_dependency(&upkeep);
     log::info!("balancer listening on {listen}");
-    server.run_forever()
+    server.run(RunArgs {
+        shutdown_signal: Box::new(drain),
+    });
+    ExitCode::SUCCESS
 }

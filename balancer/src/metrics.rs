@@ -97,6 +97,10 @@ metric!(HEADER_TIMEOUTS: IntCounter = register_int_counter!(
     "balancer_client_header_timeouts_total",
     "Client connections closed because a request head took longer than limits.client_header_timeout"
 ));
+metric!(CONNECTIONS_LINGERING: IntGauge = register_int_gauge!(
+    "balancer_client_connections_lingering",
+    "Client connections answered early, being read from and discarded before they close"
+));
 metric!(BUILD_INFO: IntGaugeVec = register_int_gauge_vec!(
     "balancer_build_info",
     "Always 1; the labels say which build this is",
@@ -194,6 +198,7 @@ pub fn refresh(
         reloads.failed.load(Ordering::Relaxed),
     );
     CONNECTIONS_OPEN.set(i64::try_from(connections.open()).unwrap_or(i64::MAX));
+    CONNECTIONS_LINGERING.set(i64::try_from(connections.lingering()).unwrap_or(i64::MAX));
     catch_up(&CONNECTIONS_REFUSED, connections.refused());
     catch_up(&HEADER_TIMEOUTS, connections.header_timeouts());
 }

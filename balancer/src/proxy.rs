@@ -25,6 +25,8 @@ use pingora::{ErrorSource, ErrorType};
 
 use crate::cache::{self, ResponseCache};
 use crate::config::{CacheRule, Config};
+use crate::drain::Stopping;
+use crate::logging::Throttle;
 use crate::upstream::{Backend, BackendGuard, Pool};
 use crate::{access_log, connections, forwarded, limits, metrics};
 
@@ -41,7 +43,13 @@ pub struct Balancer {
     pub config: Arc<ArcSwap<Config>>,
     pub in_flight: Arc<InFlight>,
     pub cache: &'static ResponseCache,
+    /// Set on SIGTERM: every response then closes its connection.
+    pub stopping: Arc<Stopping>,
 }
+
+/// Client mistakes are logged at most once a second: a flood of bad
+/// requests must not flood the log too.
+static REFUSALS_LOGGED: Throttle = Throttle::new();
 
 /// Requests being handled right now; graceful stop waits for this to reach zero.
 #[derive(Default)]
@@ -127,9 +135,31 @@ impl ProxyHttp for Balancer {
     ) -> Result<()> {
         connections::head_received(session);
         let limits = &ctx.config.limits;
-        session.set_keepalive(Some(limits.keepalive_timeout.0.as_secs().max(1)));
+        if self.stopping.is_set() {
+            session.set_keepalive(None);
+        } else {
+            session.set_keepalive(Some(limits.keepalive_timeout.0.as_secs().max(1)));
+            // Pipelined requests are answered in order, one after the other
+            // (RFC 9112, section 9.3.2); off, Pingora drops all but the first.
+            session.as_downstream_mut().set_pipelining_enabled(true);
+        }
         if let Some(h1) = session.as_downstream().as_http1() {
             limits::check_head(&h1.get_headers_raw_bytes(), limits).map_err(refuse)?;
+        }
+        if connections::request_line_malformed(session) {
+            return Err(refuse(limits::Rejection {
+                status: 400,
+                reason: "malformed request line (a request-target may not contain spaces)"
+                    .to_owned(),
+            }));
+        }
+        if session.req_header().method.as_str() == "TRACE" {
+            // It echoes the request, cookies included, to whoever can make a
+            // browser send it; nginx refuses it too.
+            return Err(refuse(limits::Rejection {
+                status: 405,
+                reason: "TRACE is not allowed".to_owned(),
+            }));
         }
         let declared = session
             .req_header()
@@ -385,6 +415,15 @@ impl ProxyHttp for Balancer {
         upstream_request: &mut RequestHeader,
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if !upstream_request.headers.contains_key(http::header::HOST) {
+            // An HTTP/1.0 client need not send one; the upstream request is
+            // HTTP/1.1, which must: name the address the client reached.
+            let host = session
+                .server_addr()
+                .and_then(|a| a.as_inet())
+                .map_or_else(|| "localhost".to_owned(), ToString::to_string);
+            upstream_request.insert_header(http::header::HOST, host)?;
+        }
         forwarded::apply(upstream_request, client_ip(session))
     }
 
@@ -410,9 +449,25 @@ impl ProxyHttp for Balancer {
     ) -> FailToProxy {
         let code = status_for(e);
         if code > 0 {
-            if let Err(write_error) = respond_error_text(session, code).await {
+            if let Err(write_error) = respond_error_text(session, code, e).await {
                 log::debug!("cannot send the {code} response to the client: {write_error}");
             }
+            // The connection closes after this answer; what the client may
+            // still be sending must not reset it away.
+            if is_client_mistake(code) || !session.is_body_done() {
+                connections::answered_early(session);
+            }
+        }
+        if is_client_mistake(code) && REFUSALS_LOGGED.allow() {
+            log::info!(
+                "refused {} {} from {} with {code}: {}",
+                session.req_header().method,
+                session.req_header().uri,
+                client_ip(session).map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
+                e.context
+                    .as_ref()
+                    .map_or_else(|| e.etype().as_str().to_owned(), |c| c.as_str().to_owned()),
+            );
         }
         FailToProxy {
             error_code: code,
@@ -420,9 +475,20 @@ impl ProxyHttp for Balancer {
         }
     }
 
+    /// Pingora's ERROR line is for what an operator must act on: a client's
+    /// mistake, or a client that went away, is not (the refusal is logged at
+    /// info in `fail_to_proxy`).
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        let code = status_for(e);
+        code == 0 || is_client_mistake(code)
+    }
+
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         connections::request_done(session);
         let req = session.req_header();
+        if req.uri.path() == HEALTH_CHECK_PATH && !ctx.config.log_health_checks {
+            return;
+        }
         let record = access_log::Record {
             client: client_ip(session),
             method: req.method.as_str(),
@@ -488,6 +554,11 @@ fn refuse(r: limits::Rejection) -> Box<Error> {
     Error::explain(ErrorType::HTTPStatus(r.status), r.reason)
 }
 
+/// Statuses that say the client asked for something it may not have.
+fn is_client_mistake(code: u16) -> bool {
+    (400..500).contains(&code)
+}
+
 /// The status a failed request is answered with (0: the client is gone).
 fn status_for(e: &Error) -> u16 {
     match (e.etype(), e.esource()) {
@@ -506,18 +577,30 @@ fn status_for(e: &Error) -> u16 {
     }
 }
 
-async fn respond_error_text(session: &mut Session, code: u16) -> Result<()> {
-    let reason = match code {
-        400 => "bad request",
-        413 => "content too large",
-        431 => "request header fields too large",
-        502 => "bad gateway: the upstream server failed to answer",
-        503 => "service unavailable: no healthy upstream server",
-        504 => "gateway timeout: the upstream server did not answer in time",
+/// The plain-text reason a client reads for a failed request.
+fn reason_for(code: u16, e: &Error) -> &'static str {
+    match (code, e.etype()) {
+        (400, _) => "bad request",
+        (405, _) => "method not allowed",
+        (408, _) => "request timeout",
+        (413, _) => "content too large",
+        (431, _) => "request header fields too large",
+        (502, _) => "bad gateway: the upstream server failed to answer",
+        (503, _) => "service unavailable: no healthy upstream server",
+        (504, ErrorType::ConnectTimedout) => {
+            "gateway timeout: could not connect to the upstream server within connect_timeout"
+        }
+        (504, _) => "gateway timeout: the upstream server did not answer within read_timeout",
         _ => "the request could not be proxied",
-    };
-    let body = Bytes::from(format!("{code} {reason}\n"));
-    let header = text_header(code, body.len())?;
+    }
+}
+
+async fn respond_error_text(session: &mut Session, code: u16, e: &Error) -> Result<()> {
+    let body = Bytes::from(format!("{code} {}\n", reason_for(code, e)));
+    let mut header = text_header(code, body.len())?;
+    if code == 405 {
+        header.insert_header("allow", "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS")?;
+    }
     session
         .as_downstream_mut()
         .write_error_response(header, body)

@@ -128,25 +128,35 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// `listen`, `admin_listen`, `threads` and the cache's size bounds are fixed
 /// for the life of the process: keep them, and say so.
 fn keep_startup_settings(old: &Config, new: &mut Config) {
-    fn keep<T: PartialEq + std::fmt::Debug + Clone>(key: &str, old: &T, new: &mut T) {
+    fn keep<T: PartialEq + Clone>(key: &str, old: &T, new: &mut T, show: fn(&T) -> String) {
         if old != new {
-            log::warn!("config reload: {key} {old:?} -> {new:?} needs a restart; keeping {old:?}");
+            let (was, is) = (show(old), show(new));
+            log::warn!("config reload: {key} {was} -> {is} needs a restart; keeping {was}");
             *new = old.clone();
         }
     }
-    keep("listen", &old.listen, &mut new.listen);
-    keep("admin_listen", &old.admin_listen, &mut new.admin_listen);
-    keep("threads", &old.threads, &mut new.threads);
+    keep("listen", &old.listen, &mut new.listen, |a| a.to_string());
+    keep(
+        "admin_listen",
+        &old.admin_listen,
+        &mut new.admin_listen,
+        |a| a.map_or_else(|| "(off)".to_owned(), |a| a.to_string()),
+    );
+    keep("threads", &old.threads, &mut new.threads, |t| {
+        t.map_or_else(|| "(one per CPU)".to_owned(), |t| t.to_string())
+    });
     if let (Some(old_cache), Some(new_cache)) = (&old.cache, &mut new.cache) {
         keep(
             "cache.max_size",
             &old_cache.max_size.0,
             &mut new_cache.max_size.0,
+            u64::to_string,
         );
         keep(
             "cache.max_object_size",
             &old_cache.max_object_size.0,
             &mut new_cache.max_object_size.0,
+            u64::to_string,
         );
     }
 }
@@ -174,7 +184,7 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
     }
     // Each live setting, as the file names it and as it is shown.
     type Show<T> = fn(&T) -> String;
-    let settings: [(&str, Show<Config>); 11] = [
+    let settings: [(&str, Show<Config>); 15] = [
         ("upstream.resolve_interval", |c| {
             c.upstream.resolve_interval.to_string()
         }),
@@ -187,6 +197,18 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
         ("grace_period", |c| c.grace_period.to_string()),
         ("log_format", |c| {
             format!("{:?}", c.log_format).to_lowercase()
+        }),
+        ("log_health_checks", |c| c.log_health_checks.to_string()),
+        ("admin_token_file", |c| {
+            c.admin_token_file
+                .as_ref()
+                .map_or_else(|| "(none)".to_owned(), |p| p.display().to_string())
+        }),
+        ("limits.lingering_time", |c| {
+            c.limits.lingering_time.to_string()
+        }),
+        ("limits.lingering_timeout", |c| {
+            c.limits.lingering_timeout.to_string()
         }),
         ("limits.max_header_size", |c| {
             c.limits.max_header_size.0.to_string()
@@ -241,10 +263,7 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
     };
     let (old_rules, new_rules) = (rules(old), rules(new));
     for rule in new_rules.iter().filter(|r| !old_rules.contains(r)) {
-        lines.push(format!(
-            "cache rule for {} set: {rule:?}",
-            rule.path.as_str()
-        ));
+        lines.push(format!("cache rule for {} set: {rule}", rule.path.as_str()));
     }
     for rule in old_rules
         .iter()

@@ -262,7 +262,11 @@ fn upstream_failures_map_to_502_and_504() {
     let started = Instant::now();
     let r = get(&lb.url("/hang")).unwrap();
     assert_eq!(r.status, 504, "{r:?}");
-    assert!(r.body.contains("did not answer in time"), "{:?}", r.body);
+    assert!(
+        r.body.contains("did not answer within read_timeout"),
+        "{:?}",
+        r.body
+    );
     assert!(
         started.elapsed() >= Duration::from_secs(2),
         "read_timeout is 2s"
