@@ -22,6 +22,9 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PROJECT=${E2E_PROJECT:-pingora-lb-e2e}
 URL=${E2E_URL:-http://localhost}
 INFO_KEYS=(connecting_ip container_id host proxy_ip user-agent)
+ADMIN=http://127.0.0.1:9000
+# compose.yaml passes it to the balancer: PURGE on the admin port needs it.
+export BALANCER_ADMIN_TOKEN=e2e-$RANDOM$RANDOM
 
 if docker compose version >/dev/null 2>&1; then
     COMPOSE_CMD=(docker compose)
@@ -245,10 +248,13 @@ step_prerequisites() {
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" != "$(sha256sum "$REPO/Cargo.lock" | cut -d' ' -f1)" ]; then
         fail "vendor/ was made for another Cargo.lock: run deploy/local-images.sh again"
     fi
+    [ -d "$REPO/vendor" ] ||
+        say "note: no vendor/ in this clone; on a machine that cannot pull images or reach crates.io, run deploy/local-images.sh once per clone (as root) first"
 }
 
 step_build() {
-    compose build
+    compose build ||
+        fail "the image build failed; on a machine that cannot pull images or reach crates.io, run deploy/local-images.sh once per clone (as root), then this again"
     local image
     for image in pingora-lb/balancer:latest pingora-lb/backend:latest; do
         docker image inspect "$image" >/dev/null || fail "compose build made no $image"
@@ -354,6 +360,54 @@ step_hardening() {
     done
 }
 
+# The admin port is published on the host's loopback only; reading is open,
+# PURGE needs the token.
+step_admin() {
+    local id mapping code
+    id=$(service_ids balancer | sed -n 1p)
+    mapping=$(docker port "$id" 9000/tcp)
+    say "admin port published on: $mapping"
+    [ "$mapping" = "127.0.0.1:9000" ] || fail "the admin port is published on '$mapping', not only on 127.0.0.1:9000"
+    code=$(curl -s -o "$WORK/status" -w '%{http_code}' --max-time 5 "$ADMIN/status")
+    [ "$code" = 200 ] || fail "GET $ADMIN/status answered $code"
+    grep -q '"upstreams"' "$WORK/status" || fail "/status is not the status JSON: $(head -c 200 "$WORK/status")"
+    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$ADMIN/")
+    [ "$code" = 200 ] || fail "the status page answered $code"
+    say "GET $ADMIN/ and /status -> 200"
+    code=$(curl -s -o "$WORK/purge" -w '%{http_code}' --max-time 5 -X PURGE "$ADMIN/cache-me")
+    [ "$code" = 401 ] || fail "PURGE without the token answered $code: $(cat "$WORK/purge")"
+    say "PURGE without the token -> 401 $(cat "$WORK/purge")"
+    code=$(curl -s -o "$WORK/purge" -w '%{http_code}' --max-time 5 -X PURGE \
+        -H "Authorization: Bearer $BALANCER_ADMIN_TOKEN" "$ADMIN/cache-me")
+    [ "$code" = 200 ] || fail "PURGE with the token answered $code: $(cat "$WORK/purge")"
+    say "PURGE with the token -> 200 $(cat "$WORK/purge")"
+}
+
+# The README's way to check an edit: the balancer in its image, not on the host.
+step_check_in_image() {
+    local out
+    out=$(compose run --rm --no-deps balancer --config /etc/balancer/balancer.toml --check 2>&1)
+    say "$out"
+    grep -q 'configuration is valid' <<<"$out" || fail "the check in the image said: $out"
+}
+
+# docker stop: a clean, quick stop that logs no error; Docker's health
+# probes are not in the access log.
+step_clean_stop() {
+    local started=$SECONDS logs
+    compose stop --timeout 10 balancer
+    say "balancer stopped in $((SECONDS - started)) s"
+    logs=$(compose logs --no-color balancer 2>&1)
+    grep -q 'graceful stop, grace period 5s' <<<"$logs" || fail "no graceful stop line in the balancer's log"
+    if grep -q ' ERROR ' <<<"$logs"; then
+        fail "the balancer logged errors: $(grep ' ERROR ' <<<"$logs" | head -n 3)"
+    fi
+    if grep -q '"GET /health-check"' <<<"$logs"; then
+        fail "Docker's health probes are in the access log"
+    fi
+    say "no ERROR line, no health probe in the access log"
+}
+
 step_down() {
     compose down -v --remove-orphans --timeout 10
     [ -z "$(project_ps -aq)" ] || fail "containers left after down: $(project_ps -a --format '{{.Names}}' | tr '\n' ' ')"
@@ -423,6 +477,9 @@ step "GET /info answers JSON with ${INFO_KEYS[*]}" step_info
 step "GET /cache-me twice: MISS then HIT, same body" step_cache
 step "an edit of deploy/balancer.toml on the host takes effect live" step_live_edit
 step "containers are hardened" step_hardening
+step "the admin port is on the host's loopback; PURGE needs the token" step_admin
+step "compose run --rm --no-deps balancer ... --check validates the mounted TOML" step_check_in_image
+step "docker stop: the balancer stops cleanly, with no ERROR line" step_clean_stop
 step "down" step_down
 step "up -d --scale backend=3: three container ids within 30 requests" step_scale_3
 step "scale to 5 under a request loop: five ids, same balancer, no failed request" step_scale_5_under_load

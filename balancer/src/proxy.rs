@@ -486,9 +486,6 @@ impl ProxyHttp for Balancer {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         connections::request_done(session);
         let req = session.req_header();
-        if req.uri.path() == HEALTH_CHECK_PATH && !ctx.config.log_health_checks {
-            return;
-        }
         let record = access_log::Record {
             client: client_ip(session),
             method: req.method.as_str(),
@@ -501,7 +498,10 @@ impl ProxyHttp for Balancer {
             cache: ctx.cache_status,
         };
         metrics::observe(&record);
-        access_log::write(ctx.config.log_format, &record);
+        // Docker probes every few seconds: that is not traffic worth a line.
+        if req.uri.path() != HEALTH_CHECK_PATH || ctx.config.log_health_checks {
+            access_log::write(ctx.config.log_format, &record);
+        }
     }
 }
 
