@@ -56,7 +56,10 @@ fn metrics_and_status_follow_a_known_sequence() {
     });
     let before = scrape(admin);
     let requests = |upstream: &str, class: &str| {
-        format!("balancer_requests_total{{method=\"GET\",status_class=\"{class}\",upstream=\"{upstream}\"}}")
+        format!("balancer_requests_total{{method=\"GET\",route=\"none\",status_class=\"{class}\",upstream=\"{upstream}\"}}")
+    };
+    let attempts = |backend: &str| {
+        format!("balancer_upstream_requests_total{{backend=\"{backend}\",server=\"{backend}\",upstream=\"default\"}}")
     };
     let delta = |after: &str, series: &str| sample(after, series) - sample(&before, series);
 
@@ -89,16 +92,21 @@ fn metrics_and_status_follow_a_known_sequence() {
         let after = scrape(admin);
         (delta(&after, "balancer_request_duration_seconds_count") >= 10.0).then_some(after)
     });
-    let to_a = delta(&after, &requests(&a, "2xx"));
-    let to_b = delta(&after, &requests(&b_addr, "2xx"));
-    assert_eq!(to_a + to_b, 7.0, "4 + 1 miss + 2 after the kill:\n{after}");
+    assert_eq!(
+        delta(&after, &requests("default", "2xx")),
+        7.0,
+        "4 + 1 miss + 2 after the kill:\n{after}"
+    );
+    let to_a = delta(&after, &attempts(&a));
+    let to_b = delta(&after, &attempts(&b_addr));
+    assert_eq!(to_a + to_b, 8.0, "7 and the 404:\n{after}");
     assert!(to_a >= 4.0 && to_b >= 2.0, "a {to_a}, b {to_b}");
     assert_eq!(
         delta(&after, &requests("none", "2xx")),
         2.0,
         "cache hits reach no upstream"
     );
-    assert_eq!(delta(&after, &requests(&a, "4xx")), 1.0);
+    assert_eq!(delta(&after, &requests("default", "4xx")), 1.0);
     assert_eq!(
         delta(&after, "balancer_request_duration_seconds_count"),
         10.0
@@ -106,28 +114,30 @@ fn metrics_and_status_follow_a_known_sequence() {
     assert!(
         delta(
             &after,
-            &format!("balancer_upstream_duration_seconds_count{{upstream=\"{a}\"}}")
-        ) >= 4.0
+            "balancer_upstream_duration_seconds_count{upstream=\"default\"}"
+        ) >= 7.0
     );
     assert_eq!(
         sample(
             &after,
-            &format!("balancer_upstream_healthy{{server=\"{a}\",upstream=\"{a}\"}}")
+            &format!(
+                "balancer_upstream_healthy{{backend=\"{a}\",server=\"{a}\",upstream=\"default\"}}"
+            )
         ),
         1.0
     );
     assert_eq!(
         sample(
             &after,
-            &format!("balancer_upstream_healthy{{server=\"{b_addr}\",upstream=\"{b_addr}\"}}")
+            &format!("balancer_upstream_healthy{{backend=\"{b_addr}\",server=\"{b_addr}\",upstream=\"default\"}}")
         ),
         0.0
     );
-    assert!(sample(&after, &format!("balancer_upstream_consecutive_failures{{server=\"{b_addr}\",upstream=\"{b_addr}\"}}")) >= 1.0);
+    assert!(sample(&after, &format!("balancer_upstream_consecutive_failures{{backend=\"{b_addr}\",server=\"{b_addr}\",upstream=\"default\"}}")) >= 1.0);
     assert_eq!(
         sample(
             &after,
-            &format!("balancer_upstream_in_flight_requests{{server=\"{a}\",upstream=\"{a}\"}}")
+            &format!("balancer_upstream_in_flight_requests{{backend=\"{a}\",server=\"{a}\",upstream=\"default\"}}")
         ),
         0.0
     );
@@ -177,7 +187,7 @@ fn metrics_and_status_follow_a_known_sequence() {
 
     // A reload shows up in both.
     lb.rewrite(&config(admin, &[pa], true));
-    lb.wait_for_log("upstream removed");
+    lb.wait_for_log("upstream.servers removed");
     wait_for(Duration::from_secs(5), "the reload counted", || {
         (sample(
             &scrape(admin),

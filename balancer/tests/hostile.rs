@@ -196,32 +196,6 @@ fn failing_backends_fail_no_get_while_another_is_healthy() {
     assert_eq!(get(&lb.url("/")).unwrap().status, 200, "still serving");
 }
 
-/// Reads one response (head and `Content-Length` body) from a kept-alive connection.
-fn read_response(stream: &mut TcpStream) -> String {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let length: usize = text[..end]
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap())
-                })
-                .unwrap_or(0);
-            if got.len() >= end + 4 + length {
-                return text;
-            }
-        }
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return text,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
-}
-
 /// A keep-alive connection that has had one request answered 200.
 fn served_connection(port: u16, path: &str) -> TcpStream {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();

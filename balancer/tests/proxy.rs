@@ -176,7 +176,7 @@ fn a_killed_backend_fails_no_request_and_returns_after_its_checks_pass() {
             lb.proc
                 .log_text()
                 .contains(&format!(
-                    "upstream 127.0.0.1:{} (127.0.0.1:{}) is unhealthy",
+                    "upstream default: 127.0.0.1:{} (127.0.0.1:{}) is unhealthy",
                     ports[1], ports[1]
                 ))
                 .then_some(())
@@ -195,7 +195,7 @@ fn a_killed_backend_fails_no_request_and_returns_after_its_checks_pass() {
     let log = lb.proc.log_text();
     assert!(
         log.contains(&format!(
-            "upstream 127.0.0.1:{} (127.0.0.1:{}) is healthy",
+            "upstream default: 127.0.0.1:{} (127.0.0.1:{}) is healthy",
             ports[1], ports[1]
         )),
         "{log}"

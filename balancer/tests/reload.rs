@@ -99,12 +99,12 @@ fn edits_take_effect_live_with_no_failed_request() {
 
     // Add a backend.
     lb.rewrite(&body(&ports[..2], "200ms"));
-    lb.wait_for_log(&format!("upstream added 127.0.0.1:{}", ports[1]));
+    lb.wait_for_log(&format!("upstream.servers added 127.0.0.1:{}", ports[1]));
     traffic.wait_for_only(&["a", "b"]);
 
     // Remove one.
     lb.rewrite(&body(&ports[1..2], "200ms"));
-    lb.wait_for_log(&format!("upstream removed 127.0.0.1:{}", ports[0]));
+    lb.wait_for_log(&format!("upstream.servers removed 127.0.0.1:{}", ports[0]));
     traffic.wait_for_only(&["b"]);
 
     // Replace the whole list.
@@ -138,7 +138,7 @@ fn edits_take_effect_live_with_no_failed_request() {
 
     // The fixed file is taken, with one line per change.
     lb.rewrite(&body(&ports[2..3], "300ms"));
-    lb.wait_for_log(&format!("upstream removed 127.0.0.1:{}", ports[3]));
+    lb.wait_for_log(&format!("upstream.servers removed 127.0.0.1:{}", ports[3]));
     lb.wait_for_log("health_check.interval 200ms -> 300ms");
     traffic.wait_for_only(&["c"]);
 
@@ -180,7 +180,7 @@ fn a_file_renamed_over_the_config_is_picked_up() {
     let temp = lb.config.with_extension("toml.swp");
     std::fs::write(&temp, config_text(lb.port, &body(&ports[1..], "200ms"))).unwrap();
     std::fs::rename(&temp, &lb.config).unwrap();
-    lb.wait_for_log(&format!("upstream added 127.0.0.1:{}", ports[1]));
+    lb.wait_for_log(&format!("upstream.servers added 127.0.0.1:{}", ports[1]));
     wait_for(
         Duration::from_secs(10),
         "traffic to the second backend only",
@@ -195,7 +195,7 @@ fn a_file_renamed_over_the_config_is_picked_up() {
     // And again: the watch survives the file being replaced.
     std::fs::write(&temp, config_text(lb.port, &body(&ports, "200ms"))).unwrap();
     std::fs::rename(&temp, &lb.config).unwrap();
-    lb.wait_for_log(&format!("upstream added 127.0.0.1:{}", ports[0]));
+    lb.wait_for_log(&format!("upstream.servers added 127.0.0.1:{}", ports[0]));
 }
 
 #[test]

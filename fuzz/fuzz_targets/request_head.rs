@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use balancer::config::Limits;
-use balancer::{forwarded, limits};
+use balancer::proxy::{forwarded, limits};
 use libfuzzer_sys::fuzz_target;
 use pingora::http::RequestHeader;
 

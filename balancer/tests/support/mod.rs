@@ -167,18 +167,7 @@ pub fn config_text(port: u16, body: &str) -> String {
 
 /// Writes `body` (a config without `listen`) and starts a real `balancer` on it.
 pub fn start_balancer(body: &str) -> Balancer {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let port = free_port();
-    let config = dir.path().join("balancer.toml");
-    std::fs::write(&config, config_text(port, body)).unwrap();
-    let mut cmd = Command::new(binary("balancer"));
-    cmd.arg("--config").arg(&config).env("RUST_LOG", "info");
-    let log = dir.path().join("balancer.log");
-    let proc = spawn_logged(cmd, log, Some(dir));
-    wait_for(Duration::from_secs(10), "the balancer to listen", || {
-        TcpStream::connect(("127.0.0.1", port)).ok()
-    });
-    Balancer { proc, port, config }
+    start_balancer_with_env(body, &[])
 }
 
 /// Runs `balancer ARGS` to completion: (exit code, stdout + stderr).
@@ -526,4 +515,49 @@ pub fn status(admin: u16) -> serde_json::Value {
         get(&format!("http://127.0.0.1:{admin}/status")).ok()
     });
     serde_json::from_str(&reply.body).unwrap()
+}
+
+/// Like [`start_balancer`], with extra environment variables (such as
+/// `BALANCER_ADMIN_TOKEN`) set for the balancer process.
+pub fn start_balancer_with_env(body: &str, env: &[(&str, &str)]) -> Balancer {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let config = dir.path().join("balancer.toml");
+    std::fs::write(&config, config_text(port, body)).unwrap();
+    let mut cmd = Command::new(binary("balancer"));
+    cmd.arg("--config").arg(&config).env("RUST_LOG", "info");
+    cmd.envs(env.iter().copied());
+    let log = dir.path().join("balancer.log");
+    let proc = spawn_logged(cmd, log, Some(dir));
+    wait_for(Duration::from_secs(10), "the balancer to listen", || {
+        TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    Balancer { proc, port, config }
+}
+
+/// Reads one response (head and `Content-Length` body) from a connection
+/// that may stay open, and no more.
+pub fn read_response(stream: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .and_then(|v| v.trim().parse().ok())
+                })
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return text,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
 }

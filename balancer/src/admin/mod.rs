@@ -8,12 +8,15 @@
 //! `admin_token_file`), and is refused outright when the listener is not on a
 //! loopback address and no token is set.
 
+pub mod access_log;
+pub mod logging;
+pub mod metrics;
+
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use http::{header, HeaderValue, Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
@@ -21,14 +24,17 @@ use pingora::protocols::http::ServerSession;
 use pingora_prometheus::PrometheusHttpApp;
 
 use crate::cache::ResponseCache;
-use crate::config::Config;
-use crate::connections::Connections;
-use crate::metrics;
-use crate::reload::ReloadStats;
-use crate::upstream::{Backend, Pool};
+use crate::config::reload::ReloadStats;
+use crate::proxy::connections::Connections;
+use crate::routing::Action;
+use crate::runtime::Live;
+use crate::upstream::Backend;
 
 /// The status page: one self-contained file (no external assets), built on `/status`.
 const STATUS_PAGE: &str = include_str!("status.html");
+
+/// A missing token file is logged once a second at most, however often PURGE is tried.
+static TOKEN_FILE_ERRORS: crate::admin::logging::Throttle = crate::admin::logging::Throttle::new();
 
 /// The environment variable that may hold the admin token.
 pub const TOKEN_ENV: &str = "BALANCER_ADMIN_TOKEN";
@@ -37,8 +43,7 @@ pub struct Admin {
     /// `BALANCER_ADMIN_TOKEN` as it was at start-up (empty counts as unset).
     pub token_from_env: Option<String>,
     pub cache: &'static ResponseCache,
-    pub pool: Arc<Pool>,
-    pub config: Arc<ArcSwap<Config>>,
+    pub live: Arc<Live>,
     pub config_path: PathBuf,
     pub reloads: Arc<ReloadStats>,
     pub connections: Arc<Connections>,
@@ -47,23 +52,28 @@ pub struct Admin {
 impl Admin {
     /// Whether `req` may change state; the error is the reason a client reads.
     fn authorize(&self, req: &pingora::http::RequestHeader) -> Result<(), String> {
-        let config = self.config.load();
+        let snapshot = self.live.load();
+        let config = &snapshot.config;
         let token = match (&self.token_from_env, &config.admin_token_file) {
             (Some(token), _) => Some(token.clone()),
             (None, Some(file)) => match std::fs::read_to_string(file) {
                 Ok(text) if !text.trim().is_empty() => Some(text.trim().to_owned()),
                 Ok(_) => {
-                    log::error!(
-                        "admin_token_file {} is empty: PURGE is refused",
-                        file.display()
-                    );
+                    if TOKEN_FILE_ERRORS.allow() {
+                        log::error!(
+                            "admin_token_file {} is empty: PURGE is refused",
+                            file.display()
+                        );
+                    }
                     return Err("no admin token is set".to_owned());
                 }
                 Err(e) => {
-                    log::error!(
-                        "cannot read admin_token_file {}: {e}; PURGE is refused",
-                        file.display()
-                    );
+                    if TOKEN_FILE_ERRORS.allow() {
+                        log::error!(
+                            "cannot read admin_token_file {}: {e}; PURGE is refused",
+                            file.display()
+                        );
+                    }
                     return Err("no admin token is set".to_owned());
                 }
             },
@@ -91,20 +101,60 @@ impl Admin {
     }
 
     fn status(&self) -> serde_json::Value {
-        let config = self.config.load();
-        let members = self.pool.members();
-        let upstreams: Vec<serde_json::Value> = config
-            .upstream
-            .servers
+        let snapshot = self.live.load();
+        let config = &snapshot.config;
+        // Each group, with each of its servers entries and their addresses;
+        // `upstreams` lists every entry of every group, as the page reads it.
+        let mut upstreams = Vec::new();
+        let mut groups = Vec::new();
+        for (name, group) in &snapshot.groups {
+            let members = group.state.pool.members();
+            let servers: Vec<serde_json::Value> = group
+                .settings
+                .servers
+                .iter()
+                .map(|entry| {
+                    let server = entry.addr.to_string();
+                    let addresses: Vec<serde_json::Value> = members
+                        .iter()
+                        .filter(|b| *b.server == *server)
+                        .map(|b| address(b))
+                        .collect();
+                    serde_json::json!({
+                        "name": server,
+                        "group": name,
+                        "weight": entry.weight.get(),
+                        "addresses": addresses,
+                    })
+                })
+                .collect();
+            upstreams.extend(servers.iter().cloned());
+            groups.push(serde_json::json!({
+                "name": name,
+                "algorithm": group.settings.algorithm.to_string(),
+                "hash_key": group.settings.hash_key.as_ref().map(ToString::to_string),
+                "health_checks": group.settings.health_check.is_some(),
+                "servers": servers,
+            }));
+        }
+        let routes: Vec<serde_json::Value> = snapshot
+            .routes
             .iter()
-            .map(|server| {
-                let name = server.to_string();
-                let addresses: Vec<serde_json::Value> = members
-                    .iter()
-                    .filter(|b| *b.server == *name)
-                    .map(|b| address(b))
-                    .collect();
-                serde_json::json!({ "name": name, "addresses": addresses })
+            .map(|route| {
+                let written = route.written();
+                let action = match &route.action {
+                    Action::Upstream(group) => format!("upstream {group}"),
+                    Action::Redirect { status, .. } => format!("redirect {status}"),
+                    Action::Respond { status, .. } => format!("respond {status}"),
+                };
+                serde_json::json!({
+                    "name": &*route.label,
+                    "host": written.host.as_ref().map(ToString::to_string),
+                    "path": written.path.as_str(),
+                    "methods": written.methods.as_ref().map(|m| m.iter().map(|m| m.0.to_string()).collect::<Vec<_>>()),
+                    "action": action,
+                    "rate_limit": written.rate_limit.as_ref().map(|l| format!("{} per {} (+{} burst) by {}", l.requests, l.per, l.burst, l.key)),
+                })
             })
             .collect();
         let stats = &self.cache.stats;
@@ -124,7 +174,7 @@ impl Admin {
                 "reloads_succeeded": reloads.succeeded.load(Ordering::Relaxed),
                 "reloads_failed": reloads.failed.load(Ordering::Relaxed),
                 "last_reload_error": last_error,
-                "health_checks": config.upstream.health_check.is_some(),
+                "health_checks": snapshot.groups.values().any(|g| g.settings.health_check.is_some()),
                 "cache_rules": config.cache.as_ref().map(|c| c.rules.iter().map(|r| r.path.as_str()).collect::<Vec<_>>()).unwrap_or_default(),
             },
             "connections": {
@@ -135,6 +185,8 @@ impl Admin {
                 "lingering": self.connections.lingering(),
             },
             "upstreams": upstreams,
+            "groups": groups,
+            "routes": routes,
             "cache": {
                 "hits": stats.hits.load(Ordering::Relaxed),
                 "misses": stats.misses.load(Ordering::Relaxed),
@@ -189,10 +241,7 @@ impl ServeHttp for Admin {
                 let status = if purged > 0 { StatusCode::OK } else { StatusCode::NOT_FOUND };
                 reply(status, "text/plain; charset=utf-8", format!("purged {purged} cached entries for {path}\n"))
             }
-            ("GET", "/metrics") => {
-                metrics::refresh(&self.pool, self.cache, &self.reloads, &self.connections);
-                PrometheusHttpApp.response(session).await
-            }
+            ("GET", "/metrics") => PrometheusHttpApp.response(session).await,
             ("GET", "/status") => reply(StatusCode::OK, "application/json", format!("{}\n", self.status())),
             ("GET", "/") => reply(StatusCode::OK, "text/html; charset=utf-8", STATUS_PAGE.to_owned()),
             _ if method == Method::GET || method == Method::HEAD => reply(

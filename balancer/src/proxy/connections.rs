@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::protocols::raw_connect::ProxyDigest;
@@ -35,9 +34,9 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::config::Config;
-use crate::drain::Stopping;
-use crate::logging::Throttle;
+use crate::admin::logging::Throttle;
+use crate::proxy::drain::Stopping;
+use crate::runtime::Live;
 
 /// How long a connection turned away (beyond `max_connections`, or while
 /// stopping) is read from after its 503: it holds no slot, so it is kept short.
@@ -111,7 +110,7 @@ impl Drop for Slot {
 /// A [`ServerApp`] (the proxy) behind the connection limits.
 pub struct Guarded<A> {
     app: Arc<A>,
-    config: Arc<ArcSwap<Config>>,
+    live: Arc<Live>,
     connections: Arc<Connections>,
     stopping: Arc<Stopping>,
 }
@@ -119,13 +118,13 @@ pub struct Guarded<A> {
 impl<A> Guarded<A> {
     pub fn new(
         app: A,
-        config: Arc<ArcSwap<Config>>,
+        live: Arc<Live>,
         connections: Arc<Connections>,
         stopping: Arc<Stopping>,
     ) -> Self {
         Guarded {
             app: Arc::new(app),
-            config,
+            live,
             connections,
             stopping,
         }
@@ -139,7 +138,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let limits = self.config.load().limits.clone();
+        let limits = self.live.load().config.limits.clone();
         if self.stopping.is_set() {
             refuse(
                 stream,

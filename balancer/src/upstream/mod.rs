@@ -1,11 +1,18 @@
-//! The upstream pool: the backend addresses in force, each with its health,
-//! and the round-robin choice among the healthy ones.
+//! Upstream groups: the backend addresses of each group, each with its
+//! health, and the choice of one for a request (`selection`).
 //!
 //! Pingora's `LoadBalancer` trusts a new backend at once and keeps its health
-//! out of reach; this pool starts a new address unhealthy until it passes a
+//! out of reach; a [`Pool`] starts a new address unhealthy until it passes a
 //! check (when checks are on) and keeps per-backend state that the access log,
-//! the retry logic and the status API read. Finding the addresses
-//! (`discovery`) and probing them (`health`) live elsewhere.
+//! the retry logic, the metrics and the status API read. A group's pool lives
+//! as long as the group is configured, across reloads. Finding the addresses
+//! (`discovery`) and probing them (`health`) live beside this.
+
+pub mod discovery;
+pub mod health;
+mod selection;
+
+pub use discovery::Found;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,7 +20,10 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use pingora_ketama::Continuum;
+
+use crate::config::{Algorithm, HealthCheck};
 
 /// One backend address and what is known about it.
 #[derive(Debug)]
@@ -23,6 +33,10 @@ pub struct Backend {
     pub label: String,
     /// The `upstream.servers` entry it came from (`backend:8000`).
     pub server: Arc<str>,
+    /// Its share of requests relative to the group's other backends.
+    weight: AtomicU32,
+    /// Smooth weighted round-robin's running score (see `selection`).
+    current_weight: AtomicI64,
     healthy: AtomicBool,
     /// False until the backend has been healthy once: a new replica is admitted
     /// on its first pass, a returning one only after `healthy_threshold` passes.
@@ -43,11 +57,13 @@ pub struct CheckRecord {
 }
 
 impl Backend {
-    fn new(addr: SocketAddr, server: Arc<str>, healthy: bool) -> Backend {
+    fn new(addr: SocketAddr, found: &Found, healthy: bool) -> Backend {
         Backend {
             addr,
             label: addr.to_string(),
-            server,
+            server: Arc::clone(&found.server),
+            weight: AtomicU32::new(found.weight),
+            current_weight: AtomicI64::new(0),
             healthy: AtomicBool::new(healthy),
             admitted: AtomicBool::new(healthy),
             consecutive_passes: AtomicU32::new(0),
@@ -56,6 +72,10 @@ impl Backend {
             in_flight: AtomicI64::new(0),
             last_check: Mutex::new(None),
         }
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
     }
 
     /// Requests being proxied to this backend right now.
@@ -76,18 +96,49 @@ impl Backend {
             .clone()
     }
 
-    /// Records an active health check's outcome and feeds it to [`Backend::observe`].
-    pub fn record_check(
-        &self,
-        outcome: &Result<(), String>,
-        healthy_threshold: u32,
-        unhealthy_threshold: u32,
-    ) -> Option<bool> {
+    /// Records an active health check's outcome and counts it towards the
+    /// group's thresholds (see [`Backend::count_failure`]).
+    pub fn record_check(&self, outcome: Result<(), String>, group: &str, hc: &HealthCheck) {
+        let error = outcome.err();
         *self.last_check.lock().unwrap_or_else(|e| e.into_inner()) = Some(CheckRecord {
             at: SystemTime::now(),
-            error: outcome.as_ref().err().cloned(),
+            error: error.clone(),
         });
-        self.observe(outcome.is_ok(), healthy_threshold, unhealthy_threshold)
+        let flip = self.observe(
+            error.is_none(),
+            hc.healthy_threshold.get(),
+            hc.unhealthy_threshold.get(),
+        );
+        self.report(flip, group, error.as_deref().unwrap_or("the check failed"));
+    }
+
+    /// Counts a failure seen by the request path (a refused or timed-out
+    /// connect) as a failed check, so that a dead backend leaves the rotation
+    /// without waiting for the next probe.
+    pub fn count_failure(&self, group: &str, hc: &HealthCheck, why: &str) {
+        let flip = self.observe(
+            false,
+            hc.healthy_threshold.get(),
+            hc.unhealthy_threshold.get(),
+        );
+        self.report(flip, group, why);
+    }
+
+    /// The one log line for a change of health, wherever it was decided.
+    fn report(&self, flip: Option<bool>, group: &str, why: &str) {
+        match flip {
+            Some(true) => log::info!(
+                "upstream {group}: {} ({}) is healthy",
+                self.addr,
+                self.server
+            ),
+            Some(false) => log::warn!(
+                "upstream {group}: {} ({}) is unhealthy: {why}",
+                self.addr,
+                self.server
+            ),
+            None => {}
+        }
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -152,11 +203,18 @@ impl Drop for BackendGuard {
     }
 }
 
-/// The current set of backends, replaced as a whole when discovery finds a change.
+/// The current set of backends of one group, replaced as a whole when
+/// discovery finds a change.
 #[derive(Default)]
 pub struct Pool {
     members: ArcSwap<Vec<Arc<Backend>>>,
+    /// Turns for ties among the least loaded.
     next: AtomicUsize,
+    /// Smooth weighted round-robin updates every eligible backend's score at
+    /// once; this keeps two picks from interleaving.
+    round_robin: Mutex<()>,
+    /// The Ketama ring of the members, made when they change.
+    ring: ArcSwapOption<Continuum>,
 }
 
 /// What a membership change does.
@@ -164,22 +222,31 @@ pub struct Pool {
 pub struct Change {
     pub added: Vec<Arc<Backend>>,
     pub removed: Vec<Arc<Backend>>,
+    /// A backend that stays has a new weight.
+    pub reweighted: bool,
 }
 
 impl Pool {
-    /// The next healthy backend in round-robin order that is not in `skip`
-    /// (the ones that already failed this request), or `None`.
-    pub fn select(&self, skip: &[SocketAddr]) -> Option<Arc<Backend>> {
+    /// A healthy backend not in `skip` (the ones that already failed this
+    /// request), chosen by `algorithm`; `key` is what `consistent_hash` hashes.
+    pub fn select(
+        &self,
+        algorithm: Algorithm,
+        key: &[u8],
+        skip: &[SocketAddr],
+    ) -> Option<Arc<Backend>> {
         let members = self.members.load();
-        let eligible = |b: &&Arc<Backend>| b.takes(skip);
-        // Counting over the eligible backends only keeps the turns even when
-        // some are down (skipping ahead would give the next one a double share).
-        let count = members.iter().filter(eligible).count();
-        if count == 0 {
-            return None;
-        }
-        let turn = self.next.fetch_add(1, Ordering::Relaxed) % count;
-        let chosen = members.iter().filter(eligible).nth(turn)?;
+        let chosen = match algorithm {
+            Algorithm::RoundRobin => {
+                let _turn = self.round_robin.lock().unwrap_or_else(|e| e.into_inner());
+                selection::smooth_weighted(&members, skip)
+            }
+            Algorithm::LeastConnections => selection::least_connections(&members, skip, &self.next),
+            Algorithm::Random => selection::weighted_random(&members, skip),
+            Algorithm::ConsistentHash => {
+                selection::consistent(self.ring.load().as_deref(), &members, key, skip)
+            }
+        }?;
         chosen.requests.fetch_add(1, Ordering::Relaxed);
         Some(Arc::clone(chosen))
     }
@@ -195,7 +262,7 @@ impl Pool {
 
     /// Plans and publishes at once (the tests' shorthand).
     #[cfg(test)]
-    pub fn replace_now(&self, found: &BTreeMap<SocketAddr, Arc<str>>, trust_new: bool) -> Change {
+    pub fn replace_now(&self, found: &BTreeMap<SocketAddr, Found>, trust_new: bool) -> Change {
         let (members, change) = self.plan(found, trust_new);
         self.publish(members, &change);
         change
@@ -207,26 +274,34 @@ impl Pool {
     /// healthy only when `trust_new` (when no health check will admit them).
     pub fn plan(
         &self,
-        found: &BTreeMap<SocketAddr, Arc<str>>,
+        found: &BTreeMap<SocketAddr, Found>,
         trust_new: bool,
     ) -> (Vec<Arc<Backend>>, Change) {
         let old = self.members.load_full();
         let mut change = Change::default();
         let members: Vec<Arc<Backend>> = found
             .iter()
-            .map(|(addr, server)| {
-                old.iter()
-                    .find(|b| b.addr == *addr && b.server == *server)
-                    .cloned()
-                    .unwrap_or_else(|| {
-                        let backend = Arc::new(Backend::new(*addr, Arc::clone(server), trust_new));
+            .map(|(addr, found)| {
+                match old
+                    .iter()
+                    .find(|b| b.addr == *addr && b.server == found.server)
+                {
+                    Some(kept) => {
+                        if kept.weight.swap(found.weight, Ordering::Relaxed) != found.weight {
+                            change.reweighted = true;
+                        }
+                        Arc::clone(kept)
+                    }
+                    None => {
+                        let backend = Arc::new(Backend::new(*addr, found, trust_new));
                         change.added.push(Arc::clone(&backend));
                         backend
-                    })
+                    }
+                }
             })
             .collect();
         for b in old.iter() {
-            if found.get(&b.addr).is_none_or(|s| *s != b.server) {
+            if found.get(&b.addr).is_none_or(|f| f.server != b.server) {
                 change.removed.push(Arc::clone(b));
             }
         }
@@ -235,7 +310,9 @@ impl Pool {
 
     /// Makes a planned membership the one requests see.
     pub fn publish(&self, members: Vec<Arc<Backend>>, change: &Change) {
-        if !change.added.is_empty() || !change.removed.is_empty() {
+        let first = self.ring.load().is_none();
+        if first || !change.added.is_empty() || !change.removed.is_empty() || change.reweighted {
+            self.ring.store(selection::ring(&members).map(Arc::new));
             self.members.store(Arc::new(members));
         }
     }
@@ -254,17 +331,23 @@ impl Pool {
 mod tests {
     use super::*;
 
-    fn found(addrs: &[&str]) -> BTreeMap<SocketAddr, Arc<str>> {
+    fn found(addrs: &[&str]) -> BTreeMap<SocketAddr, Found> {
         addrs
             .iter()
-            .map(|a| (a.parse().unwrap(), Arc::from("backend:8000")))
+            .map(|a| {
+                let found = Found {
+                    server: Arc::from("backend:8000"),
+                    weight: 1,
+                };
+                (a.parse().unwrap(), found)
+            })
             .collect()
     }
 
     fn picks(pool: &Pool, n: usize) -> Vec<String> {
         (0..n)
             .map(|_| {
-                pool.select(&[])
+                pool.select(Algorithm::RoundRobin, b"", &[])
                     .map_or("none".into(), |b| b.addr.to_string())
             })
             .collect()
@@ -294,7 +377,10 @@ mod tests {
         assert_eq!(first.observe(false, 2, 2), Some(false));
         assert_eq!(picks(&pool, 3), ["10.0.0.2:80"; 3]);
         let second: SocketAddr = "10.0.0.2:80".parse().unwrap();
-        assert!(pool.select(&[second]).is_none(), "nothing is left to try");
+        assert!(
+            pool.select(Algorithm::RoundRobin, b"", &[second]).is_none(),
+            "nothing is left to try"
+        );
         pool.replace_now(&found(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]), true);
         let mut turns = picks(&pool, 4);
         turns.sort();
@@ -309,7 +395,7 @@ mod tests {
             Some(true),
             "back after two passes"
         );
-        assert!(pool.select(&[second]).is_some());
+        assert!(pool.select(Algorithm::RoundRobin, b"", &[second]).is_some());
     }
 
     #[test]
@@ -317,13 +403,13 @@ mod tests {
         let pool = Pool::default();
         let change = pool.replace_now(&found(&["10.0.0.1:80"]), false);
         assert_eq!(change.added.len(), 1);
-        assert!(pool.select(&[]).is_none());
+        assert!(pool.select(Algorithm::RoundRobin, b"", &[]).is_none());
         assert_eq!(
             pool.members()[0].observe(true, 3, 2),
             Some(true),
             "admitted on the first pass"
         );
-        assert!(pool.select(&[]).is_some());
+        assert!(pool.select(Algorithm::RoundRobin, b"", &[]).is_some());
     }
 
     #[test]

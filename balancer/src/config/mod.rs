@@ -2,14 +2,28 @@
 //! messages that point at the file, line and key of a mistake.
 //!
 //! The file is deserialised once into types that cannot hold an invalid value
-//! (durations, socket addresses, non-empty server lists), so the rest of the
-//! program never re-checks them. It does not watch or reload the file.
+//! (durations, socket addresses, non-empty server lists), then checked as a
+//! whole (a route naming a group that does not exist, a variable nobody
+//! knows), so the rest of the program never re-checks it. What a valid file
+//! becomes at run time is `runtime`'s; watching and reloading it is `reload`'s.
 
+pub mod diff;
+pub mod reload;
+mod routes;
+mod units;
+
+pub use routes::{
+    HashKey, HeaderEdits, HostPattern, Part, RateLimit, Redirect, Respond, Route, Template,
+    Variable,
+};
+use units::{header_timeout, optional_socket_addr, socket_addr};
+pub use units::{ByteSize, Positive, ServerAddr, Span, UriPath, MAX_HEADER_TIMEOUT};
+
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{de, Deserialize, Deserializer};
 
@@ -40,7 +54,15 @@ pub struct Config {
     /// How long SIGTERM waits for in-flight requests before the process exits.
     #[serde(default = "default_grace_period")]
     pub grace_period: Positive,
-    pub upstream: Upstream,
+    /// The upstream group named `default`: where requests no route claims go.
+    #[serde(default)]
+    pub upstream: Option<Upstream>,
+    /// More upstream groups, by name; routes send requests to them.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, Upstream>,
+    /// Tried in file order; the first that matches a request decides where it goes.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<toml::Spanned<Route>>,
     /// What a client may send.
     #[serde(default)]
     pub limits: Limits,
@@ -168,6 +190,12 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
     pub servers: Servers,
+    /// How a backend is picked among the healthy ones.
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    /// What `consistent_hash` hashes (default: the client's IP address).
+    #[serde(default)]
+    pub hash_key: Option<HashKey>,
     #[serde(default = "default_resolve_interval")]
     pub resolve_interval: Positive,
     #[serde(default = "default_connect_timeout")]
@@ -197,6 +225,18 @@ pub struct HealthCheck {
     pub unhealthy_threshold: NonZeroU32,
 }
 
+impl Upstream {
+    fn validate(&self, key: &str) -> Result<(), (Option<std::ops::Range<usize>>, String)> {
+        if self.hash_key.is_some() && self.algorithm != Algorithm::ConsistentHash {
+            return Err((
+                None,
+                format!("{key}.hash_key is only for algorithm = \"consistent_hash\" (this group's is {})", self.algorithm),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Reads and parses `path`; the error names the file and the line.
     /// Returns the text too, as the reference that reloads compare against.
@@ -210,22 +250,109 @@ impl Config {
 
     /// Parses `text`, which was read from `path` (used in error messages).
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| {
-            let position = e.span().map(|span| Position::of(text, span.start));
-            // One line: the parser's own messages may span several.
-            let message = e
-                .message()
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .collect::<Vec<_>>()
-                .join("; ");
-            ConfigError::Invalid {
-                path: path.to_owned(),
-                position,
-                message,
+        toml::from_str(text)
+            .map_err(|e| {
+                let position = e.span().map(|span| Position::of(text, span.start));
+                // One line: the parser's own messages may span several.
+                let message = e
+                    .message()
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                ConfigError::Invalid {
+                    path: path.to_owned(),
+                    position,
+                    message,
+                }
+            })
+            .and_then(|config: Config| {
+                config
+                    .validate()
+                    .map_err(|(span, message)| ConfigError::Invalid {
+                        path: path.to_owned(),
+                        position: span.map(|s| Position::of(text, s.start)),
+                        message,
+                    })?;
+                Ok(config)
+            })
+    }
+
+    /// The name of the group `[upstream]` is.
+    pub const DEFAULT_GROUP: &'static str = "default";
+
+    /// Every upstream group by name, `[upstream]` as `default`.
+    pub fn groups(&self) -> impl Iterator<Item = (&str, &Upstream)> {
+        self.upstream
+            .iter()
+            .map(|u| (Config::DEFAULT_GROUP, u))
+            .chain(self.upstreams.iter().map(|(n, u)| (n.as_str(), u)))
+    }
+
+    /// What no file may say, beyond what its types already refuse: the error
+    /// and, where known, the place in the file it is about.
+    fn validate(&self) -> Result<(), (Option<std::ops::Range<usize>>, String)> {
+        if self.upstream.is_none() && self.upstreams.is_empty() && self.routes.is_empty() {
+            return Err((
+                None,
+                "missing field `upstream`: write an [upstream] section with servers = [\"host:port\"]".to_owned(),
+            ));
+        }
+        for (name, group) in &self.upstreams {
+            let valid = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !valid {
+                return Err((
+                    None,
+                    format!(
+                        "upstreams.{name}: a group name is letters, digits, - and _ (at most 64)"
+                    ),
+                ));
             }
-        })
+            if name == Config::DEFAULT_GROUP && self.upstream.is_some() {
+                return Err((
+                    None,
+                    "upstreams.default: [upstream] already is the group named default".to_owned(),
+                ));
+            }
+            group.validate(&format!("upstreams.{name}"))?;
+        }
+        if let Some(group) = &self.upstream {
+            group.validate("upstream")?;
+        }
+        for route in &self.routes {
+            route
+                .get_ref()
+                .validate(|name| self.groups().any(|(n, _)| n == name))
+                .map_err(|message| (Some(route.span()), message))?;
+        }
+        Ok(())
+    }
+
+    /// What is valid but probably not meant: a route that an earlier one
+    /// makes unreachable, with both places.
+    pub fn warnings(&self, text: &str) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for (j, later) in self.routes.iter().enumerate() {
+            if let Some(earlier) = self.routes[..j]
+                .iter()
+                .find(|earlier| earlier.get_ref().shadows(later.get_ref()))
+            {
+                let line = |r: &toml::Spanned<Route>| Position::of(text, r.span().start).line;
+                warnings.push(format!(
+                    "the route at line {} ({}) is unreachable: the route at line {} ({}) matches every request it would",
+                    line(later),
+                    later.get_ref().label(j),
+                    line(earlier),
+                    earlier.get_ref().label(self.routes.iter().position(|r| std::ptr::eq(r, earlier)).unwrap_or(0)),
+                ));
+            }
+        }
+        warnings
     }
 
     pub fn threads(&self) -> usize {
@@ -282,238 +409,108 @@ impl fmt::Display for Position {
     }
 }
 
-/// A duration written as a human string (`500ms`, `2s`, `5m`), greater than zero.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Positive(pub Duration);
-
-impl Positive {
-    const fn secs(s: u64) -> Positive {
-        Positive(Duration::from_secs(s))
-    }
+/// How a group picks a backend among its healthy ones. Every algorithm
+/// honours the servers' weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Smooth weighted round-robin (nginx's): no bursts to one server.
+    #[default]
+    RoundRobin,
+    /// The fewest requests in flight for its weight; ties by round-robin.
+    LeastConnections,
+    /// Ketama: a key keeps its backend while the set of backends stays.
+    ConsistentHash,
+    /// Weighted random.
+    Random,
 }
 
-impl fmt::Display for Positive {
+impl fmt::Display for Algorithm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        humantime::format_duration(self.0).fmt(f)
-    }
-}
-
-impl<'de> Deserialize<'de> for Positive {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        let duration = parse_duration(&text).map_err(de::Error::custom)?;
-        if duration.is_zero() {
-            return Err(de::Error::custom(format!(
-                "duration {text:?} must be greater than zero"
-            )));
-        }
-        Ok(Positive(duration))
-    }
-}
-
-/// Pingora waits at most this long for each read of a new connection's
-/// request head, so a longer `client_header_timeout` could never apply.
-pub const MAX_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn header_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Positive, D::Error> {
-    let timeout = Positive::deserialize(d)?;
-    if timeout.0 > MAX_HEADER_TIMEOUT {
-        return Err(de::Error::custom(format!(
-            "client_header_timeout {timeout} is longer than the 60s allowed"
-        )));
-    }
-    Ok(timeout)
-}
-
-/// A duration that may be zero, written like [`Positive`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Span(pub Duration);
-
-impl<'de> Deserialize<'de> for Span {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        parse_duration(&text).map(Span).map_err(de::Error::custom)
-    }
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim()).map_err(|e| {
-        format!("invalid duration {text:?} ({e}); write a number and a unit, like \"500ms\", \"2s\" or \"5m\"")
-    })
-}
-
-/// A size in bytes, written `1048576`, `"512KiB"`, `"64MiB"` or `"1GiB"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ByteSize(pub u64);
-
-impl ByteSize {
-    pub fn parse(text: &str) -> Result<ByteSize, String> {
-        let t = text.trim();
-        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-        let (number, unit) = t.split_at(split);
-        let multiplier: u64 = match unit.trim() {
-            "" | "B" => 1,
-            "KiB" | "K" | "KB" | "k" => 1 << 10,
-            "MiB" | "M" | "MB" => 1 << 20,
-            "GiB" | "G" | "GB" => 1 << 30,
-            _ => 0,
-        };
-        number
-            .parse::<u64>()
-            .ok()
-            .and_then(|n| n.checked_mul(multiplier))
-            .filter(|n| *n > 0)
-            .map(ByteSize)
-            .ok_or_else(|| {
-                format!("invalid size {text:?}; write a positive number with an optional unit, like \"512KiB\", \"64MiB\" or \"1GiB\"")
-            })
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Number(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Number(n) => ByteSize::parse(&n.to_string()),
-            Raw::Text(t) => ByteSize::parse(&t),
-        }
-        .map_err(de::Error::custom)
-    }
-}
-
-/// One entry of `upstream.servers`: a host name or IP address and a port.
-/// A host name stands for every address it resolves to.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServerAddr {
-    /// The host as written, without IPv6 brackets.
-    pub host: String,
-    pub port: u16,
-}
-
-impl ServerAddr {
-    pub fn parse(text: &str) -> Result<ServerAddr, String> {
-        let bad = |why: &str| {
-            format!("invalid server {text:?}: {why}; write host:port, like \"backend:8000\" or \"10.0.0.2:8000\"")
-        };
-        let (host, port) = text.rsplit_once(':').ok_or_else(|| bad("no port"))?;
-        let port: u16 = port
-            .parse()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| bad("the port must be a number from 1 to 65535"))?;
-        let host = match host.strip_prefix('[') {
-            Some(v6) => v6
-                .strip_suffix(']')
-                .filter(|h| h.parse::<std::net::Ipv6Addr>().is_ok())
-                .ok_or_else(|| bad("bad IPv6 address"))?,
-            None if host.contains(':') => return Err(bad("put an IPv6 address in brackets")),
-            None => host,
-        };
-        let valid_name = |h: &str| {
-            !h.is_empty()
-                && h.len() <= 253
-                && h.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
-        };
-        if !host.contains(':') && !valid_name(host) {
-            return Err(bad("the host is not a valid name or address"));
-        }
-        Ok(ServerAddr {
-            host: host.to_owned(),
-            port,
+        f.write_str(match self {
+            Algorithm::RoundRobin => "round_robin",
+            Algorithm::LeastConnections => "least_connections",
+            Algorithm::ConsistentHash => "consistent_hash",
+            Algorithm::Random => "random",
         })
     }
-
-    /// The address itself when the host is an IP literal (no DNS needed).
-    pub fn literal(&self) -> Option<SocketAddr> {
-        let ip = self.host.parse().ok()?;
-        Some(SocketAddr::new(ip, self.port))
-    }
 }
 
-impl fmt::Display for ServerAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
+/// One entry of `servers`: an address (a DNS name stands for every address it
+/// resolves to) and its weight, the share of requests it takes relative to
+/// the others (default 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerEntry {
+    pub addr: ServerAddr,
+    pub weight: NonZeroU32,
 }
+
+/// The heaviest weight a server may have: with consistent hashing each unit
+/// is 160 points on the ring.
+pub const MAX_WEIGHT: u32 = 1000;
 
 /// A non-empty list of servers.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Servers(Vec<ServerAddr>);
+pub struct Servers(Vec<ServerEntry>);
 
 impl Servers {
-    pub fn iter(&self) -> impl Iterator<Item = &ServerAddr> {
+    pub fn iter(&self) -> impl Iterator<Item = &ServerEntry> {
         self.0.iter()
+    }
+
+    pub fn addrs(&self) -> impl Iterator<Item = &ServerAddr> {
+        self.0.iter().map(|s| &s.addr)
     }
 }
 
 impl<'de> Deserialize<'de> for Servers {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let list = Vec::<String>::deserialize(d)?;
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Address(String),
+            Weighted(WeightedRaw),
+        }
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct WeightedRaw {
+            address: String,
+            #[serde(default)]
+            weight: Option<u32>,
+        }
+        let list = Vec::<Raw>::deserialize(d).map_err(|_| {
+            de::Error::custom(
+                "servers must be a list of \"host:port\" strings or { address = \"host:port\", weight = N } tables",
+            )
+        })?;
         if list.is_empty() {
             return Err(de::Error::custom(
                 "upstream.servers is empty; name at least one host:port",
             ));
         }
-        let mut servers: Vec<ServerAddr> = Vec::with_capacity(list.len());
-        for entry in &list {
-            let server = ServerAddr::parse(entry).map_err(de::Error::custom)?;
-            if servers.contains(&server) {
+        let mut servers: Vec<ServerEntry> = Vec::with_capacity(list.len());
+        for entry in list {
+            let (text, weight) = match entry {
+                Raw::Address(text) => (text, 1),
+                Raw::Weighted(w) => (w.address, w.weight.unwrap_or(1)),
+            };
+            let addr = ServerAddr::parse(&text).map_err(de::Error::custom)?;
+            let weight = NonZeroU32::new(weight)
+                .filter(|w| w.get() <= MAX_WEIGHT)
+                .ok_or_else(|| {
+                    de::Error::custom(format!(
+                        "server {text:?}: weight {weight} must be from 1 to {MAX_WEIGHT}"
+                    ))
+                })?;
+            if servers.iter().any(|s| s.addr == addr) {
                 return Err(de::Error::custom(format!(
-                    "server {entry:?} is listed twice"
+                    "server {text:?} is listed twice"
                 )));
             }
-            servers.push(server);
+            servers.push(ServerEntry { addr, weight });
         }
         Ok(Servers(servers))
     }
-}
-
-/// An absolute request path such as `/health`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UriPath(String);
-
-impl UriPath {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl<'de> Deserialize<'de> for UriPath {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        let valid = text.starts_with('/')
-            && text.parse::<http::uri::PathAndQuery>().is_ok()
-            && !text.contains('#');
-        if !valid {
-            return Err(de::Error::custom(format!(
-                "invalid path {text:?}: it must start with / and be a valid URI path, like \"/health\""
-            )));
-        }
-        Ok(UriPath(text))
-    }
-}
-
-fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
-    let text = String::deserialize(d)?;
-    text.parse().map_err(|_| {
-        de::Error::custom(format!(
-            "invalid address {text:?}; write IP:port, like \"0.0.0.0:80\" or \"127.0.0.1:9000\""
-        ))
-    })
-}
-
-fn optional_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
-    socket_addr(d).map(Some)
 }
 
 fn default_listen() -> SocketAddr {
@@ -553,6 +550,7 @@ fn default_threshold() -> NonZeroU32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn parse(text: &str) -> Result<Config, String> {
         Config::parse(Path::new("lb.toml"), text).map_err(|e| e.to_string())
@@ -583,13 +581,27 @@ unhealthy_threshold = 3
         .unwrap();
         assert_eq!(c.admin_listen, Some("127.0.0.1:9000".parse().unwrap()));
         assert_eq!(c.threads(), 2);
-        let servers: Vec<String> = c.upstream.servers.iter().map(|s| s.to_string()).collect();
+        let servers: Vec<String> = c
+            .upstream
+            .as_ref()
+            .unwrap()
+            .servers
+            .addrs()
+            .map(|s| s.to_string())
+            .collect();
         assert_eq!(servers, ["backend:8000", "10.0.0.2:8000", "[::1]:8001"]);
         assert_eq!(
-            c.upstream.servers.iter().nth(2).unwrap().literal(),
+            c.upstream
+                .as_ref()
+                .unwrap()
+                .servers
+                .addrs()
+                .nth(2)
+                .unwrap()
+                .literal(),
             Some("[::1]:8001".parse().unwrap())
         );
-        let hc = c.upstream.health_check.unwrap();
+        let hc = c.upstream.clone().unwrap().health_check.unwrap();
         assert_eq!(hc.interval.0, Duration::from_millis(500));
         assert_eq!(hc.unhealthy_threshold.get(), 3);
     }
@@ -599,14 +611,21 @@ unhealthy_threshold = 3
         let c = parse("[upstream]\nservers = [\"backend:8000\"]\n").unwrap();
         assert_eq!(c.listen, "0.0.0.0:80".parse().unwrap());
         assert_eq!(c.admin_listen, None);
-        assert_eq!(c.upstream.resolve_interval.0, Duration::from_secs(5));
-        assert_eq!(c.upstream.read_timeout.0, Duration::from_secs(60));
-        assert!(c.upstream.health_check.is_none());
+        assert_eq!(
+            c.upstream.as_ref().unwrap().resolve_interval.0,
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            c.upstream.as_ref().unwrap().read_timeout.0,
+            Duration::from_secs(60)
+        );
+        assert!(c.upstream.as_ref().unwrap().health_check.is_none());
         assert_eq!(c.limits.client_header_timeout.0, Duration::from_secs(10));
         assert_eq!(c.limits.max_connections.get(), 4096);
         let hc = parse("[upstream]\nservers = [\"b:1\"]\n[upstream.health_check]\n")
             .unwrap()
             .upstream
+            .unwrap()
             .health_check
             .unwrap();
         assert_eq!(hc.path.as_str(), "/health");

@@ -10,10 +10,17 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::config::ServerAddr;
+use crate::config::{ServerAddr, ServerEntry};
 
 /// How long one name may take to resolve before it counts as failed.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What an address was found from: its `servers` entry and that entry's weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub server: Arc<str>,
+    pub weight: u32,
+}
 
 /// Resolves server entries and remembers the last good answer for each name.
 #[derive(Default)]
@@ -27,18 +34,21 @@ impl Resolver {
     /// Names no longer among `servers` are forgotten.
     pub async fn resolve<'a>(
         &self,
-        servers: impl Iterator<Item = &'a ServerAddr>,
-    ) -> BTreeMap<SocketAddr, Arc<str>> {
-        let servers: Vec<&ServerAddr> = servers.collect();
+        servers: impl Iterator<Item = &'a ServerEntry>,
+    ) -> BTreeMap<SocketAddr, Found> {
+        let servers: Vec<&ServerEntry> = servers.collect();
         self.last_good
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|s, _| servers.contains(&s));
+            .retain(|s, _| servers.iter().any(|e| e.addr == *s));
         let mut found = BTreeMap::new();
-        for server in servers {
-            let label: Arc<str> = server.to_string().into();
-            for addr in self.addresses(server).await {
-                found.entry(addr).or_insert_with(|| Arc::clone(&label));
+        for entry in servers {
+            let origin = Found {
+                server: entry.addr.to_string().into(),
+                weight: entry.weight.get(),
+            };
+            for addr in self.addresses(&entry.addr).await {
+                found.entry(addr).or_insert_with(|| origin.clone());
             }
         }
         found
@@ -87,13 +97,16 @@ mod tests {
     #[tokio::test]
     async fn literals_names_and_failures() {
         let resolver = Resolver::default();
-        let servers = [
-            ServerAddr::parse("127.0.0.1:8001").unwrap(),
-            ServerAddr::parse("localhost:8002").unwrap(),
-        ];
+        let entry = |text: &str| ServerEntry {
+            addr: ServerAddr::parse(text).unwrap(),
+            weight: std::num::NonZeroU32::MIN,
+        };
+        let servers = [entry("127.0.0.1:8001"), entry("localhost:8002")];
         let found = resolver.resolve(servers.iter()).await;
         assert_eq!(
-            found.get(&"127.0.0.1:8001".parse().unwrap()).map(|s| &**s),
+            found
+                .get(&"127.0.0.1:8001".parse().unwrap())
+                .map(|f| &*f.server),
             Some("127.0.0.1:8001")
         );
         assert!(
@@ -103,7 +116,7 @@ mod tests {
             "localhost resolves to a loopback address: {found:?}"
         );
         // A name that cannot resolve contributes nothing the first time...
-        let missing = [ServerAddr::parse("no-such-host.invalid:80").unwrap()];
+        let missing = [entry("no-such-host.invalid:80")];
         assert!(resolver.resolve(missing.iter()).await.is_empty());
         // ...and keeps its last good addresses after it once resolved.
         let remembered: SocketAddr = "127.0.0.9:80".parse().unwrap();
@@ -111,7 +124,7 @@ mod tests {
             .last_good
             .lock()
             .unwrap()
-            .insert(missing[0].clone(), vec![remembered]);
+            .insert(missing[0].addr.clone(), vec![remembered]);
         let kept = resolver.resolve(missing.iter()).await;
         assert_eq!(kept.keys().copied().collect::<Vec<_>>(), [remembered]);
         resolver.resolve(std::iter::empty()).await;

@@ -1,18 +1,37 @@
 //! The request path: Pingora's `ProxyHttp` hooks, in the order Pingora calls them.
 //!
-//! It answers `/health-check` itself, picks a healthy backend round-robin,
-//! retries a failed connect on another backend, adds the forwarded headers,
-//! turns failures into 502/503/504 with a plain-text reason, and writes one
-//! access-log line per request. Finding and checking backends is `upkeep`'s job.
+//! ```text
+//! early_request_filter   limits on the head (431/413/400/405), keep-alive, pipelining
+//! request_filter         /health-check; X-Request-Id; the route (429, respond,
+//!                        redirect, or a group); extensions; a fresh cache hit
+//! request_cache_filter … the cache (see `cache`)
+//! upstream_peer          a backend of the group, by its algorithm
+//! upstream_request_filter  Host, strip_prefix, the route's header edits,
+//!                        X-Request-Id, the forwarded headers
+//! response_filter        X-Cache-Status, the route's header edits, extensions
+//! fail_to_connect / error_while_proxy   retries elsewhere
+//! fail_to_proxy          502/503/504 (or the client's 4xx) with a plain-text reason
+//! logging                metrics and one access-log line
+//! ```
+//!
+//! Each request reads the runtime snapshot that was in force when it
+//! arrived, to its end. Finding and checking backends is `upstream`'s job.
+
+pub mod connections;
+pub mod drain;
+pub mod forwarded;
+pub mod limits;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use std::panic::AssertUnwindSafe;
+
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::FutureExt;
 use pingora::cache::cache_control::CacheControl;
 use pingora::cache::key::HashBinary;
 use pingora::cache::{
@@ -23,12 +42,15 @@ use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
 
+use crate::admin::logging::Throttle;
+use crate::admin::{access_log, metrics};
 use crate::cache::{self, ResponseCache};
-use crate::config::{CacheRule, Config};
-use crate::drain::Stopping;
-use crate::logging::Throttle;
-use crate::upstream::{Backend, BackendGuard, Pool};
-use crate::{access_log, connections, forwarded, limits, metrics};
+use crate::config::{Algorithm, CacheRule, HashKey};
+use crate::extension::{Decision, Extension, Reply, RequestView, ResponseView};
+use crate::proxy::drain::Stopping;
+use crate::routing::{self, request_id, Action, RequestFacts, Route, Vars};
+use crate::runtime::{Group, Live, Snapshot};
+use crate::upstream::{Backend, BackendGuard};
 
 /// The balancer's own liveness endpoint, answered without an upstream (as the seed's nginx does).
 pub const HEALTH_CHECK_PATH: &str = "/health-check";
@@ -39,8 +61,8 @@ pub const HEALTH_CHECK_PATH: &str = "/health-check";
 const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 pub struct Balancer {
-    pub pool: Arc<Pool>,
-    pub config: Arc<ArcSwap<Config>>,
+    pub live: Arc<Live>,
+    pub extensions: Vec<Arc<dyn Extension>>,
     pub in_flight: Arc<InFlight>,
     pub cache: &'static ResponseCache,
     /// Set on SIGTERM: every response then closes its connection.
@@ -76,8 +98,15 @@ impl Drop for InFlightGuard {
 
 /// Per-request state.
 pub struct RequestCtx {
-    /// The configuration in force when the request arrived, used throughout it.
-    config: Arc<Config>,
+    /// The snapshot in force when the request arrived, used throughout it.
+    snapshot: Arc<Snapshot>,
+    /// The matched route's position in the snapshot.
+    route: Option<usize>,
+    /// Where the request is forwarded; `None` until routed, and for local answers.
+    group: Option<Arc<Group>>,
+    /// A backend an extension chose; tried once, instead of the group's choice.
+    chosen_backend: Option<SocketAddr>,
+    request_id: String,
     /// Which `cache.rule` covers the request, if any.
     cache_rule: Option<usize>,
     started: Instant,
@@ -102,8 +131,16 @@ pub struct RequestCtx {
 
 impl RequestCtx {
     fn cache_rule(&self) -> Option<&CacheRule> {
-        let rules = &self.config.cache.as_ref()?.rules;
+        let rules = &self.snapshot.config.cache.as_ref()?.rules;
         rules.get(self.cache_rule?)
+    }
+
+    fn route(&self) -> Option<&Route> {
+        self.snapshot.routes.get(self.route?)
+    }
+
+    fn route_label(&self) -> Option<&str> {
+        self.route().map(|r| &*r.label)
     }
 }
 
@@ -113,7 +150,11 @@ impl ProxyHttp for Balancer {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
-            config: self.config.load_full(),
+            snapshot: self.live.load_full(),
+            route: None,
+            group: None,
+            chosen_backend: None,
+            request_id: String::new(),
             cache_rule: None,
             started: Instant::now(),
             current: None,
@@ -134,10 +175,16 @@ impl ProxyHttp for Balancer {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         connections::head_received(session);
-        let limits = &ctx.config.limits;
+        let limits = &ctx.snapshot.config.limits;
+        // HTTP/1.0 without keep-alive, or `Connection: close`: Pingora has
+        // already decided to close, and setting a timeout would undo that.
+        let keeps_alive = session
+            .as_downstream()
+            .as_http1()
+            .is_some_and(|h1| h1.will_keepalive());
         if self.stopping.is_set() {
             session.set_keepalive(None);
-        } else {
+        } else if keeps_alive {
             session.set_keepalive(Some(limits.keepalive_timeout.0.as_secs().max(1)));
             // Pipelined requests are answered in order, one after the other
             // (RFC 9112, section 9.3.2); off, Pingora drops all but the first.
@@ -182,25 +229,121 @@ impl ProxyHttp for Balancer {
     ) -> Result<()> {
         if let Some(chunk) = body {
             ctx.body_bytes += chunk.len() as u64;
-            limits::check_body(ctx.body_bytes, &ctx.config.limits).map_err(refuse)?;
+            limits::check_body(ctx.body_bytes, &ctx.snapshot.config.limits).map_err(refuse)?;
         }
         Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let path = session.req_header().uri.path();
-        if path == HEALTH_CHECK_PATH {
+        if session.req_header().uri.path() == HEALTH_CHECK_PATH {
             respond_text(session, 200, "success").await?;
             return Ok(true);
         }
-        if let Some(settings) = &ctx.config.cache {
-            ctx.cache_rule = cache::rule_index(&settings.rules, path);
+        ctx.request_id = request_id::for_request(session.req_header());
+        let snapshot = Arc::clone(&ctx.snapshot);
+        let host = routing::request_host(session.req_header());
+        let facts = RequestFacts {
+            host: &host,
+            req: session.req_header(),
+        };
+        let matched = routing::find(&snapshot.routes, &facts);
+        ctx.route = matched.map(|(i, _)| i);
+        let route = matched.map(|(_, r)| r);
+        if let Some(limiter) = route.and_then(|r| r.rate_limit.as_ref()) {
+            let key = routing::key_of(
+                &limiter.limit().key,
+                session.req_header(),
+                client_ip(session),
+            );
+            if let Err(wait) = limiter.admit(&key) {
+                let reply = Reply::text(
+                    429,
+                    "429 too many requests: the rate limit of this route is reached\n",
+                )
+                .header("retry-after", wait.as_secs().to_string());
+                self.answer(session, ctx, &reply).await?;
+                return Ok(true);
+            }
+        }
+        let mut decision = Decision::Continue;
+        match route.map(|r| &r.action) {
+            Some(Action::Upstream(name)) => ctx.group = snapshot.groups.get(name).cloned(),
+            Some(Action::Respond {
+                status,
+                body,
+                content_type,
+            }) => {
+                decision = Decision::Respond(Reply {
+                    status: *status,
+                    headers: vec![(
+                        "content-type".to_owned(),
+                        content_type.to_str().unwrap_or_default().to_owned(),
+                    )],
+                    body: body.clone(),
+                })
+            }
+            Some(Action::Redirect { location, status }) => {
+                let path = routing::path_and_query(session.req_header()).to_owned();
+                let vars = Vars {
+                    client_ip: client_ip(session),
+                    host: &host,
+                    path_and_query: &path,
+                    request_id: &ctx.request_id,
+                };
+                decision = Decision::Respond(
+                    Reply::text(
+                        *status,
+                        format!("{status} redirect to {}\n", vars.render(location)),
+                    )
+                    .header("location", vars.render(location)),
+                )
+            }
+            None => ctx.group = snapshot.default_group().cloned(),
+        }
+        if matches!(decision, Decision::Continue) {
+            decision = self.run_extensions(session, ctx).await;
+        }
+        match decision {
+            Decision::Continue => {}
+            Decision::Respond(reply) => {
+                self.answer(session, ctx, &reply).await?;
+                return Ok(true);
+            }
+            Decision::Upstream(name) => match snapshot.groups.get(&name) {
+                Some(group) => ctx.group = Some(Arc::clone(group)),
+                None => {
+                    log::error!("an extension chose upstream {name:?}, which is not defined");
+                    let reply = Reply::text(
+                        500,
+                        format!("500 internal error: upstream {name:?} is not defined\n"),
+                    );
+                    self.answer(session, ctx, &reply).await?;
+                    return Ok(true);
+                }
+            },
+            Decision::Backend(addr) => {
+                ctx.chosen_backend = Some(addr);
+                if ctx.group.is_none() {
+                    ctx.group = snapshot.default_group().cloned();
+                }
+            }
+        }
+        if ctx.group.is_none() && ctx.chosen_backend.is_none() {
+            let reply = Reply::text(
+                404,
+                "404 not found: no route matches this request, and there is no default upstream\n",
+            );
+            self.answer(session, ctx, &reply).await?;
+            return Ok(true);
+        }
+        if let Some(settings) = &snapshot.config.cache {
+            ctx.cache_rule = cache::rule_index(&settings.rules, session.req_header().uri.path());
         }
         self.serve_fresh_hit(session, ctx).await
     }
 
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
-        let Some(settings) = &ctx.config.cache else {
+        let Some(settings) = &ctx.snapshot.config.cache else {
             return Ok(());
         };
         if ctx.cache_rule.is_none()
@@ -294,13 +437,13 @@ impl ProxyHttp for Balancer {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let Some(client_max_age) = ctx.cache_rule().map(|r| r.client_max_age) else {
-            return Ok(());
-        };
-        let status = cache::status_label(session.cache.phase());
-        self.cache.stats.count(status);
-        ctx.cache_status = Some(status);
-        cache::label_response(upstream_response, status, client_max_age.map(|a| a.0))
+        if let Some(client_max_age) = ctx.cache_rule().map(|r| r.client_max_age) {
+            let status = cache::status_label(session.cache.phase());
+            self.cache.stats.count(status);
+            ctx.cache_status = Some(status);
+            cache::label_response(upstream_response, status, client_max_age.map(|a| a.0))?;
+        }
+        self.finish_response(session, ctx, upstream_response).await
     }
 
     async fn upstream_peer(
@@ -308,7 +451,35 @@ impl ProxyHttp for Balancer {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let Some(backend) = self.pool.select(&ctx.unreachable) else {
+        let Some(group) = ctx.group.clone() else {
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(503),
+                "no upstream group",
+            ));
+        };
+        let settings = &group.settings;
+        let peer_for = |addr: SocketAddr| {
+            let mut peer = HttpPeer::new(addr, false, String::new());
+            peer.options.connection_timeout = Some(settings.connect_timeout.0);
+            peer.options.read_timeout = Some(settings.read_timeout.0);
+            peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
+            Box::new(peer)
+        };
+        if let Some(addr) = ctx.chosen_backend.take() {
+            ctx.unreachable.push(addr);
+            ctx.tries += 1;
+            ctx.upstream_started.get_or_insert_with(Instant::now);
+            return Ok(peer_for(addr));
+        }
+        let key = match settings.algorithm {
+            Algorithm::ConsistentHash => {
+                let hash_key = settings.hash_key.as_ref().unwrap_or(&HashKey::ClientIp);
+                routing::key_of(hash_key, _session.req_header(), client_ip(_session))
+            }
+            _ => Vec::new(),
+        };
+        let pool = &group.state.pool;
+        let Some(backend) = pool.select(settings.algorithm, &key, &ctx.unreachable) else {
             // Sourced upstream, so that a stale cached copy may still be served.
             return Err(Error::create(
                 ErrorType::HTTPStatus(503),
@@ -317,16 +488,12 @@ impl ProxyHttp for Balancer {
                 None,
             ));
         };
-        let config = &ctx.config;
-        let mut peer = HttpPeer::new(backend.addr, false, String::new());
-        peer.options.connection_timeout = Some(config.upstream.connect_timeout.0);
-        peer.options.read_timeout = Some(config.upstream.read_timeout.0);
-        peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
+        let peer = peer_for(backend.addr);
         ctx.at_backend = Some(backend.enter());
         ctx.current = Some(backend);
         ctx.tries += 1;
         ctx.upstream_started.get_or_insert_with(Instant::now);
-        Ok(Box::new(peer))
+        Ok(peer)
     }
 
     fn fail_to_connect(
@@ -336,29 +503,20 @@ impl ProxyHttp for Balancer {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let config = &ctx.config;
+        let Some(group) = ctx.group.clone() else {
+            return e;
+        };
         // With active checks on, a refused connect counts as a failed check,
         // so a dead backend leaves the rotation without waiting for the next probe.
         let backend = ctx.current.clone();
-        if let (Some(hc), Some(backend)) = (&config.upstream.health_check, &backend) {
-            if backend.observe(
-                false,
-                hc.healthy_threshold.get(),
-                hc.unhealthy_threshold.get(),
-            ) == Some(false)
-            {
-                log::warn!(
-                    "upstream {} ({}) is unhealthy: {e}",
-                    backend.addr,
-                    backend.server
-                );
-            }
+        if let (Some(hc), Some(backend)) = (&group.settings.health_check, &backend) {
+            backend.count_failure(&group.name, hc, &e.to_string());
         }
         // Nothing reached the backend, so any request may go to another one.
         if let Some(backend) = backend {
             ctx.unreachable.push(backend.addr);
         }
-        if self.pool.has_candidate(&ctx.unreachable) {
+        if group.state.pool.has_candidate(&ctx.unreachable) {
             e.set_retry(true);
             metrics::count_retry();
         }
@@ -401,7 +559,11 @@ impl ProxyHttp for Balancer {
                 ctx.unreachable.push(current.addr);
             }
         }
-        let retry = client_reused || self.pool.has_candidate(&ctx.unreachable);
+        let candidate = ctx
+            .group
+            .as_ref()
+            .is_some_and(|g| g.state.pool.has_candidate(&ctx.unreachable));
+        let retry = client_reused || candidate;
         e.set_retry(retry);
         if retry {
             metrics::count_retry();
@@ -413,8 +575,29 @@ impl ProxyHttp for Balancer {
         &self,
         session: &mut Session,
         upstream_request: &mut RequestHeader,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(route) = ctx.route() {
+            let path_and_query = routing::path_and_query(session.req_header()).to_owned();
+            if let Some(stripped) = route.forwarded_path(&path_and_query) {
+                let uri = http::Uri::try_from(stripped.as_str())
+                    .map_err(|e| Error::because(ErrorType::InternalError, "strip_prefix", e))?;
+                upstream_request.set_uri(uri);
+            }
+            if !route.request_headers.is_empty() {
+                let host = routing::request_host(session.req_header());
+                let vars = Vars {
+                    client_ip: client_ip(session),
+                    host: &host,
+                    path_and_query: &path_and_query,
+                    request_id: &ctx.request_id,
+                };
+                route
+                    .request_headers
+                    .apply_request(upstream_request, &vars)?;
+            }
+        }
+        upstream_request.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
         if !upstream_request.headers.contains_key(http::header::HOST) {
             // An HTTP/1.0 client need not send one; the upstream request is
             // HTTP/1.1, which must: name the address the client reached.
@@ -445,11 +628,11 @@ impl ProxyHttp for Balancer {
         &self,
         session: &mut Session,
         e: &Error,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let code = status_for(e);
         if code > 0 {
-            if let Err(write_error) = respond_error_text(session, code, e).await {
+            if let Err(write_error) = respond_error_text(session, code, e, &ctx.request_id).await {
                 log::debug!("cannot send the {code} response to the client: {write_error}");
             }
             // The connection closes after this answer; what the client may
@@ -491,7 +674,15 @@ impl ProxyHttp for Balancer {
             method: req.method.as_str(),
             uri: &req.uri,
             status: session.response_written().map_or(0, |r| r.status.as_u16()),
+            route: ctx.route_label(),
+            // A hit reaches no upstream.
+            group: ctx
+                .group
+                .as_ref()
+                .filter(|_| ctx.cache_status != Some("HIT"))
+                .map(|g| &*g.name),
             upstream: ctx.current.as_ref().map(|b| b.label.as_str()),
+            request_id: &ctx.request_id,
             upstream_time: ctx.upstream_elapsed,
             time: ctx.started.elapsed(),
             retries: ctx.tries.saturating_sub(1),
@@ -499,13 +690,104 @@ impl ProxyHttp for Balancer {
         };
         metrics::observe(&record);
         // Docker probes every few seconds: that is not traffic worth a line.
-        if req.uri.path() != HEALTH_CHECK_PATH || ctx.config.log_health_checks {
-            access_log::write(ctx.config.log_format, &record);
+        let config = &ctx.snapshot.config;
+        if req.uri.path() != HEALTH_CHECK_PATH || config.log_health_checks {
+            access_log::write(config.log_format, &record);
         }
     }
 }
 
 impl Balancer {
+    /// Runs the extensions' request hooks in turn, until one decides. An
+    /// error or a panic answers `500`.
+    async fn run_extensions(&self, session: &mut Session, ctx: &mut RequestCtx) -> Decision {
+        let client_ip = client_ip(session);
+        for extension in &self.extensions {
+            let route = ctx.route().map(|r| &*r.label);
+            let upstream = ctx.group.as_ref().map(|g| &*g.name);
+            let mut view = RequestView {
+                header: session.req_header_mut(),
+                client_ip,
+                route,
+                upstream,
+                request_id: &ctx.request_id,
+            };
+            let outcome = AssertUnwindSafe(extension.on_request(&mut view))
+                .catch_unwind()
+                .await;
+            match outcome {
+                Ok(Ok(Decision::Continue)) => {}
+                Ok(Ok(decision)) => return decision,
+                Ok(Err(e)) => return extension_failed(extension.as_ref(), &e.to_string()),
+                Err(panic) => return extension_failed(extension.as_ref(), &panic_text(&panic)),
+            }
+        }
+        Decision::Continue
+    }
+
+    /// What every response to a forwarded request gets on its way out: the
+    /// route's header edits, `X-Request-Id`, and the extensions' response hooks.
+    async fn finish_response(
+        &self,
+        session: &Session,
+        ctx: &RequestCtx,
+        resp: &mut ResponseHeader,
+    ) -> Result<()> {
+        let req = session.req_header();
+        route_response_edits(session, ctx, resp)?;
+        for extension in &self.extensions {
+            let mut view = ResponseView {
+                header: resp,
+                request: req,
+                client_ip: client_ip(session),
+                route: ctx.route_label(),
+                upstream: ctx.group.as_ref().map(|g| &*g.name),
+                request_id: &ctx.request_id,
+            };
+            let outcome = AssertUnwindSafe(extension.on_response(&mut view))
+                .catch_unwind()
+                .await;
+            let failure = match outcome {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e.to_string(),
+                Err(panic) => panic_text(&panic),
+            };
+            log::error!(
+                "extension {}: response hook failed: {failure}",
+                extension.name()
+            );
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(500),
+                format!("extension {} failed", extension.name()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Answers the request here: a route's `respond` or `redirect`, a rate
+    /// limit's 429, an extension's reply, the 404 for an unrouted request.
+    async fn answer(&self, session: &mut Session, ctx: &RequestCtx, reply: &Reply) -> Result<()> {
+        let mut header = ResponseHeader::build(reply.status, Some(reply.headers.len() + 3))?;
+        for (name, value) in &reply.headers {
+            header.append_header(name.clone(), value.as_str())?;
+        }
+        header.insert_header("content-length", reply.body.len())?;
+        if !header.headers.contains_key(http::header::CACHE_CONTROL) {
+            header.insert_header("cache-control", "no-store")?;
+        }
+        route_response_edits(session, ctx, &mut header)?;
+        let head_only = session.req_header().method == http::Method::HEAD;
+        session
+            .write_response_header(Box::new(header), head_only || reply.body.is_empty())
+            .await?;
+        if !head_only && !reply.body.is_empty() {
+            session
+                .write_response_body(Some(reply.body.clone()), true)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Answers a plain GET or HEAD from a fresh cached copy without the rest
     /// of the cache machinery (lock, variants, revalidation): the common hit,
     /// made short. Anything less simple returns `false` and takes the full
@@ -531,6 +813,7 @@ impl Balancer {
         cache::label_response(&mut header, "HIT", client_max_age)?;
         self.cache.stats.count("HIT");
         ctx.cache_status = Some("HIT");
+        self.finish_response(session, ctx, &mut header).await?;
         let head_only = session.req_header().method == http::Method::HEAD;
         session
             .write_response_header(Box::new(header), head_only)
@@ -540,6 +823,46 @@ impl Balancer {
         }
         Ok(true)
     }
+}
+
+/// What every response gets from the balancer: the route's header edits and
+/// `X-Request-Id`.
+fn route_response_edits(
+    session: &Session,
+    ctx: &RequestCtx,
+    resp: &mut ResponseHeader,
+) -> Result<()> {
+    if let Some(route) = ctx.route().filter(|r| !r.response_headers.is_empty()) {
+        let req = session.req_header();
+        let host = routing::request_host(req);
+        let vars = Vars {
+            client_ip: client_ip(session),
+            host: &host,
+            path_and_query: routing::path_and_query(req),
+            request_id: &ctx.request_id,
+        };
+        route.response_headers.apply_response(resp, &vars)?;
+    }
+    resp.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
+    Ok(())
+}
+
+/// The 500 that an extension's failure answers, logged with its name.
+fn extension_failed(extension: &dyn Extension, why: &str) -> Decision {
+    log::error!("extension {}: request hook failed: {why}", extension.name());
+    Decision::Respond(Reply::text(
+        500,
+        "500 internal error: the request could not be handled\n",
+    ))
+}
+
+/// What a panic said, when it said it in text.
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .map_or_else(|| "panicked".to_owned(), |s| format!("panicked: {s}"))
 }
 
 /// The client's IP address (none for a Unix-socket client).
@@ -595,9 +918,17 @@ fn reason_for(code: u16, e: &Error) -> &'static str {
     }
 }
 
-async fn respond_error_text(session: &mut Session, code: u16, e: &Error) -> Result<()> {
+async fn respond_error_text(
+    session: &mut Session,
+    code: u16,
+    e: &Error,
+    request_id: &str,
+) -> Result<()> {
     let body = Bytes::from(format!("{code} {}\n", reason_for(code, e)));
     let mut header = text_header(code, body.len())?;
+    if !request_id.is_empty() {
+        header.insert_header(request_id::HEADER, request_id)?;
+    }
     if code == 405 {
         header.insert_header("allow", "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS")?;
     }

@@ -15,14 +15,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::{sleep, Instant};
 
-use crate::config::Config;
 use crate::proxy::InFlight;
+use crate::runtime::Live;
 
 /// How long the balancer must be idle before it counts as drained: a client
 /// whose response has just been written may still be reading it.
@@ -46,13 +45,13 @@ pub struct Drain {
     pub in_flight: Arc<InFlight>,
     pub stopping: Arc<Stopping>,
     /// `grace_period` is read when SIGTERM comes, so a reloaded value counts.
-    pub config: Arc<ArcSwap<Config>>,
+    pub live: Arc<Live>,
 }
 
 impl Drain {
     /// Waits for the requests in flight, at most the grace period in force.
     async fn drain(&self, signal_name: &str) {
-        let grace = self.config.load().grace_period;
+        let grace = self.live.load().config.grace_period;
         self.stopping.set();
         log::info!(
             "{signal_name}: graceful stop, grace period {grace}: no new connections, {} requests in flight",

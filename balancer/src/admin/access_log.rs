@@ -14,7 +14,14 @@ pub struct Record<'a> {
     pub uri: &'a http::Uri,
     /// 0 when no response was written (the client went away).
     pub status: u16,
+    /// The matched route's name (`#N` when unnamed).
+    pub route: Option<&'a str>,
+    /// The upstream group the request was sent to.
+    pub group: Option<&'a str>,
+    /// The backend address of the last attempt.
     pub upstream: Option<&'a str>,
+    /// Its `X-Request-Id`.
+    pub request_id: &'a str,
     /// From picking the backend to the end of its response body.
     pub upstream_time: Option<Duration>,
     pub time: Duration,
@@ -52,10 +59,17 @@ fn text(r: &Record<'_>) -> String {
     }
     let _ = write!(
         line,
-        " time={:.3} retries={} cache={}",
+        " time={:.3} retries={} cache={} route={} group={} request_id={}",
         r.time.as_secs_f64(),
         r.retries,
-        r.cache.unwrap_or("-")
+        r.cache.unwrap_or("-"),
+        r.route.unwrap_or("-"),
+        r.group.unwrap_or("-"),
+        if r.request_id.is_empty() {
+            "-"
+        } else {
+            r.request_id
+        },
     );
     line
 }
@@ -71,6 +85,9 @@ fn json(r: &Record<'_>) -> String {
         "time": r.time.as_secs_f64(),
         "retries": r.retries,
         "cache": r.cache,
+        "route": r.route,
+        "group": r.group,
+        "request_id": (!r.request_id.is_empty()).then_some(r.request_id),
     })
     .to_string()
 }
@@ -85,7 +102,10 @@ mod tests {
             method: "GET",
             uri,
             status: 200,
+            route: Some("api"),
+            group: Some("default"),
             upstream: Some("127.0.0.1:8000"),
+            request_id: "abc",
             upstream_time: Some(Duration::from_millis(12)),
             time: Duration::from_millis(15),
             retries: 1,
@@ -101,7 +121,7 @@ mod tests {
         let r = record(&uri);
         assert_eq!(
             text(&r),
-            format!("10.1.2.3 \"GET {uri}\" 200 upstream=127.0.0.1:8000 upstream_time=0.012 time=0.015 retries=1 cache=MISS")
+            format!("10.1.2.3 \"GET {uri}\" 200 upstream=127.0.0.1:8000 upstream_time=0.012 time=0.015 retries=1 cache=MISS route=api group=default request_id=abc")
         );
         let v: serde_json::Value = serde_json::from_str(&json(&r)).unwrap();
         assert_eq!(v["status"], 200);
@@ -116,7 +136,16 @@ mod tests {
             client: None,
             ..record(&uri)
         };
-        assert!(text(&none).contains("- \"GET") && text(&none).ends_with("cache=-"));
+        let none = Record {
+            route: None,
+            group: None,
+            request_id: "",
+            ..none
+        };
+        assert!(
+            text(&none).contains("- \"GET")
+                && text(&none).ends_with("cache=- route=- group=- request_id=-")
+        );
         assert!(json(&none).contains("\"upstream\":null"));
     }
 }

@@ -6,21 +6,23 @@
 //! and files bind-mounted into a container through their directory, are seen),
 //! a periodic re-read as the fallback where no event arrives, and SIGHUP. An
 //! invalid file is logged with its file, line and reason and changes nothing;
-//! settings that only apply at start-up are kept and reported.
+//! a valid one is compiled into a new runtime snapshot and published, and
+//! each changed key is logged (`diff`); settings that only apply at start-up
+//! are kept and reported.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use notify::Watcher as _;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use tokio::sync::{mpsc, Notify};
 
-use crate::config::{Config, HealthCheck};
+use super::{diff, Config, ConfigError};
+use crate::runtime::{Live, Snapshot};
 
 /// How often the file is re-read when no event says it changed.
 const POLL: Duration = Duration::from_secs(2);
@@ -29,12 +31,14 @@ const SETTLE: Duration = Duration::from_millis(100);
 
 pub struct Reloader {
     pub path: PathBuf,
-    pub config: Arc<ArcSwap<Config>>,
+    pub live: Arc<Live>,
     /// Tells the upstream upkeep that a new configuration is in force.
     pub reloaded: Arc<Notify>,
     pub stats: Arc<ReloadStats>,
     /// The text last read, valid or not: unchanged text is not parsed again.
     last_text: Mutex<String>,
+    /// The text in force, as TOML: what the next change is compared with.
+    in_force: Mutex<toml::Table>,
 }
 
 /// What the reloads did, for metrics and status.
@@ -61,17 +65,13 @@ impl Default for ReloadStats {
 
 impl Reloader {
     /// A reloader for `path`, whose `text` is the configuration in force.
-    pub fn new(
-        path: PathBuf,
-        config: Arc<ArcSwap<Config>>,
-        reloaded: Arc<Notify>,
-        text: String,
-    ) -> Reloader {
+    pub fn new(path: PathBuf, live: Arc<Live>, reloaded: Arc<Notify>, text: String) -> Reloader {
         Reloader {
             path,
-            config,
+            live,
             reloaded,
             stats: Arc::default(),
+            in_force: Mutex::new(text.parse().unwrap_or_default()),
             last_text: Mutex::new(text),
         }
     }
@@ -95,183 +95,57 @@ impl Reloader {
             }
             *last = text.clone();
         }
-        let mut new = match Config::parse(&self.path, &text) {
-            Ok(config) => config,
+        match self.apply(&text) {
+            Ok(changes) => {
+                self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
+                *lock(&self.stats.loaded_at) = SystemTime::now();
+                *lock(&self.stats.last_error) = None;
+                if changes.is_empty() {
+                    log::info!("config reloaded from {}: no change", self.path.display());
+                }
+                for change in changes {
+                    log::info!("config reloaded: {change}");
+                }
+                self.reloaded.notify_one();
+            }
             Err(e) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 log::error!("config reload failed, keeping the configuration in force: {e}");
                 *lock(&self.stats.last_error) = Some(e.to_string());
-                return;
             }
+        }
+    }
+
+    /// Parses `text`, keeps the restart-only keys as they are, compiles and
+    /// publishes the new snapshot; returns one line per changed key.
+    fn apply(&self, text: &str) -> Result<Vec<String>, ConfigError> {
+        // Parsed once as it is, so that errors point at the file's own lines.
+        let parsed = Config::parse(&self.path, text)?;
+        for warning in parsed.warnings(text) {
+            log::warn!("{}: {warning}", self.path.display());
+        }
+        let mut table: toml::Table = text.parse().unwrap_or_default();
+        let mut in_force = lock(&self.in_force);
+        let kept = diff::keep_restart_only(&in_force, &mut table);
+        for line in &kept {
+            log::warn!("config reload: {line}");
+        }
+        let config = if kept.is_empty() {
+            parsed
+        } else {
+            let merged = toml::to_string(&table).unwrap_or_default();
+            Config::parse(&self.path, &merged)?
         };
-        let old = self.config.load_full();
-        keep_startup_settings(&old, &mut new);
-        let changes = describe_changes(&old, &new);
-        self.config.store(Arc::new(new));
-        self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
-        *lock(&self.stats.loaded_at) = SystemTime::now();
-        *lock(&self.stats.last_error) = None;
-        if changes.is_empty() {
-            log::info!("config reloaded from {}: no change", self.path.display());
-        }
-        for change in changes {
-            log::info!("config reloaded: {change}");
-        }
-        self.reloaded.notify_one();
+        let changes = diff::changes(&in_force, &table);
+        let snapshot = Snapshot::compile(config, Some(&self.live.load()));
+        self.live.store(Arc::new(snapshot));
+        *in_force = table;
+        Ok(changes)
     }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// `listen`, `admin_listen`, `threads` and the cache's size bounds are fixed
-/// for the life of the process: keep them, and say so.
-fn keep_startup_settings(old: &Config, new: &mut Config) {
-    fn keep<T: PartialEq + Clone>(key: &str, old: &T, new: &mut T, show: fn(&T) -> String) {
-        if old != new {
-            let (was, is) = (show(old), show(new));
-            log::warn!("config reload: {key} {was} -> {is} needs a restart; keeping {was}");
-            *new = old.clone();
-        }
-    }
-    keep("listen", &old.listen, &mut new.listen, |a| a.to_string());
-    keep(
-        "admin_listen",
-        &old.admin_listen,
-        &mut new.admin_listen,
-        |a| a.map_or_else(|| "(off)".to_owned(), |a| a.to_string()),
-    );
-    keep("threads", &old.threads, &mut new.threads, |t| {
-        t.map_or_else(|| "(one per CPU)".to_owned(), |t| t.to_string())
-    });
-    if let (Some(old_cache), Some(new_cache)) = (&old.cache, &mut new.cache) {
-        keep(
-            "cache.max_size",
-            &old_cache.max_size.0,
-            &mut new_cache.max_size.0,
-            u64::to_string,
-        );
-        keep(
-            "cache.max_object_size",
-            &old_cache.max_object_size.0,
-            &mut new_cache.max_object_size.0,
-            u64::to_string,
-        );
-    }
-}
-
-/// One line per changed setting, in the words of the file.
-fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
-    let mut lines = Vec::new();
-    let old_servers: Vec<String> = old
-        .upstream
-        .servers
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    let new_servers: Vec<String> = new
-        .upstream
-        .servers
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    for s in new_servers.iter().filter(|s| !old_servers.contains(s)) {
-        lines.push(format!("upstream added {s}"));
-    }
-    for s in old_servers.iter().filter(|s| !new_servers.contains(s)) {
-        lines.push(format!("upstream removed {s}"));
-    }
-    // Each live setting, as the file names it and as it is shown.
-    type Show<T> = fn(&T) -> String;
-    let settings: [(&str, Show<Config>); 15] = [
-        ("upstream.resolve_interval", |c| {
-            c.upstream.resolve_interval.to_string()
-        }),
-        ("upstream.connect_timeout", |c| {
-            c.upstream.connect_timeout.to_string()
-        }),
-        ("upstream.read_timeout", |c| {
-            c.upstream.read_timeout.to_string()
-        }),
-        ("grace_period", |c| c.grace_period.to_string()),
-        ("log_format", |c| {
-            format!("{:?}", c.log_format).to_lowercase()
-        }),
-        ("log_health_checks", |c| c.log_health_checks.to_string()),
-        ("admin_token_file", |c| {
-            c.admin_token_file
-                .as_ref()
-                .map_or_else(|| "(none)".to_owned(), |p| p.display().to_string())
-        }),
-        ("limits.lingering_time", |c| {
-            c.limits.lingering_time.to_string()
-        }),
-        ("limits.lingering_timeout", |c| {
-            c.limits.lingering_timeout.to_string()
-        }),
-        ("limits.max_header_size", |c| {
-            c.limits.max_header_size.0.to_string()
-        }),
-        ("limits.max_headers", |c| c.limits.max_headers.to_string()),
-        ("limits.max_body_size", |c| {
-            c.limits.max_body_size.0.to_string()
-        }),
-        ("limits.keepalive_timeout", |c| {
-            c.limits.keepalive_timeout.to_string()
-        }),
-        ("limits.client_header_timeout", |c| {
-            c.limits.client_header_timeout.to_string()
-        }),
-        ("limits.max_connections", |c| {
-            c.limits.max_connections.to_string()
-        }),
-    ];
-    let checks: [(&str, Show<HealthCheck>); 5] = [
-        ("health_check.path", |h| h.path.as_str().to_owned()),
-        ("health_check.interval", |h| h.interval.to_string()),
-        ("health_check.timeout", |h| h.timeout.to_string()),
-        ("health_check.healthy_threshold", |h| {
-            h.healthy_threshold.to_string()
-        }),
-        ("health_check.unhealthy_threshold", |h| {
-            h.unhealthy_threshold.to_string()
-        }),
-    ];
-    fn compare<T>(lines: &mut Vec<String>, old: &T, new: &T, settings: &[(&str, Show<T>)]) {
-        for (key, show) in settings {
-            let (was, is) = (show(old), show(new));
-            if was != is {
-                lines.push(format!("{key} {was} -> {is}"));
-            }
-        }
-    }
-    compare(&mut lines, old, new, &settings);
-    match (&old.upstream.health_check, &new.upstream.health_check) {
-        (Some(a), Some(b)) => compare(&mut lines, a, b, &checks),
-        (None, Some(_)) => lines.push("health checks turned on".to_owned()),
-        (Some(_), None) => {
-            lines.push("health checks turned off: every address takes traffic".to_owned())
-        }
-        (None, None) => {}
-    }
-    let rules = |c: &Config| {
-        c.cache
-            .as_ref()
-            .map(|c| c.rules.clone())
-            .unwrap_or_default()
-    };
-    let (old_rules, new_rules) = (rules(old), rules(new));
-    for rule in new_rules.iter().filter(|r| !old_rules.contains(r)) {
-        lines.push(format!("cache rule for {} set: {rule}", rule.path.as_str()));
-    }
-    for rule in old_rules
-        .iter()
-        .filter(|r| !new_rules.iter().any(|n| n.path == r.path))
-    {
-        lines.push(format!("cache rule for {} removed", rule.path.as_str()));
-    }
-    lines
 }
 
 /// Whether a file-system event in the file's directory may have changed the

@@ -1,0 +1,250 @@
+//! Prometheus metrics, in the default registry of the `prometheus` crate
+//! that pingora-prometheus re-exports and serves on the admin listener.
+//!
+//! Each figure is kept in one place. Per-request figures (requests by
+//! status, method, route and upstream group; latencies; retries) are counted
+//! by the request path as requests end. Everything that is state kept
+//! elsewhere (backends and their health, the cache, reloads, client
+//! connections) is read from where it lives by one [`LiveState`] collector at
+//! scrape time, so it is never copied, never races a scrape, and a backend
+//! that is gone is gone from the metrics too.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, LazyLock};
+
+use pingora_prometheus::prometheus::core::{Collector, Desc};
+use pingora_prometheus::prometheus::proto::MetricFamily;
+use pingora_prometheus::prometheus::{
+    register_histogram, register_histogram_vec, register_int_counter, register_int_counter_vec,
+    Histogram, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+};
+
+use crate::admin::access_log::Record;
+use crate::cache::ResponseCache;
+use crate::config::reload::ReloadStats;
+use crate::proxy::connections::Connections;
+use crate::runtime::Live;
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+macro_rules! metric {
+    ($name:ident: $ty:ty = $register:expr) => {
+        static $name: LazyLock<$ty> = LazyLock::new(|| {
+            $register.expect(concat!("metric ", stringify!($name), " registers once"))
+        });
+    };
+}
+
+metric!(REQUESTS: IntCounterVec = register_int_counter_vec!(
+    "balancer_requests_total",
+    "Requests answered, by status class, method, route and upstream group",
+    &["status_class", "method", "route", "upstream"]
+));
+metric!(REQUEST_SECONDS: Histogram = register_histogram!(
+    "balancer_request_duration_seconds",
+    "Time from the request's arrival to the end of its response",
+    LATENCY_BUCKETS.to_vec()
+));
+metric!(UPSTREAM_SECONDS: HistogramVec = register_histogram_vec!(
+    "balancer_upstream_duration_seconds",
+    "Time from picking a backend to the end of its response body, by upstream group",
+    &["upstream"],
+    LATENCY_BUCKETS.to_vec()
+));
+metric!(RETRIES: IntCounter = register_int_counter!(
+    "balancer_retries_total",
+    "Attempts on another (or the same) backend after a failed one"
+));
+
+/// Records one finished request.
+pub fn observe(r: &Record<'_>) {
+    let class = match r.status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "none",
+    };
+    // Methods outside the standard set share one label, so clients cannot grow the series.
+    let method = match r.method {
+        "GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "PATCH" | "OPTIONS" => r.method,
+        _ => "OTHER",
+    };
+    let group = r.group.unwrap_or("none");
+    REQUESTS
+        .with_label_values(&[class, method, r.route.unwrap_or("none"), group])
+        .inc();
+    REQUEST_SECONDS.observe(r.time.as_secs_f64());
+    if let (Some(group), Some(t)) = (r.group, r.upstream_time) {
+        UPSTREAM_SECONDS
+            .with_label_values(&[group])
+            .observe(t.as_secs_f64());
+    }
+}
+
+/// Counts one retry, when it is decided (so before its response is sent).
+pub fn count_retry() {
+    RETRIES.inc();
+}
+
+/// The state that lives elsewhere, read at each scrape.
+pub struct LiveState {
+    pub live: Arc<Live>,
+    pub cache: &'static ResponseCache,
+    pub reloads: Arc<ReloadStats>,
+    pub connections: Arc<Connections>,
+}
+
+impl LiveState {
+    /// Registers the collector in the default registry (once per process).
+    pub fn register(self) {
+        if let Err(e) = pingora_prometheus::prometheus::register(Box::new(self)) {
+            log::error!("cannot register the live-state metrics: {e}");
+        }
+    }
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("a valid metric")
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("a valid metric")
+}
+
+/// The live-state metrics, made afresh from their sources.
+struct Families {
+    healthy: IntGaugeVec,
+    failures: IntGaugeVec,
+    in_flight: IntGaugeVec,
+    backend_requests: IntCounterVec,
+    cache_events: IntCounterVec,
+    cache_evictions: IntCounterVec,
+    cache_bytes: IntGaugeVec,
+    reloads: IntCounterVec,
+    connections_open: IntGaugeVec,
+    connections_refused: IntCounterVec,
+    header_timeouts: IntCounterVec,
+    lingering: IntGaugeVec,
+    build_info: IntGaugeVec,
+}
+
+impl Families {
+    fn new() -> Families {
+        let backend = ["upstream", "backend", "server"];
+        Families {
+            healthy: gauge("balancer_upstream_healthy", "1 when the backend takes traffic, 0 when it is out", &backend),
+            failures: gauge("balancer_upstream_consecutive_failures", "Failed health checks (or connects) in a row", &backend),
+            in_flight: gauge("balancer_upstream_in_flight_requests", "Requests being proxied to the backend now", &backend),
+            backend_requests: counter("balancer_upstream_requests_total", "Requests sent to the backend (attempts, retries included)", &backend),
+            cache_events: counter("balancer_cache_responses_total", "Responses covered by a cache rule, by outcome (hit, miss, stale, bypass)", &["outcome"]),
+            cache_evictions: counter("balancer_cache_evictions_total", "Cached responses evicted to stay within cache.max_size", &[]),
+            cache_bytes: gauge("balancer_cache_stored_bytes", "Bytes held by the cache (keys, metadata and bodies)", &[]),
+            reloads: counter("balancer_config_reloads_total", "Configuration reloads, by result (ok, failed)", &["result"]),
+            connections_open: gauge("balancer_client_connections_open", "Client connections open now", &[]),
+            connections_refused: counter("balancer_client_connections_refused_total", "Client connections answered 503 and closed because limits.max_connections were open", &[]),
+            header_timeouts: counter("balancer_client_header_timeouts_total", "Client connections closed because a request head took longer than limits.client_header_timeout", &[]),
+            lingering: gauge("balancer_client_connections_lingering", "Client connections answered early, being read from and discarded before they close", &[]),
+            build_info: gauge("balancer_build_info", "Always 1; the labels say which build this is", &["version"]),
+        }
+    }
+
+    fn all(&self) -> [&dyn Collector; 13] {
+        [
+            &self.healthy,
+            &self.failures,
+            &self.in_flight,
+            &self.backend_requests,
+            &self.cache_events,
+            &self.cache_evictions,
+            &self.cache_bytes,
+            &self.reloads,
+            &self.connections_open,
+            &self.connections_refused,
+            &self.header_timeouts,
+            &self.lingering,
+            &self.build_info,
+        ]
+    }
+}
+
+static DESCS: LazyLock<Vec<Desc>> = LazyLock::new(|| {
+    Families::new()
+        .all()
+        .iter()
+        .flat_map(|c| c.desc().into_iter().cloned())
+        .collect()
+});
+
+fn level(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+impl Collector for LiveState {
+    fn desc(&self) -> Vec<&Desc> {
+        DESCS.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let f = Families::new();
+        f.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let snapshot = self.live.load();
+        for (name, group) in &snapshot.groups {
+            for b in group.state.pool.members().iter() {
+                let labels = [name.as_str(), b.label.as_str(), &*b.server];
+                f.healthy
+                    .with_label_values(&labels)
+                    .set(i64::from(b.is_healthy()));
+                f.failures
+                    .with_label_values(&labels)
+                    .set(i64::from(b.consecutive_failures()));
+                f.in_flight.with_label_values(&labels).set(b.in_flight());
+                f.backend_requests
+                    .with_label_values(&labels)
+                    .inc_by(b.requests());
+            }
+        }
+        let stats = &self.cache.stats;
+        for (outcome, counter) in [
+            ("hit", &stats.hits),
+            ("miss", &stats.misses),
+            ("stale", &stats.stale),
+            ("bypass", &stats.bypasses),
+        ] {
+            f.cache_events
+                .with_label_values(&[outcome])
+                .inc_by(counter.load(Ordering::Relaxed));
+        }
+        f.cache_evictions
+            .with_label_values::<&str>(&[])
+            .inc_by(self.cache.storage.evictions());
+        f.cache_bytes
+            .with_label_values::<&str>(&[])
+            .set(level(self.cache.storage.stored_bytes()));
+        f.reloads
+            .with_label_values(&["ok"])
+            .inc_by(self.reloads.succeeded.load(Ordering::Relaxed));
+        f.reloads
+            .with_label_values(&["failed"])
+            .inc_by(self.reloads.failed.load(Ordering::Relaxed));
+        let c = &self.connections;
+        f.connections_open
+            .with_label_values::<&str>(&[])
+            .set(level(c.open() as u64));
+        f.connections_refused
+            .with_label_values::<&str>(&[])
+            .inc_by(c.refused());
+        f.header_timeouts
+            .with_label_values::<&str>(&[])
+            .inc_by(c.header_timeouts());
+        f.lingering
+            .with_label_values::<&str>(&[])
+            .set(level(c.lingering() as u64));
+        f.all().iter().flat_map(|c| c.collect()).collect()
+    }
+}

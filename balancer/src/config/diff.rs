@@ -1,0 +1,214 @@
+//! What changed between two versions of the file, key by key, in the words
+//! of the file (`upstream.health_check.interval 2s -> 1s`), found by walking
+//! both as TOML: a key added to the configuration types is covered without
+//! a line of code here. The keys that apply only at start-up are declared
+//! once, in [`RESTART_ONLY`].
+
+use std::collections::BTreeMap;
+
+use toml::{Table, Value};
+
+/// Dotted keys whose new value is kept out until a restart.
+pub const RESTART_ONLY: [&str; 5] = [
+    "listen",
+    "admin_listen",
+    "threads",
+    "cache.max_size",
+    "cache.max_object_size",
+];
+
+/// One line per changed key: `KEY OLD -> NEW`, with `(absent)` for a key
+/// that is not written; a list of plain values reports what was added to it
+/// and removed from it instead.
+pub fn changes(old: &Table, new: &Table) -> Vec<String> {
+    let (old, new) = (flatten(old), flatten(new));
+    let mut lines = Vec::new();
+    let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    for key in keys {
+        match (old.get(key), new.get(key)) {
+            (Some(Leaf::List(a)), Some(Leaf::List(b))) => {
+                lines.extend(
+                    b.iter()
+                        .filter(|v| !a.contains(v))
+                        .map(|v| format!("{key} added {v}")),
+                );
+                lines.extend(
+                    a.iter()
+                        .filter(|v| !b.contains(v))
+                        .map(|v| format!("{key} removed {v}")),
+                );
+            }
+            (a, b) if a != b => lines.push(format!("{key} {} -> {}", show(key, a), show(key, b))),
+            _ => {}
+        }
+    }
+    lines
+}
+
+/// Puts back into `new` the old value (or absence) of every restart-only key
+/// that changed, and says so: `listen 0.0.0.0:80 -> 0.0.0.0:8080 needs a restart; keeping 0.0.0.0:80`.
+pub fn keep_restart_only(old: &Table, new: &mut Table) -> Vec<String> {
+    let mut kept = Vec::new();
+    for key in RESTART_ONLY {
+        let (was, is) = (lookup(old, key).cloned(), lookup(new, key).cloned());
+        if was == is {
+            continue;
+        }
+        let (was_text, is_text) = (show_value(key, was.as_ref()), show_value(key, is.as_ref()));
+        kept.push(format!(
+            "{key} {was_text} -> {is_text} needs a restart; keeping {was_text}"
+        ));
+        set(new, key, was);
+    }
+    kept
+}
+
+/// A value as written, for lists of plain values item by item.
+#[derive(Debug, PartialEq)]
+enum Leaf {
+    One(String),
+    List(Vec<String>),
+}
+
+fn flatten(table: &Table) -> BTreeMap<String, Leaf> {
+    let mut out = BTreeMap::new();
+    walk("", &Value::Table(table.clone()), &mut out);
+    out
+}
+
+fn walk(prefix: &str, value: &Value, out: &mut BTreeMap<String, Leaf>) {
+    let join = |key: &str| {
+        if prefix.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{prefix}.{key}")
+        }
+    };
+    match value {
+        Value::Table(table) => {
+            for (key, value) in table {
+                walk(&join(key), value, out);
+            }
+        }
+        // An array of tables (`[[route]]`): each by its position.
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_table) => {
+            for (i, item) in items.iter().enumerate() {
+                walk(&format!("{prefix}[{i}]"), item, out);
+            }
+        }
+        Value::Array(items) => {
+            out.insert(
+                prefix.to_owned(),
+                Leaf::List(items.iter().map(plain).collect()),
+            );
+        }
+        other => {
+            out.insert(prefix.to_owned(), Leaf::One(plain(other)));
+        }
+    }
+}
+
+/// A value as a reader wants it: strings without quotes, the rest as TOML.
+fn plain(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// What a key that is not written means.
+fn absent(key: &str) -> String {
+    match key {
+        "admin_listen" => "(off)",
+        "threads" => "(one per CPU)",
+        _ => "(absent)",
+    }
+    .to_owned()
+}
+
+fn show(key: &str, leaf: Option<&Leaf>) -> String {
+    match leaf {
+        None => absent(key),
+        Some(Leaf::One(v)) => v.clone(),
+        Some(Leaf::List(items)) => format!("[{}]", items.join(", ")),
+    }
+}
+
+fn show_value(key: &str, value: Option<&Value>) -> String {
+    value.map_or_else(|| absent(key), plain)
+}
+
+fn lookup<'a>(table: &'a Table, key: &str) -> Option<&'a Value> {
+    let mut parts = key.split('.');
+    let mut value = table.get(parts.next()?)?;
+    for part in parts {
+        value = value.as_table()?.get(part)?;
+    }
+    Some(value)
+}
+
+fn set(table: &mut Table, key: &str, value: Option<Value>) {
+    match key.split_once('.') {
+        None => {
+            match value {
+                Some(v) => table.insert(key.to_owned(), v),
+                None => table.remove(key),
+            };
+        }
+        Some((head, rest)) => {
+            if let Some(Value::Table(inner)) = table.get_mut(head) {
+                set(inner, rest, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(text: &str) -> Table {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn every_changed_key_is_named_with_old_and_new() {
+        let old = table("listen = \"0.0.0.0:80\"\n[upstream]\nservers = [\"a:1\", \"b:1\"]\n[upstream.health_check]\ninterval = \"2s\"\n[[route]]\npath = \"/a\"\nupstream = \"x\"\n");
+        let new = table("listen = \"0.0.0.0:80\"\nlog_format = \"json\"\n[upstream]\nservers = [\"b:1\", \"c:1\"]\n[upstream.health_check]\ninterval = \"1s\"\n[[route]]\npath = \"/b\"\nupstream = \"x\"\n");
+        let lines = changes(&old, &new);
+        for expected in [
+            "log_format (absent) -> json",
+            "upstream.servers added c:1",
+            "upstream.servers removed a:1",
+            "upstream.health_check.interval 2s -> 1s",
+            "route[0].path /a -> /b",
+        ] {
+            assert!(
+                lines.iter().any(|l| l == expected),
+                "{expected:?} not in {lines:?}"
+            );
+        }
+        assert_eq!(lines.len(), 5, "{lines:?}");
+        assert!(changes(&old, &old).is_empty());
+    }
+
+    #[test]
+    fn restart_only_keys_keep_their_old_value() {
+        let old = table("listen = \"0.0.0.0:80\"\n[cache]\nmax_size = \"64MiB\"\n");
+        let mut new =
+            table("listen = \"0.0.0.0:8080\"\nthreads = 4\n[cache]\nmax_size = \"1GiB\"\n");
+        let kept = keep_restart_only(&old, &mut new);
+        assert_eq!(
+            kept,
+            [
+                "listen 0.0.0.0:80 -> 0.0.0.0:8080 needs a restart; keeping 0.0.0.0:80",
+                "threads (one per CPU) -> 4 needs a restart; keeping (one per CPU)",
+                "cache.max_size 64MiB -> 1GiB needs a restart; keeping 64MiB",
+            ]
+        );
+        assert_eq!(
+            new,
+            table("listen = \"0.0.0.0:80\"\n[cache]\nmax_size = \"64MiB\"\n")
+        );
+    }
+}

@@ -1,0 +1,51 @@
+//! `X-Request-Id`: every request carries one, forwarded upstream, returned to
+//! the client and written in the access log. A client's own id is kept when
+//! it is well-formed (1 to 128 letters, digits and `-_.:`), so a trace that
+//! began before the balancer goes on through it; otherwise a new one is made.
+
+use pingora::http::RequestHeader;
+
+pub const HEADER: &str = "x-request-id";
+
+/// The request's id: the client's when well-formed, else a new random one.
+pub fn for_request(req: &RequestHeader) -> String {
+    req.headers
+        .get(HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| well_formed(id))
+        .map_or_else(new_id, str::to_owned)
+}
+
+fn well_formed(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// 128 random bits as 32 hex digits.
+fn new_id() -> String {
+    format!("{:032x}", fastrand::u128(..))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_well_formed_id_is_kept_and_anything_else_replaced() {
+        let with = |id: &str| {
+            let mut r = RequestHeader::build("GET", b"/", None).unwrap();
+            r.insert_header(HEADER, id).unwrap();
+            for_request(&r)
+        };
+        assert_eq!(with("abc-123_x.y:z"), "abc-123_x.y:z");
+        for bad in ["", "has space", "<script>", &"x".repeat(129)] {
+            let id = with(bad);
+            assert_ne!(id, bad);
+            assert_eq!(id.len(), 32, "{id}");
+        }
+        let plain = RequestHeader::build("GET", b"/", None).unwrap();
+        assert_ne!(for_request(&plain), for_request(&plain), "new ids differ");
+    }
+}

@@ -1,0 +1,87 @@
+//! The runtime snapshot: each valid configuration file is compiled once into
+//! a [`Snapshot`] (its upstream groups with their pools, its routes with
+//! their matchers, header values and rate limiters) and published behind one
+//! `ArcSwap`. A request takes the snapshot in force when it arrives and reads
+//! only that, to its end; a reload publishes a new one.
+//!
+//! What must outlive a reload is carried over by name: a group's pool of
+//! backends (their health, their pooled connections, their counters) and a
+//! route's rate-limit counts while its limit is unchanged.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::{self, Config};
+use crate::routing::Route;
+use crate::upstream::discovery::Resolver;
+use crate::upstream::Pool;
+
+/// The snapshot in force, swapped whole by a reload.
+pub type Live = ArcSwap<Snapshot>;
+
+pub struct Snapshot {
+    /// The file's values, restart-only keys as they were at start-up.
+    pub config: Arc<Config>,
+    /// Every upstream group by name (`[upstream]` is `default`).
+    pub groups: BTreeMap<String, Arc<Group>>,
+    /// In file order.
+    pub routes: Vec<Route>,
+}
+
+/// One upstream group as this snapshot configures it.
+pub struct Group {
+    pub name: Arc<str>,
+    pub settings: config::Upstream,
+    /// Its backends, kept across reloads while the group exists.
+    pub state: Arc<GroupState>,
+}
+
+/// What a group keeps from one snapshot to the next.
+#[derive(Default)]
+pub struct GroupState {
+    pub pool: Pool,
+    pub resolver: Resolver,
+}
+
+impl Snapshot {
+    /// Compiles `config`, carrying over the state of `previous` where the
+    /// same group or the same rate limit is still configured.
+    pub fn compile(config: Config, previous: Option<&Snapshot>) -> Snapshot {
+        let groups = config
+            .groups()
+            .map(|(name, settings)| {
+                let state = previous
+                    .and_then(|p| p.groups.get(name))
+                    .map(|g| Arc::clone(&g.state))
+                    .unwrap_or_default();
+                let group = Group {
+                    name: Arc::from(name),
+                    settings: settings.clone(),
+                    state,
+                };
+                (name.to_owned(), Arc::new(group))
+            })
+            .collect();
+        let routes = config
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, route)| {
+                let kept = previous.and_then(|p| p.routes.get(i));
+                Route::compile(i, route.get_ref(), kept)
+            })
+            .collect();
+        Snapshot {
+            config: Arc::new(config),
+            groups,
+            routes,
+        }
+    }
+
+    /// The group that requests no route claims go to.
+    pub fn default_group(&self) -> Option<&Arc<Group>> {
+        self.groups.get(Config::DEFAULT_GROUP)
+    }
+}

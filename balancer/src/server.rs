@@ -1,0 +1,131 @@
+//! Wiring: the Pingora server and its services (the proxy behind its
+//! connection guard, the admin listener, the upstream upkeep, the config
+//! reloader) around one live runtime snapshot, and the graceful stop as
+//! Pingora's shutdown signal.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::prelude::*;
+use pingora::server::configuration::ServerConf;
+use pingora::server::RunArgs;
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+
+use crate::admin::{self, metrics};
+use crate::cache::ResponseCache;
+use crate::config::reload::Reloader;
+use crate::config::Config;
+use crate::extension::Extension;
+use crate::proxy::{self, connections, drain};
+use crate::runtime::Snapshot;
+use crate::upstream::health::Upkeep;
+
+/// Per-client-connection read buffer (Pingora's default is 64 KiB).
+const CLIENT_READ_BUFFER: usize = 8 << 10;
+
+/// Runs the balancer on `config` (read from `path` as `text`) until it is stopped.
+pub fn run(
+    config: Config,
+    path: PathBuf,
+    text: String,
+    extensions: Vec<Arc<dyn Extension>>,
+) -> ExitCode {
+    let server_conf = ServerConf {
+        threads: config.threads(),
+        // `drain` has waited for the requests in flight (at most the live
+        // grace_period) before it lets Pingora stop: nothing is left to sleep for.
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Opt::default(), server_conf);
+    server.bootstrap();
+
+    let listen = config.listen;
+    let admin_listen = config.admin_listen;
+    let cache = ResponseCache::leak(config.cache.as_ref());
+    let live = Arc::new(ArcSwap::from_pointee(Snapshot::compile(config, None)));
+    let in_flight = Arc::new(proxy::InFlight::default());
+    let reloaded = Arc::new(tokio::sync::Notify::new());
+    let reloader = Reloader::new(path.clone(), Arc::clone(&live), Arc::clone(&reloaded), text);
+    let reloads = Arc::clone(&reloader.stats);
+    let connections = Arc::new(connections::Connections::default());
+    let stopping = Arc::new(drain::Stopping::default());
+
+    let upkeep = background_service(
+        "upstream upkeep",
+        Upkeep {
+            live: Arc::clone(&live),
+            reloaded,
+        },
+    );
+    let drain = drain::Drain {
+        in_flight: Arc::clone(&in_flight),
+        stopping: Arc::clone(&stopping),
+        live: Arc::clone(&live),
+    };
+    let balancer = pingora::proxy::http_proxy(
+        &server.configuration,
+        proxy::Balancer {
+            live: Arc::clone(&live),
+            extensions,
+            in_flight,
+            cache,
+            stopping: Arc::clone(&stopping),
+        },
+    );
+    let mut proxy = Service::new(
+        "balancer".to_owned(),
+        connections::Guarded::new(
+            balancer,
+            Arc::clone(&live),
+            Arc::clone(&connections),
+            stopping,
+        ),
+    );
+    // Pingora reads clients through a 64 KiB buffer each; requests here are
+    // small, and at 1,000 connections that buffer alone is 64 MB.
+    proxy.add_listener(
+        ListenerConfig::tcp(listen.to_string())
+            .l4_buffer(L4BufferSettings::new(CLIENT_READ_BUFFER, 1460)),
+    );
+
+    metrics::LiveState {
+        live: Arc::clone(&live),
+        cache,
+        reloads: Arc::clone(&reloads),
+        connections: Arc::clone(&connections),
+    }
+    .register();
+    if let Some(admin_listen) = admin_listen {
+        let mut admin = Service::new(
+            "admin".to_owned(),
+            admin::Admin {
+                token_from_env: std::env::var(admin::TOKEN_ENV)
+                    .ok()
+                    .map(|t| t.trim().to_owned())
+                    .filter(|t| !t.is_empty()),
+                cache,
+                live,
+                config_path: path,
+                reloads,
+                connections,
+            },
+        );
+        admin.add_tcp(&admin_listen.to_string());
+        server.add_service(admin);
+        log::info!("admin listening on {admin_listen}");
+    }
+    let upkeep = server.add_service(upkeep);
+    server.add_service(background_service("config reload", reloader));
+    server.add_service(proxy).add_dependency(&upkeep);
+    log::info!("balancer listening on {listen}");
+    server.run(RunArgs {
+        shutdown_signal: Box::new(drain),
+    });
+    ExitCode::SUCCESS
+}
