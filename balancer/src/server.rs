@@ -127,5 +127,6 @@ pub fn run(
     server.run(RunArgs {
         shutdown_signal: Box::new(drain),
     });
+    admin::access_log::flush(std::time::Duration::from_secs(1));
     ExitCode::SUCCESS
 }

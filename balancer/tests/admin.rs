@@ -338,7 +338,8 @@ fn the_status_page_shows_the_upstreams_in_a_real_browser() {
     let (pa, dead) = (free_port(), free_port());
     let _a = start_backend("a", pa);
     let admin = free_port();
-    let lb = start_balancer(&config(admin, &[pa, dead], true));
+    let routes = "[[route]]\nname = \"maintenance\"\npath = \"/old/\"\nrespond = { status = 503, body = \"gone\" }\n";
+    let lb = start_balancer(&format!("{}{routes}", config(admin, &[pa, dead], true)));
     wait_for(Duration::from_secs(10), "the live backend admitted", || {
         get(&lb.url("/")).ok().filter(|r| r.status == 200)
     });
@@ -390,6 +391,20 @@ fn the_status_page_shows_the_upstreams_in_a_real_browser() {
     assert!(row(&format!("127.0.0.1:{dead}")).contains("data-healthy=\"false\""));
     assert!(row(&format!("127.0.0.1:{dead}")).contains("class=\"health down\""));
     assert!(dom.contains("id=\"hit-ratio\">80 %<"), "4 hits of 5: {dom}");
+    assert!(
+        row(&format!("127.0.0.1:{pa}")).contains("<td>default (round_robin)</td>"),
+        "the group and its algorithm: {dom}"
+    );
+    let route = dom
+        .split("<tr class=\"route\" data-route=\"maintenance\">")
+        .nth(1)
+        .unwrap_or_else(|| panic!("a row for the route: {dom}"));
+    assert!(
+        route.starts_with(
+            "<td>maintenance</td><td>any</td><td>/old/</td><td>any</td><td>respond 503</td>"
+        ),
+        "the route's row: {route}"
+    );
     assert!(dom.contains("class=\"bar-row\""), "the bar chart is drawn");
     assert!(
         dom.contains(" / 4096</div>"),

@@ -1,9 +1,21 @@
-//! The access log: one line per request through the `log` crate's `access`
-//! target, as text or as a JSON object (`log_format`).
+//! The access log: one line per request, as text or as a JSON object
+//! (`log_format`), on standard error beside the process log and in its
+//! format (`[TIME INFO  access] ...`). `RUST_LOG` filters it as the `access`
+//! target (`RUST_LOG=info,access=off` turns it off).
+//!
+//! A request never waits for the log: its line goes into a bounded queue
+//! that one writer thread drains into a buffered stderr, flushing whenever
+//! the queue runs dry. When the output stalls (a full disk, a slow pipe) and
+//! the queue is full, lines are dropped and counted
+//! (`balancer_access_log_dropped_total`), not waited for.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::net::IpAddr;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::LogFormat;
 
@@ -29,15 +41,104 @@ pub struct Record<'a> {
     pub cache: Option<&'static str>,
 }
 
+/// Lines waiting for the writer; beyond this many, new ones are dropped.
+const QUEUE: usize = 16 << 10;
+
+struct Writer {
+    queue: SyncSender<String>,
+    queued: AtomicU64,
+    written: AtomicU64,
+    dropped: AtomicU64,
+}
+
+static WRITER: OnceLock<Option<Writer>> = OnceLock::new();
+
+/// The writer thread, started on first use (`None` if it could not be).
+fn writer() -> Option<&'static Writer> {
+    WRITER
+        .get_or_init(|| {
+            let (queue, lines) = mpsc::sync_channel::<String>(QUEUE);
+            let spawned = std::thread::Builder::new()
+                .name("access-log".to_owned())
+                .spawn(move || {
+                    let mut out = std::io::BufWriter::with_capacity(64 << 10, std::io::stderr());
+                    while let Ok(line) = lines.recv() {
+                        let mut batch = 1;
+                        let _ = out.write_all(line.as_bytes());
+                        while let Ok(line) = lines.try_recv() {
+                            let _ = out.write_all(line.as_bytes());
+                            batch += 1;
+                        }
+                        let _ = out.flush();
+                        if let Some(w) = WRITER.get().and_then(Option::as_ref) {
+                            w.written.fetch_add(batch, Ordering::Release);
+                        }
+                    }
+                });
+            match spawned {
+                Ok(_) => Some(Writer {
+                    queue,
+                    queued: AtomicU64::new(0),
+                    written: AtomicU64::new(0),
+                    dropped: AtomicU64::new(0),
+                }),
+                Err(e) => {
+                    log::error!("cannot start the access-log writer: {e}; the access log is off");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// Lines dropped because the output could not keep up.
+pub fn dropped() -> u64 {
+    WRITER
+        .get()
+        .and_then(Option::as_ref)
+        .map_or(0, |w| w.dropped.load(Ordering::Relaxed))
+}
+
+/// Waits (at most `within`) until every queued line is written: at exit.
+pub fn flush(within: Duration) {
+    let Some(w) = WRITER.get().and_then(Option::as_ref) else {
+        return;
+    };
+    let deadline = Instant::now() + within;
+    while w.written.load(Ordering::Acquire) < w.queued.load(Ordering::Relaxed)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Queues the line for `r`, unless the `access` target is filtered out.
 pub fn write(format: LogFormat, r: &Record<'_>) {
     if !log::log_enabled!(target: "access", log::Level::Info) {
         return;
     }
-    let line = match format {
-        LogFormat::Text => text(r),
-        LogFormat::Json => json(r),
+    let Some(writer) = writer() else {
+        return;
     };
-    log::info!(target: "access", "{line}");
+    let mut line = String::with_capacity(224);
+    let _ = write!(
+        line,
+        "[{} INFO  access] ",
+        humantime::format_rfc3339_seconds(SystemTime::now())
+    );
+    match format {
+        LogFormat::Text => line.push_str(&text(r)),
+        LogFormat::Json => line.push_str(&json(r)),
+    }
+    line.push('\n');
+    match writer.queue.try_send(line) {
+        Ok(()) => {
+            writer.queued.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+            writer.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 fn text(r: &Record<'_>) -> String {

@@ -129,6 +129,7 @@ struct Families {
     connections_refused: IntCounterVec,
     header_timeouts: IntCounterVec,
     lingering: IntGaugeVec,
+    access_log_dropped: IntCounterVec,
     build_info: IntGaugeVec,
 }
 
@@ -148,11 +149,12 @@ impl Families {
             connections_refused: counter("balancer_client_connections_refused_total", "Client connections answered 503 and closed because limits.max_connections were open", &[]),
             header_timeouts: counter("balancer_client_header_timeouts_total", "Client connections closed because a request head took longer than limits.client_header_timeout", &[]),
             lingering: gauge("balancer_client_connections_lingering", "Client connections answered early, being read from and discarded before they close", &[]),
+            access_log_dropped: counter("balancer_access_log_dropped_total", "Access-log lines dropped because the output could not keep up", &[]),
             build_info: gauge("balancer_build_info", "Always 1; the labels say which build this is", &["version"]),
         }
     }
 
-    fn all(&self) -> [&dyn Collector; 13] {
+    fn all(&self) -> [&dyn Collector; 14] {
         [
             &self.healthy,
             &self.failures,
@@ -166,6 +168,7 @@ impl Families {
             &self.connections_refused,
             &self.header_timeouts,
             &self.lingering,
+            &self.access_log_dropped,
             &self.build_info,
         ]
     }
@@ -245,6 +248,9 @@ impl Collector for LiveState {
         f.lingering
             .with_label_values::<&str>(&[])
             .set(level(c.lingering() as u64));
+        f.access_log_dropped
+            .with_label_values::<&str>(&[])
+            .inc_by(crate::admin::access_log::dropped());
         f.all().iter().flat_map(|c| c.collect()).collect()
     }
 }
