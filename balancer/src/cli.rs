@@ -1,5 +1,5 @@
-//! The command line: `balancer --config FILE [--check]` and
-//! `balancer healthcheck`. [`main_with`] is the whole command, with the
+//! The command line: `balancer --config FILE [--check]`,
+//! `balancer healthcheck` and `balancer cert --self-signed`. [`main_with`] is the whole command, with the
 //! extensions a program of your own brings (none for `balancer` itself).
 
 #[path = "../../backend/src/probe.rs"]
@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 use crate::extension::Extension;
-use crate::{admin, proxy, server};
+use crate::{admin, proxy, server, tls};
 
 #[derive(Parser)]
 #[command(
@@ -37,11 +37,38 @@ struct Cli {
 enum Command {
     /// Probe the running balancer's /health-check and exit 0 when it answers 200, else 1.
     Healthcheck,
+    /// Write a development certificate: a CA (ca.pem) and, signed by it, a
+    /// certificate (cert.pem, with the CA) and its key (key.pem) for --host.
+    Cert {
+        /// A self-signed development CA (the only kind this command makes).
+        #[arg(long, required = true)]
+        self_signed: bool,
+        /// A name (or IP address) the certificate is for; repeat for more.
+        #[arg(long = "host", required = true, value_name = "NAME")]
+        hosts: Vec<String>,
+        /// The directory to write ca.pem, cert.pem and key.pem into.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 /// Runs the command line with `extensions` in the request path.
 pub fn main_with(extensions: Vec<Arc<dyn Extension>>) -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Cert { hosts, out, .. }) = &cli.command {
+        return match tls::self_signed::write(hosts, out) {
+            Ok(files) => {
+                for f in files {
+                    println!("wrote {}", f.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("balancer cert: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let Some(path) = cli.config else {
         eprintln!("balancer: --config FILE is required (the TOML configuration)");
         return ExitCode::from(2);
@@ -71,9 +98,21 @@ pub fn main_with(extensions: Vec<Arc<dyn Extension>>) -> ExitCode {
                 }
             }
         }
+        Some(Command::Cert { .. }) => ExitCode::SUCCESS,
         None if cli.check => {
-            for warning in config.warnings(&text) {
+            let (mut errors, cert_warnings) =
+                config.tls.as_ref().map(tls::check).unwrap_or_default();
+            if let Err(e) = crate::runtime::Snapshot::compile(config.clone(), None) {
+                errors.push(e);
+            }
+            for warning in config.warnings(&text).into_iter().chain(cert_warnings) {
                 eprintln!("{}: warning: {warning}", path.display());
+            }
+            if !errors.is_empty() {
+                for e in errors {
+                    eprintln!("balancer: {}: {e}", path.display());
+                }
+                return ExitCode::FAILURE;
             }
             println!("{}: configuration is valid", path.display());
             ExitCode::SUCCESS

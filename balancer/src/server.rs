@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::extension::Extension;
 use crate::proxy::{self, connections, drain};
 use crate::runtime::Snapshot;
+use crate::tls::{CertStore, CertWatch};
 use crate::upstream::health::Upkeep;
 
 /// Per-client-connection read buffer (Pingora's default is 64 KiB).
@@ -47,8 +48,28 @@ pub fn run(
 
     let listen = config.listen;
     let admin_listen = config.admin_listen;
+    let http2_cleartext = config.http2_cleartext;
+    // The certificates are read before anything listens: a broken one is a
+    // clear error at start, never a listener that fails its handshakes.
+    let tls = match &config.tls {
+        Some(tls) => match CertStore::load(tls) {
+            Ok(store) => Some((tls.clone(), Arc::new(store))),
+            Err(e) => {
+                eprintln!("balancer: [tls]: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let cache = ResponseCache::leak(config.cache.as_ref());
-    let live = Arc::new(ArcSwap::from_pointee(Snapshot::compile(config, None)));
+    let snapshot = match Snapshot::compile(config, None) {
+        Ok(snapshot) => snapshot,
+        Err(e) => {
+            eprintln!("balancer: {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let live = Arc::new(ArcSwap::from_pointee(snapshot));
     let in_flight = Arc::new(proxy::InFlight::default());
     let reloaded = Arc::new(tokio::sync::Notify::new());
     let reloader = Reloader::new(path.clone(), Arc::clone(&live), Arc::clone(&reloaded), text);
@@ -68,7 +89,7 @@ pub fn run(
         stopping: Arc::clone(&stopping),
         live: Arc::clone(&live),
     };
-    let balancer = pingora::proxy::http_proxy(
+    let mut balancer = pingora::proxy::http_proxy(
         &server.configuration,
         proxy::Balancer {
             live: Arc::clone(&live),
@@ -78,6 +99,12 @@ pub fn run(
             stopping: Arc::clone(&stopping),
         },
     );
+    if http2_cleartext {
+        // Prior-knowledge HTTP/2 on the plain listener (HTTP/1.1 still works there).
+        let mut options = pingora::apps::HttpServerOptions::default();
+        options.h2c = true;
+        balancer.server_options = Some(options);
+    }
     let mut proxy = Service::new(
         "balancer".to_owned(),
         connections::Guarded::new(
@@ -93,8 +120,35 @@ pub fn run(
         ListenerConfig::tcp(listen.to_string())
             .l4_buffer(L4BufferSettings::new(CLIENT_READ_BUFFER, 1460)),
     );
+    if let Some((settings, store)) = &tls {
+        let mut acceptor = match pingora::listeners::tls::TlsSettings::intermediate("", "") {
+            Ok(acceptor) => acceptor,
+            Err(e) => {
+                eprintln!("balancer: [tls]: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        acceptor.set_cert_resolver(Arc::clone(store) as _);
+        if settings.http2 {
+            acceptor.enable_h2();
+        }
+        proxy.add_listener(
+            ListenerConfig::tcp(settings.listen.to_string())
+                .tls(acceptor)
+                .l4_buffer(L4BufferSettings::new(CLIENT_READ_BUFFER, 1460)),
+        );
+        server.add_service(background_service(
+            "certificate watch",
+            CertWatch {
+                store: Arc::clone(store),
+                live: Arc::clone(&live),
+            },
+        ));
+        log::info!("balancer listening on {} (TLS)", settings.listen);
+    }
 
     metrics::LiveState {
+        certificates: tls.as_ref().map(|(_, store)| Arc::clone(store)),
         live: Arc::clone(&live),
         cache,
         reloads: Arc::clone(&reloads),
@@ -105,6 +159,7 @@ pub fn run(
         let mut admin = Service::new(
             "admin".to_owned(),
             admin::Admin {
+                certificates: tls.as_ref().map(|(_, store)| Arc::clone(store)),
                 token_from_env: std::env::var(admin::TOKEN_ENV)
                     .ok()
                     .map(|t| t.trim().to_owned())

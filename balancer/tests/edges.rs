@@ -753,11 +753,11 @@ fn health_check_probes_are_access_logged_only_when_asked() {
             .map(|r| r.status)
             .collect();
         assert_eq!(statuses, [200, 200, 200, 200], "{setting:?}: {received:?}");
-        lb.wait_for_log("access] 127.0.0.1 \"GET /x\"");
+        lb.wait_for_log("access] 127.0.0.1 \"GET /x ");
         let log = lb.proc.log_text();
         let probes = log
             .lines()
-            .filter(|l| l.contains(" access] ") && l.contains("\"GET /health-check\""))
+            .filter(|l| l.contains(" access] ") && l.contains("\"GET /health-check "))
             .count();
         assert_eq!(
             probes, logged_probes,

@@ -104,7 +104,7 @@ fn the_upstream_sees_x_forwarded_proto_and_the_access_log_has_a_line() {
         lb.proc
             .log_text()
             .lines()
-            .find(|l| l.contains("\"GET /some/path?q=1\""))
+            .find(|l| l.contains("\"GET /some/path?q=1 HTTP/1.1\""))
             .map(str::to_owned)
     });
     for part in [

@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let client = IpAddr::V4(Ipv4Addr::new(192, 0, 2, data.len() as u8));
-    forwarded::apply(&mut req, Some(client)).expect("the forwarded headers are always valid");
+    forwarded::apply(&mut req, Some(client), false).expect("the forwarded headers are always valid");
     let xff = req.headers.get("x-forwarded-for").expect("set").as_bytes();
     assert!(xff.ends_with(client.to_string().as_bytes()), "the client is last");
     assert_eq!(req.headers.get("x-real-ip").expect("set").as_bytes(), client.to_string().as_bytes());

@@ -24,6 +24,8 @@ pub struct Record<'a> {
     pub client: Option<IpAddr>,
     pub method: &'a str,
     pub uri: &'a http::Uri,
+    /// `HTTP/1.1`, `HTTP/2`, ..., with `+TLS` when the client came over TLS.
+    pub protocol: &'static str,
     /// 0 when no response was written (the client went away).
     pub status: u16,
     /// The matched route's name (`#N` when unnamed).
@@ -145,10 +147,11 @@ fn text(r: &Record<'_>) -> String {
     let mut line = String::with_capacity(160);
     let _ = write!(
         line,
-        "{} \"{} {}\" {} upstream={} upstream_time=",
+        "{} \"{} {} {}\" {} upstream={} upstream_time=",
         r.client.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
         r.method,
-        r.uri,
+        origin_form(r.uri),
+        r.protocol,
         r.status,
         r.upstream.unwrap_or("-"),
     );
@@ -175,11 +178,18 @@ fn text(r: &Record<'_>) -> String {
     line
 }
 
+/// The path and query, as an HTTP/1.1 request line has them (an HTTP/2
+/// request's URI also carries the scheme and authority).
+fn origin_form(uri: &http::Uri) -> &str {
+    uri.path_and_query().map_or("/", |pq| pq.as_str())
+}
+
 fn json(r: &Record<'_>) -> String {
     serde_json::json!({
         "client": r.client.map(|ip| ip.to_string()),
         "method": r.method,
-        "uri": r.uri.to_string(),
+        "uri": origin_form(r.uri),
+        "protocol": r.protocol,
         "status": r.status,
         "upstream": r.upstream,
         "upstream_time": r.upstream_time.map(|d| d.as_secs_f64()),
@@ -202,6 +212,7 @@ mod tests {
             client: Some("10.1.2.3".parse().unwrap()),
             method: "GET",
             uri,
+            protocol: "HTTP/1.1",
             status: 200,
             route: Some("api"),
             group: Some("default"),
@@ -222,7 +233,7 @@ mod tests {
         let r = record(&uri);
         assert_eq!(
             text(&r),
-            format!("10.1.2.3 \"GET {uri}\" 200 upstream=127.0.0.1:8000 upstream_time=0.012 time=0.015 retries=1 cache=MISS route=api group=default request_id=abc")
+            format!("10.1.2.3 \"GET {uri} HTTP/1.1\" 200 upstream=127.0.0.1:8000 upstream_time=0.012 time=0.015 retries=1 cache=MISS route=api group=default request_id=abc")
         );
         let v: serde_json::Value = serde_json::from_str(&json(&r)).unwrap();
         assert_eq!(v["status"], 200);

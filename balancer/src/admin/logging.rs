@@ -31,7 +31,7 @@ pub fn level_for(target: &str, message: &str) -> Option<Level> {
     if !target.starts_with("pingora") {
         return None;
     }
-    const LOWERED: [(&str, Level); 4] = [
+    const LOWERED: [(&str, Level); 6] = [
         // A slowloris cut: the balancer counts it and logs it at info itself.
         ("(limits.client_header_timeout)", Level::Debug),
         // Only matters to users of Pingora's compression dictionaries.
@@ -40,6 +40,11 @@ pub fn level_for(target: &str, message: &str) -> Option<Level> {
         ("Graceful shutdown: grace period", Level::Debug),
         // A client that went away while its request was refused or answered.
         ("failed to send error response to downstream", Level::Debug),
+        // A client that failed its TLS handshake (an old protocol, no SNI
+        // match under min_version 1.3, a scanner).
+        ("Downstream handshake error", Level::Debug),
+        // A client that closed or broke its connection while sending a head.
+        ("Fail to proxy: Downstream", Level::Debug),
     ];
     LOWERED
         .iter()
@@ -136,6 +141,13 @@ mod tests {
             level_for(
                 "pingora_cache::meta",
                 "no header compression dictionary loaded"
+            ),
+            Some(Level::Debug)
+        );
+        assert_eq!(
+            level_for(
+                "pingora_core::services::listening",
+                "Downstream handshake error from 127.0.0.1:1: TLSHandshakeFailure"
             ),
             Some(Level::Debug)
         );

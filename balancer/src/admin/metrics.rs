@@ -92,6 +92,7 @@ pub fn count_retry() {
 
 /// The state that lives elsewhere, read at each scrape.
 pub struct LiveState {
+    pub certificates: Option<Arc<crate::tls::CertStore>>,
     pub live: Arc<Live>,
     pub cache: &'static ResponseCache,
     pub reloads: Arc<ReloadStats>,
@@ -130,6 +131,7 @@ struct Families {
     header_timeouts: IntCounterVec,
     lingering: IntGaugeVec,
     access_log_dropped: IntCounterVec,
+    certificate_expiry: IntGaugeVec,
     build_info: IntGaugeVec,
 }
 
@@ -150,11 +152,12 @@ impl Families {
             header_timeouts: counter("balancer_client_header_timeouts_total", "Client connections closed because a request head took longer than limits.client_header_timeout", &[]),
             lingering: gauge("balancer_client_connections_lingering", "Client connections answered early, being read from and discarded before they close", &[]),
             access_log_dropped: counter("balancer_access_log_dropped_total", "Access-log lines dropped because the output could not keep up", &[]),
+            certificate_expiry: gauge("balancer_tls_certificate_expiry_seconds", "Seconds until the certificate ends (negative: ended)", &["certificate", "hosts"]),
             build_info: gauge("balancer_build_info", "Always 1; the labels say which build this is", &["version"]),
         }
     }
 
-    fn all(&self) -> [&dyn Collector; 14] {
+    fn all(&self) -> [&dyn Collector; 15] {
         [
             &self.healthy,
             &self.failures,
@@ -169,6 +172,7 @@ impl Families {
             &self.header_timeouts,
             &self.lingering,
             &self.access_log_dropped,
+            &self.certificate_expiry,
             &self.build_info,
         ]
     }
@@ -251,6 +255,21 @@ impl Collector for LiveState {
         f.access_log_dropped
             .with_label_values::<&str>(&[])
             .inc_by(crate::admin::access_log::dropped());
+        let now = std::time::SystemTime::now();
+        for c in self
+            .certificates
+            .iter()
+            .flat_map(|store| store.certificates())
+        {
+            let left = match c.not_after.duration_since(now) {
+                Ok(d) => level(d.as_secs()),
+                Err(e) => -level(e.duration().as_secs()),
+            };
+            let file = c.file.display().to_string();
+            f.certificate_expiry
+                .with_label_values(&[file.as_str(), &c.hosts.join(",")])
+                .set(left);
+        }
         f.all().iter().flat_map(|c| c.collect()).collect()
     }
 }

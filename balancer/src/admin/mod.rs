@@ -40,6 +40,8 @@ static TOKEN_FILE_ERRORS: crate::admin::logging::Throttle = crate::admin::loggin
 pub const TOKEN_ENV: &str = "BALANCER_ADMIN_TOKEN";
 
 pub struct Admin {
+    /// The TLS listener's certificates, when there is one.
+    pub certificates: Option<Arc<crate::tls::CertStore>>,
     /// `BALANCER_ADMIN_TOKEN` as it was at start-up (empty counts as unset).
     pub token_from_env: Option<String>,
     pub cache: &'static ResponseCache,
@@ -132,7 +134,7 @@ impl Admin {
             groups.push(serde_json::json!({
                 "name": name,
                 "algorithm": group.settings.algorithm.to_string(),
-                "hash_key": group.settings.hash_key.as_ref().map(ToString::to_string),
+                "hash_key": group.settings.hash_key.as_ref().map(|k| k.get_ref().to_string()),
                 "health_checks": group.settings.health_check.is_some(),
                 "servers": servers,
             }));
@@ -184,6 +186,22 @@ impl Admin {
                 "header_timeouts": self.connections.header_timeouts(),
                 "lingering": self.connections.lingering(),
             },
+            "certificates": self.certificates.as_ref().map(|store| {
+                store
+                    .certificates()
+                    .iter()
+                    .map(|c| {
+                        let left = c.not_after.duration_since(SystemTime::now()).map_or(0, |d| d.as_secs());
+                        serde_json::json!({
+                            "file": c.file.display().to_string(),
+                            "hosts": c.hosts,
+                            "names": c.names,
+                            "not_after": httpdate::fmt_http_date(c.not_after),
+                            "seconds_left": left,
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            }).unwrap_or_default(),
             "upstreams": upstreams,
             "groups": groups,
             "routes": routes,

@@ -9,13 +9,20 @@ use std::collections::BTreeMap;
 use toml::{Table, Value};
 
 /// Dotted keys whose new value is kept out until a restart.
-pub const RESTART_ONLY: [&str; 5] = [
+pub const RESTART_ONLY: [&str; 8] = [
     "listen",
     "admin_listen",
     "threads",
+    "http2_cleartext",
+    "tls.listen",
+    "tls.http2",
     "cache.max_size",
     "cache.max_object_size",
 ];
+
+/// Sections whose appearing or going away needs a restart (a listener
+/// starts with the process).
+const RESTART_ONLY_SECTIONS: [&str; 1] = ["tls"];
 
 /// One line per changed key: `KEY OLD -> NEW`, with `(absent)` for a key
 /// that is not written; a list of plain values reports what was added to it
@@ -49,6 +56,16 @@ pub fn changes(old: &Table, new: &Table) -> Vec<String> {
 /// that changed, and says so: `listen 0.0.0.0:80 -> 0.0.0.0:8080 needs a restart; keeping 0.0.0.0:80`.
 pub fn keep_restart_only(old: &Table, new: &mut Table) -> Vec<String> {
     let mut kept = Vec::new();
+    for section in RESTART_ONLY_SECTIONS {
+        let (was, is) = (old.get(section).cloned(), new.get(section).is_some());
+        if was.is_some() != is {
+            let what = if is { "added" } else { "removed" };
+            kept.push(format!(
+                "[{section}] {what}: that needs a restart; keeping it as it was"
+            ));
+            set(new, section, was);
+        }
+    }
     for key in RESTART_ONLY {
         let (was, is) = (lookup(old, key).cloned(), lookup(new, key).cloned());
         if was == is {

@@ -10,12 +10,14 @@
 pub mod diff;
 pub mod reload;
 mod routes;
+mod tls;
 mod units;
 
 pub use routes::{
     HashKey, HeaderEdits, HostPattern, Part, RateLimit, Redirect, Respond, Route, Template,
     Variable,
 };
+pub use tls::{CertificateFor, Protocol, Tls, TlsVersion};
 use units::{header_timeout, optional_socket_addr, socket_addr};
 pub use units::{ByteSize, Positive, ServerAddr, Span, UriPath, MAX_HEADER_TIMEOUT};
 
@@ -63,6 +65,12 @@ pub struct Config {
     /// Tried in file order; the first that matches a request decides where it goes.
     #[serde(default, rename = "route")]
     pub routes: Vec<toml::Spanned<Route>>,
+    /// HTTPS: a TLS listener with its certificates; absent: plain HTTP only.
+    #[serde(default)]
+    pub tls: Option<Tls>,
+    /// HTTP/2 in clear text (prior knowledge, "h2c") on the plain listener.
+    #[serde(default)]
+    pub http2_cleartext: bool,
     /// What a client may send.
     #[serde(default)]
     pub limits: Limits,
@@ -195,7 +203,7 @@ pub struct Upstream {
     pub algorithm: Algorithm,
     /// What `consistent_hash` hashes (default: the client's IP address).
     #[serde(default)]
-    pub hash_key: Option<HashKey>,
+    pub hash_key: Option<toml::Spanned<HashKey>>,
     #[serde(default = "default_resolve_interval")]
     pub resolve_interval: Positive,
     #[serde(default = "default_connect_timeout")]
@@ -205,6 +213,36 @@ pub struct Upstream {
     /// Active checks; when absent every resolved address takes traffic.
     #[serde(default)]
     pub health_check: Option<HealthCheck>,
+    /// The backends speak HTTPS.
+    #[serde(default)]
+    pub tls: bool,
+    /// The name sent in SNI and checked against the backend's certificate
+    /// (default: the host of each `servers` entry).
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// Check the backend's certificate (default true).
+    #[serde(default = "yes")]
+    pub verify: bool,
+    /// The CA certificates (PEM) the backend's certificate is checked against
+    /// (default: the system's).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// What the backends speak: `http1` (default), `h2c` (HTTP/2 in clear
+    /// text, for gRPC), `h2` (HTTP/2 over TLS, HTTP/1.1 when they do not offer it).
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// An upgraded connection (a WebSocket) that carries nothing either way
+    /// for this long is closed (default 1h).
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: Positive,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_idle_timeout() -> Positive {
+    Positive::secs(3600)
 }
 
 /// Active HTTP health checks of every backend address.
@@ -227,9 +265,25 @@ pub struct HealthCheck {
 
 impl Upstream {
     fn validate(&self, key: &str) -> Result<(), (Option<std::ops::Range<usize>>, String)> {
-        if self.hash_key.is_some() && self.algorithm != Algorithm::ConsistentHash {
+        if self.protocol == Protocol::H2 && !self.tls {
             return Err((
                 None,
+                format!("{key}.protocol = \"h2\" needs tls = true (for HTTP/2 in clear text, say \"h2c\")"),
+            ));
+        }
+        if self.protocol == Protocol::H2c && self.tls {
+            return Err((
+                None,
+                format!(
+                    "{key}.protocol = \"h2c\" is HTTP/2 in clear text; with tls = true say \"h2\""
+                ),
+            ));
+        }
+        if let (Some(hash_key), false) =
+            (&self.hash_key, self.algorithm == Algorithm::ConsistentHash)
+        {
+            return Err((
+                Some(hash_key.span()),
                 format!("{key}.hash_key is only for algorithm = \"consistent_hash\" (this group's is {})", self.algorithm),
             ));
         }

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::{diff, Config, ConfigError};
 use crate::runtime::{Live, Snapshot};
+use crate::upstream::health;
 
 /// How often the file is re-read when no event says it changed.
 const POLL: Duration = Duration::from_secs(2);
@@ -77,7 +78,7 @@ impl Reloader {
     }
 
     /// Re-reads the file; when it changed (or `force`), applies it if valid.
-    pub fn reload(&self, force: bool) {
+    pub async fn reload(&self, force: bool) {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(e) => {
@@ -95,7 +96,7 @@ impl Reloader {
             }
             *last = text.clone();
         }
-        match self.apply(&text) {
+        match self.apply(&text).await {
             Ok(changes) => {
                 self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
                 *lock(&self.stats.loaded_at) = SystemTime::now();
@@ -118,15 +119,18 @@ impl Reloader {
 
     /// Parses `text`, keeps the restart-only keys as they are, compiles and
     /// publishes the new snapshot; returns one line per changed key.
-    fn apply(&self, text: &str) -> Result<Vec<String>, ConfigError> {
+    async fn apply(&self, text: &str) -> Result<Vec<String>, ConfigError> {
         // Parsed once as it is, so that errors point at the file's own lines.
         let parsed = Config::parse(&self.path, text)?;
         for warning in parsed.warnings(text) {
             log::warn!("{}: {warning}", self.path.display());
         }
         let mut table: toml::Table = text.parse().unwrap_or_default();
-        let mut in_force = lock(&self.in_force);
-        let kept = diff::keep_restart_only(&in_force, &mut table);
+        let (kept, changes) = {
+            let in_force = lock(&self.in_force);
+            let kept = diff::keep_restart_only(&in_force, &mut table);
+            (kept, diff::changes(&in_force, &table))
+        };
         for line in &kept {
             log::warn!("config reload: {line}");
         }
@@ -136,10 +140,25 @@ impl Reloader {
             let merged = toml::to_string(&table).unwrap_or_default();
             Config::parse(&self.path, &merged)?
         };
-        let changes = diff::changes(&in_force, &table);
-        let snapshot = Snapshot::compile(config, Some(&self.live.load()));
+        let previous = self.live.load_full();
+        let snapshot =
+            Snapshot::compile(config, Some(&previous)).map_err(|message| ConfigError::Invalid {
+                path: self.path.clone(),
+                position: None,
+                message,
+            })?;
+        // A group that is new in this file is resolved (and its addresses
+        // probed) before the file takes effect: a route to it must not meet
+        // an empty pool. The configuration in force serves meanwhile.
+        let new_groups = snapshot.groups.iter().filter(|(name, group)| {
+            previous
+                .groups
+                .get(*name)
+                .is_none_or(|old| !Arc::ptr_eq(&old.state, &group.state))
+        });
+        futures::future::join_all(new_groups.map(|(_, g)| health::refresh_membership(g))).await;
         self.live.store(Arc::new(snapshot));
-        *in_force = table;
+        *lock(&self.in_force) = table;
         Ok(changes)
     }
 }
@@ -239,7 +258,7 @@ impl BackgroundService for Reloader {
                 _ = tokio::time::sleep(POLL) => false,
                 _ = shutdown.changed() => return,
             };
-            self.reload(force);
+            self.reload(force).await;
         }
     }
 }

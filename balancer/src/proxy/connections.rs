@@ -164,7 +164,12 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
             .await;
             return None;
         };
-        let stream: Stream = Box::new(Timed::new(stream, &limits, slot));
+        let http2 = stream.selected_alpn_proto() == Some(ALPN::H2);
+        let mut timed = Timed::new(stream, &limits, slot);
+        if http2 {
+            timed.state = AtomicU8::new(UNTIMED);
+        }
+        let stream: Stream = Box::new(timed);
         // An HTTP app serves every request of the connection in one call;
         // any stream handed back is served here, still inside the slot.
         let mut next = self.app.process_new(stream, shutdown).await;
@@ -214,6 +219,9 @@ const READING_HEAD: u8 = 0;
 const IN_REQUEST: u8 = 1;
 const BETWEEN_REQUESTS: u8 = 2;
 const TIMED_OUT: u8 = 3;
+/// HTTP/2: many requests at once, each framed by the protocol; no head
+/// deadline applies to the connection (Pingora's HTTP/2 server bounds it).
+const UNTIMED: u8 = 4;
 
 /// A client stream whose reads fail when a request head is not complete in
 /// time. The deadline runs from the accept for the first request, and from
@@ -316,7 +324,14 @@ impl Timed {
 struct RequestLine {
     spaces: u8,
     complete: bool,
+    /// Bytes seen of the line so far (counted up to the preface's length).
+    seen: usize,
+    /// So far, the line is the HTTP/2 connection preface (`PRI * HTTP/2.0`).
+    preface: bool,
 }
+
+/// How an HTTP/2 client without TLS (h2c, prior knowledge) begins.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
 impl RequestLine {
     fn scan(&mut self, bytes: &[u8]) {
@@ -324,12 +339,21 @@ impl RequestLine {
             if self.complete {
                 return;
             }
+            if self.seen < H2_PREFACE.len() {
+                self.preface = (self.seen == 0 || self.preface) && H2_PREFACE[self.seen] == b;
+                self.seen += 1;
+            }
             match b {
                 b' ' => self.spaces = self.spaces.saturating_add(1),
                 b'\n' => self.complete = true,
                 _ => {}
             }
         }
+    }
+
+    /// The connection speaks HTTP/2 in clear text.
+    fn is_h2c(&self) -> bool {
+        self.preface && self.seen == H2_PREFACE.len()
     }
 
     /// `METHOD SP request-target SP HTTP-version` has exactly two spaces.
@@ -443,6 +467,9 @@ impl AsyncRead for Timed {
             (READING_HEAD, _) => {
                 this.head_bytes += got;
                 this.request_line.scan(&buf.filled()[before..]);
+                if this.request_line.is_h2c() {
+                    this.state.store(UNTIMED, Ordering::Relaxed);
+                }
                 read
             }
             _ => read,

@@ -7,8 +7,9 @@ use std::net::IpAddr;
 use pingora::http::RequestHeader;
 use pingora::Result;
 
-/// Adds the forwarded headers for a request from `client` to `req`.
-pub fn apply(req: &mut RequestHeader, client: Option<IpAddr>) -> Result<()> {
+/// Adds the forwarded headers for a request from `client` to `req`; `tls`:
+/// the client came over HTTPS.
+pub fn apply(req: &mut RequestHeader, client: Option<IpAddr>, tls: bool) -> Result<()> {
     if let Some(ip) = client {
         let ip = ip.to_string();
         let list = append(
@@ -18,7 +19,7 @@ pub fn apply(req: &mut RequestHeader, client: Option<IpAddr>) -> Result<()> {
         req.insert_header("x-forwarded-for", list)?;
         req.insert_header("x-real-ip", ip)?;
     }
-    req.insert_header("x-forwarded-proto", "http")?;
+    req.insert_header("x-forwarded-proto", if tls { "https" } else { "http" })?;
     Ok(())
 }
 
@@ -46,12 +47,14 @@ mod tests {
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
         req.insert_header("x-forwarded-for", "1.2.3.4").unwrap();
         req.insert_header("x-real-ip", "6.6.6.6").unwrap();
-        apply(&mut req, Some("::1".parse().unwrap())).unwrap();
+        apply(&mut req, Some("::1".parse().unwrap()), false).unwrap();
         assert_eq!(req.headers["x-forwarded-for"], "1.2.3.4, ::1");
         assert_eq!(
             req.headers["x-real-ip"], "::1",
             "a client cannot choose its X-Real-IP"
         );
         assert_eq!(req.headers["x-forwarded-proto"], "http");
+        apply(&mut req, None, true).unwrap();
+        assert_eq!(req.headers["x-forwarded-proto"], "https");
     }
 }

@@ -45,7 +45,7 @@ use pingora::{ErrorSource, ErrorType};
 use crate::admin::logging::Throttle;
 use crate::admin::{access_log, metrics};
 use crate::cache::{self, ResponseCache};
-use crate::config::{Algorithm, CacheRule, HashKey};
+use crate::config::{Algorithm, CacheRule, HashKey, Protocol};
 use crate::extension::{Decision, Extension, Reply, RequestView, ResponseView};
 use crate::proxy::drain::Stopping;
 use crate::routing::{self, request_id, Action, RequestFacts, Route, Vars};
@@ -59,6 +59,9 @@ pub const HEALTH_CHECK_PATH: &str = "/health-check";
 /// keep-alive timeout of common backends so that a reused connection is rarely
 /// one the backend is closing.
 const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Concurrent requests on one HTTP/2 connection to a backend (Pingora's default is 1).
+const H2_STREAMS: usize = 100;
 
 pub struct Balancer {
     pub live: Arc<Live>,
@@ -106,6 +109,8 @@ pub struct RequestCtx {
     group: Option<Arc<Group>>,
     /// A backend an extension chose; tried once, instead of the group's choice.
     chosen_backend: Option<SocketAddr>,
+    /// The request asks to switch protocols (a WebSocket).
+    upgrade: bool,
     request_id: String,
     /// Which `cache.rule` covers the request, if any.
     cache_rule: Option<usize>,
@@ -154,6 +159,7 @@ impl ProxyHttp for Balancer {
             route: None,
             group: None,
             chosen_backend: None,
+            upgrade: false,
             request_id: String::new(),
             cache_rule: None,
             started: Instant::now(),
@@ -241,6 +247,23 @@ impl ProxyHttp for Balancer {
         }
         ctx.request_id = request_id::for_request(session.req_header());
         let snapshot = Arc::clone(&ctx.snapshot);
+        if let Some(tls) = snapshot.config.tls.as_ref().filter(|t| t.redirect_http) {
+            if !is_tls(session) {
+                let host = routing::request_host(session.req_header());
+                let port = match tls.listen.port() {
+                    443 => String::new(),
+                    port => format!(":{port}"),
+                };
+                let location = format!(
+                    "https://{host}{port}{}",
+                    routing::path_and_query(session.req_header())
+                );
+                let reply = Reply::text(308, format!("308 permanent redirect to {location}\n"))
+                    .header("location", location);
+                self.answer(session, ctx, &reply).await?;
+                return Ok(true);
+            }
+        }
         let host = routing::request_host(session.req_header());
         let facts = RequestFacts {
             host: &host,
@@ -303,6 +326,7 @@ impl ProxyHttp for Balancer {
         if matches!(decision, Decision::Continue) {
             decision = self.run_extensions(session, ctx).await;
         }
+        let extension_chose_group = matches!(decision, Decision::Upstream(_));
         match decision {
             Decision::Continue => {}
             Decision::Respond(reply) => {
@@ -328,6 +352,12 @@ impl ProxyHttp for Balancer {
                 }
             }
         }
+        ctx.upgrade = session.is_upgrade_req();
+        if let (true, Some(group)) = (ctx.upgrade, &ctx.group) {
+            // An upgraded connection lives as long as it carries traffic,
+            // past read_timeout, until idle_timeout of silence.
+            session.set_read_timeout(Some(group.settings.idle_timeout.0));
+        }
         if ctx.group.is_none() && ctx.chosen_backend.is_none() {
             let reply = Reply::text(
                 404,
@@ -336,7 +366,10 @@ impl ProxyHttp for Balancer {
             self.answer(session, ctx, &reply).await?;
             return Ok(true);
         }
-        if let Some(settings) = &snapshot.config.cache {
+        // A request an extension sent elsewhere is not answered from (or
+        // stored in) the cache, whose key knows nothing of that choice.
+        let redirected_by_extension = ctx.chosen_backend.is_some() || extension_chose_group;
+        if let (Some(settings), false) = (&snapshot.config.cache, redirected_by_extension) {
             ctx.cache_rule = cache::rule_index(&settings.rules, session.req_header().uri.path());
         }
         self.serve_fresh_hit(session, ctx).await
@@ -458,22 +491,53 @@ impl ProxyHttp for Balancer {
             ));
         };
         let settings = &group.settings;
-        let peer_for = |addr: SocketAddr| {
-            let mut peer = HttpPeer::new(addr, false, String::new());
+        let upgrade = ctx.upgrade;
+        let peer_for = |addr: SocketAddr, server: Option<&str>| {
+            let sni = match (&settings.sni, settings.tls) {
+                (_, false) => String::new(),
+                (Some(sni), true) => sni.clone(),
+                (None, true) => server
+                    .map(crate::upstream::host_of)
+                    .unwrap_or_default()
+                    .to_owned(),
+            };
+            let mut peer = HttpPeer::new(addr, settings.tls, sni);
             peer.options.connection_timeout = Some(settings.connect_timeout.0);
-            peer.options.read_timeout = Some(settings.read_timeout.0);
+            peer.options.read_timeout = Some(if upgrade {
+                settings.idle_timeout.0
+            } else {
+                settings.read_timeout.0
+            });
             peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
+            peer.options.verify_cert = settings.verify;
+            peer.options.verify_hostname = settings.verify;
+            peer.options.ca = group.ca.clone();
+            match (settings.protocol, upgrade) {
+                // An upgrade is an HTTP/1.1 affair: HTTP/2 would drop it.
+                (_, true) | (Protocol::Http1, _) => peer.options.set_http_version(1, 1),
+                (Protocol::H2c, false) => {
+                    peer.options.set_http_version(2, 2);
+                    peer.options.max_h2_streams = H2_STREAMS;
+                }
+                (Protocol::H2, false) => {
+                    peer.options.set_http_version(2, 1);
+                    peer.options.max_h2_streams = H2_STREAMS;
+                }
+            }
             Box::new(peer)
         };
         if let Some(addr) = ctx.chosen_backend.take() {
             ctx.unreachable.push(addr);
             ctx.tries += 1;
             ctx.upstream_started.get_or_insert_with(Instant::now);
-            return Ok(peer_for(addr));
+            return Ok(peer_for(addr, None));
         }
         let key = match settings.algorithm {
             Algorithm::ConsistentHash => {
-                let hash_key = settings.hash_key.as_ref().unwrap_or(&HashKey::ClientIp);
+                let hash_key = settings
+                    .hash_key
+                    .as_ref()
+                    .map_or(&HashKey::ClientIp, |k| k.get_ref());
                 routing::key_of(hash_key, _session.req_header(), client_ip(_session))
             }
             _ => Vec::new(),
@@ -488,7 +552,7 @@ impl ProxyHttp for Balancer {
                 None,
             ));
         };
-        let peer = peer_for(backend.addr);
+        let peer = peer_for(backend.addr, Some(&backend.server));
         ctx.at_backend = Some(backend.enter());
         ctx.current = Some(backend);
         ctx.tries += 1;
@@ -607,7 +671,7 @@ impl ProxyHttp for Balancer {
                 .map_or_else(|| "localhost".to_owned(), ToString::to_string);
             upstream_request.insert_header(http::header::HOST, host)?;
         }
-        forwarded::apply(upstream_request, client_ip(session))
+        forwarded::apply(upstream_request, client_ip(session), is_tls(session))
     }
 
     fn upstream_response_body_filter(
@@ -673,6 +737,7 @@ impl ProxyHttp for Balancer {
             client: client_ip(session),
             method: req.method.as_str(),
             uri: &req.uri,
+            protocol: protocol(req.version, is_tls(session)),
             status: session.response_written().map_or(0, |r| r.status.as_u16()),
             route: ctx.route_label(),
             // A hit reaches no upstream.
@@ -863,6 +928,23 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .map_or_else(|| "panicked".to_owned(), |s| format!("panicked: {s}"))
+}
+
+/// The client's protocol, as the access log names it.
+fn protocol(version: http::Version, tls: bool) -> &'static str {
+    match (version, tls) {
+        (http::Version::HTTP_2, true) => "HTTP/2+TLS",
+        (http::Version::HTTP_2, false) => "HTTP/2",
+        (http::Version::HTTP_10, true) => "HTTP/1.0+TLS",
+        (http::Version::HTTP_10, false) => "HTTP/1.0",
+        (_, true) => "HTTP/1.1+TLS",
+        (_, false) => "HTTP/1.1",
+    }
+}
+
+/// Whether the client came over TLS.
+fn is_tls(session: &Session) -> bool {
+    session.digest().is_some_and(|d| d.ssl_digest.is_some())
 }
 
 /// The client's IP address (none for a Unix-socket client).

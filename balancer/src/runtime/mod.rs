@@ -13,6 +13,11 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use pingora::protocols::tls::CaType;
+use pingora::utils::tls::{parse_x509, WrappedX509};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+
 use crate::config::{self, Config};
 use crate::routing::Route;
 use crate::upstream::discovery::Resolver;
@@ -34,6 +39,8 @@ pub struct Snapshot {
 pub struct Group {
     pub name: Arc<str>,
     pub settings: config::Upstream,
+    /// The CAs its backends' certificates are checked against (`ca_file`).
+    pub ca: Option<Arc<CaType>>,
     /// Its backends, kept across reloads while the group exists.
     pub state: Arc<GroupState>,
 }
@@ -47,23 +54,27 @@ pub struct GroupState {
 
 impl Snapshot {
     /// Compiles `config`, carrying over the state of `previous` where the
-    /// same group or the same rate limit is still configured.
-    pub fn compile(config: Config, previous: Option<&Snapshot>) -> Snapshot {
-        let groups = config
-            .groups()
-            .map(|(name, settings)| {
-                let state = previous
-                    .and_then(|p| p.groups.get(name))
-                    .map(|g| Arc::clone(&g.state))
-                    .unwrap_or_default();
-                let group = Group {
-                    name: Arc::from(name),
-                    settings: settings.clone(),
-                    state,
-                };
-                (name.to_owned(), Arc::new(group))
-            })
-            .collect();
+    /// same group or the same rate limit is still configured. The error
+    /// names a file the configuration points at that cannot be used.
+    pub fn compile(config: Config, previous: Option<&Snapshot>) -> Result<Snapshot, String> {
+        let mut groups = BTreeMap::new();
+        for (name, settings) in config.groups() {
+            let state = previous
+                .and_then(|p| p.groups.get(name))
+                .map(|g| Arc::clone(&g.state))
+                .unwrap_or_default();
+            let ca = match &settings.ca_file {
+                Some(file) => Some(read_ca(file).map_err(|e| format!("upstream {name}: {e}"))?),
+                None => None,
+            };
+            let group = Group {
+                name: Arc::from(name),
+                settings: settings.clone(),
+                ca,
+                state,
+            };
+            groups.insert(name.to_owned(), Arc::new(group));
+        }
         let routes = config
             .routes
             .iter()
@@ -73,15 +84,37 @@ impl Snapshot {
                 Route::compile(i, route.get_ref(), kept)
             })
             .collect();
-        Snapshot {
+        Ok(Snapshot {
             config: Arc::new(config),
             groups,
             routes,
-        }
+        })
     }
 
     /// The group that requests no route claims go to.
     pub fn default_group(&self) -> Option<&Arc<Group>> {
         self.groups.get(Config::DEFAULT_GROUP)
     }
+}
+
+/// The certificates of a PEM file of CAs, each checked to parse.
+fn read_ca(file: &std::path::Path) -> Result<Arc<CaType>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(file)
+        .map_err(|e| format!("ca_file {}: {e}", file.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("ca_file {}: not PEM certificates: {e}", file.display()))?;
+    if certs.is_empty() {
+        return Err(format!("ca_file {}: no certificate in it", file.display()));
+    }
+    let mut wrapped = Vec::with_capacity(certs.len());
+    for cert in certs {
+        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| {
+            format!(
+                "ca_file {}: a certificate does not parse: {e}",
+                file.display()
+            )
+        })?;
+        wrapped.push(WrappedX509::new(cert.to_vec(), parse_x509));
+    }
+    Ok(Arc::from(wrapped))
 }

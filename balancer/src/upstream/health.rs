@@ -21,7 +21,7 @@ use pingora::services::ServiceReadyNotifier;
 use tokio::sync::Notify;
 use tokio::time::{sleep_until, Instant};
 
-use crate::config::HealthCheck;
+use crate::config::{HealthCheck, Protocol};
 use crate::runtime::{Group, Live};
 use crate::upstream::Backend;
 
@@ -41,7 +41,7 @@ pub async fn refresh_membership(group: &Group) {
     let checks = settings.health_check.as_ref();
     let (members, change) = pool.plan(&found, checks.is_none());
     if let Some(hc) = checks {
-        check_all(&group.name, &change.added, hc).await;
+        check_all(group, &change.added, hc).await;
     } else {
         pool.trust_all();
     }
@@ -68,18 +68,31 @@ pub async fn refresh_membership(group: &Group) {
 }
 
 /// Probes every backend in `backends` once, all at the same time.
-async fn check_all(group: &str, backends: &[Arc<Backend>], hc: &HealthCheck) {
+async fn check_all(group: &Group, backends: &[Arc<Backend>], hc: &HealthCheck) {
     let probes = backends.iter().map(|backend| async move {
-        let outcome = probe(backend, hc).await;
-        backend.record_check(outcome, group, hc);
+        let outcome = probe(group, backend, hc).await;
+        backend.record_check(outcome, &group.name, hc);
     });
     // Polled together: a hung backend must not delay the others' checks.
     futures::future::join_all(probes).await;
 }
 
 /// One HTTP probe of `hc.path` on `backend`, bounded by `hc.timeout`.
-async fn probe(backend: &Backend, hc: &HealthCheck) -> Result<(), String> {
-    let mut check = HttpHealthCheck::new(&backend.server, false);
+/// It speaks to the backend as requests do: TLS with the group's SNI, CAs
+/// and verification, HTTP/2 in clear text for an `h2c` group.
+async fn probe(group: &Group, backend: &Backend, hc: &HealthCheck) -> Result<(), String> {
+    let settings = &group.settings;
+    let sni = settings
+        .sni
+        .clone()
+        .unwrap_or_else(|| super::host_of(&backend.server).to_owned());
+    let mut check = HttpHealthCheck::new(&sni, settings.tls);
+    check.peer_template.options.verify_cert = settings.verify;
+    check.peer_template.options.verify_hostname = settings.verify;
+    check.peer_template.options.ca = group.ca.clone();
+    if settings.protocol == Protocol::H2c {
+        check.peer_template.options.set_http_version(2, 2);
+    }
     let mut req = RequestHeader::build("GET", hc.path.as_str().as_bytes(), None)
         .map_err(|e| e.to_string())?;
     req.insert_header("host", &*backend.server)
@@ -166,7 +179,7 @@ impl BackgroundService for Upkeep {
                             refresh_membership(group).await;
                         }
                         if let Some(hc) = check {
-                            check_all(&group.name, &group.state.pool.members(), hc).await;
+                            check_all(group, &group.state.pool.members(), hc).await;
                         }
                     });
                 }

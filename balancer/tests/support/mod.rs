@@ -238,7 +238,17 @@ pub fn get_with(url: &str, headers: &[(&str, &str)]) -> Result<Reply, String> {
 
 /// Sends `method` to `url`; any status is a reply, only a transport failure is an error.
 pub fn request(method: &str, url: &str, headers: &[(&str, &str)]) -> Result<Reply, String> {
-    let mut req = agent().request(method, url);
+    send(&agent(), method, url, headers)
+}
+
+/// Sends `method` to `url` through `agent`; any status is a reply.
+fn send(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<Reply, String> {
+    let mut req = agent.request(method, url);
     for (name, value) in headers {
         req = req.set(name, value);
     }
@@ -520,18 +530,35 @@ pub fn status(admin: u16) -> serde_json::Value {
 /// Like [`start_balancer`], with extra environment variables (such as
 /// `BALANCER_ADMIN_TOKEN`) set for the balancer process.
 pub fn start_balancer_with_env(body: &str, env: &[(&str, &str)]) -> Balancer {
+    start_program(&binary("balancer"), body, env)
+}
+
+/// Starts `program` (the balancer, or a program of one's own built on it)
+/// on `body`; fails at once, with its output, if it exits instead of listening.
+pub fn start_program(program: &Path, body: &str, env: &[(&str, &str)]) -> Balancer {
     let dir = tempfile::tempdir().expect("temp dir");
     let port = free_port();
     let config = dir.path().join("balancer.toml");
     std::fs::write(&config, config_text(port, body)).unwrap();
-    let mut cmd = Command::new(binary("balancer"));
+    let mut cmd = Command::new(program);
     cmd.arg("--config").arg(&config).env("RUST_LOG", "info");
     cmd.envs(env.iter().copied());
     let log = dir.path().join("balancer.log");
-    let proc = spawn_logged(cmd, log, Some(dir));
-    wait_for(Duration::from_secs(10), "the balancer to listen", || {
-        TcpStream::connect(("127.0.0.1", port)).ok()
-    });
+    let mut proc = spawn_logged(cmd, log, Some(dir));
+    let name = program.display().to_string();
+    wait_for(
+        Duration::from_secs(10),
+        &format!("{name} to listen"),
+        || {
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                panic!(
+                    "{name} exited ({status}) instead of listening:\n{}",
+                    proc.log_text()
+                );
+            }
+            TcpStream::connect(("127.0.0.1", port)).ok()
+        },
+    );
     Balancer { proc, port, config }
 }
 
@@ -560,4 +587,80 @@ pub fn read_response(stream: &mut TcpStream) -> String {
             Ok(n) => got.extend_from_slice(&buf[..n]),
         }
     }
+}
+
+/// A client that keeps its connections open from one request to the next
+/// (`get` and `request` open one each time) and does not follow redirects.
+pub struct Client(ureq::Agent);
+
+impl Default for Client {
+    fn default() -> Self {
+        Client(
+            ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(10))
+                .redirects(0)
+                .build(),
+        )
+    }
+}
+
+impl Client {
+    pub fn get(&self, url: &str) -> Result<Reply, String> {
+        self.request("GET", url, &[])
+    }
+
+    /// Sends `method` to `url`; any status is a reply, only a transport failure is an error.
+    pub fn request(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Reply, String> {
+        send(&self.0, method, url, headers)
+    }
+}
+
+// Programs of one's own: the balancer's examples (`balancer/examples/`).
+
+/// The path of the balancer's example `name`, which `cargo test` builds
+/// (as `cargo build --examples` does).
+pub fn example(name: &str) -> PathBuf {
+    // Test executables live in target/<profile>/deps; examples in target/<profile>/examples.
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let path = dir.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test` (which builds the examples) or `cargo build --examples` first",
+        path.display()
+    );
+    path
+}
+
+/// Like [`start_balancer_with_env`], running the example `name` instead of
+/// `balancer`; fails at once, with its output, if it exits instead of listening.
+pub fn start_example(name: &str, body: &str, env: &[(&str, &str)]) -> Balancer {
+    start_program(&example(name), body, env)
+}
+
+/// Runs the example `name` with `args` to completion, with `env` set and
+/// the variables in `unset` removed: (exit code, stdout + stderr).
+pub fn run_example(
+    name: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    unset: &[&str],
+) -> (i32, String) {
+    let mut cmd = Command::new(example(name));
+    cmd.args(args).envs(env.iter().copied());
+    for var in unset {
+        cmd.env_remove(var);
+    }
+    let out = cmd.output().expect("the example runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
 }

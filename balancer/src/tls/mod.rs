@@ -1,0 +1,325 @@
+//! HTTPS: the certificates of the `[tls]` listener, chosen per handshake by
+//! SNI, read at start and re-read when their files change; their checks for
+//! `--check`; and the development certificate `balancer cert --self-signed`
+//! writes (`self_signed`).
+//!
+//! A renewed certificate (certbot, cert-manager, a mounted secret) is served
+//! to the next handshake; connections already open keep theirs. A file that
+//! does not parse, or a key that does not match its certificate, is refused
+//! with the file and the reason, and the certificates in force stay.
+
+pub mod self_signed;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use pingora::tls::sign::CertifiedKey;
+use pingora::tls::{ClientHello, CryptoProvider, ResolvesServerCert};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::{HostPattern, Tls, TlsVersion};
+use crate::runtime::Live;
+
+/// A certificate within this long of its end is warned about.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// How often the files are looked at for a change.
+const POLL: Duration = Duration::from_secs(1);
+
+/// What is known of one certificate in force, for `/status` and `/metrics`.
+#[derive(Debug, Clone)]
+pub struct CertificateInfo {
+    pub file: PathBuf,
+    /// The names it is chosen for (`*` for the default certificate).
+    pub hosts: Vec<String>,
+    /// The names it is valid for (its subject alternative names).
+    pub names: Vec<String>,
+    pub not_after: SystemTime,
+}
+
+struct Loaded {
+    default: Arc<CertifiedKey>,
+    named: Vec<(HostPattern, Arc<CertifiedKey>)>,
+    info: Vec<CertificateInfo>,
+}
+
+/// The certificates in force, chosen per handshake.
+pub struct CertStore {
+    loaded: ArcSwap<Loaded>,
+    tls13_only: AtomicBool,
+    /// The state of the files when they were last read (or last refused).
+    seen: Mutex<Vec<FileState>>,
+    /// A changed state, read once it holds for one more look: a renewal
+    /// writes the certificate and the key one after the other.
+    pending: Mutex<Option<Vec<FileState>>>,
+}
+
+impl std::fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertStore").finish_non_exhaustive()
+    }
+}
+
+type FileState = (PathBuf, Option<(SystemTime, u64)>);
+
+fn file_states(tls: &Tls) -> Vec<FileState> {
+    pairs(tls)
+        .flat_map(|(_, cert, key)| [cert.to_owned(), key.to_owned()])
+        .map(|path| {
+            let state = std::fs::metadata(&path)
+                .ok()
+                .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
+            (path, state)
+        })
+        .collect()
+}
+
+/// Every certificate/key pair of `tls`: the default (hosts `None`), then the others.
+fn pairs(tls: &Tls) -> impl Iterator<Item = (Option<&[HostPattern]>, &Path, &Path)> {
+    std::iter::once((None, tls.certificate.as_path(), tls.private_key.as_path())).chain(
+        tls.certificate_for.iter().map(|c| {
+            (
+                Some(c.hosts.as_slice()),
+                c.certificate.as_path(),
+                c.private_key.as_path(),
+            )
+        }),
+    )
+}
+
+impl CertStore {
+    /// Reads every certificate of `tls`; the error names the file and the reason.
+    pub fn load(tls: &Tls) -> Result<CertStore, String> {
+        let seen = file_states(tls);
+        let loaded = read_all(tls)?;
+        Ok(CertStore {
+            loaded: ArcSwap::from_pointee(loaded),
+            tls13_only: AtomicBool::new(tls.min_version == TlsVersion::V1_3),
+            seen: Mutex::new(seen),
+            pending: Mutex::new(None),
+        })
+    }
+
+    /// Re-reads the files when they (or their names in `tls`) changed: `Ok(true)`
+    /// when new certificates are in force, `Err` (once per change) when they
+    /// were refused and the old ones stay.
+    pub fn refresh(&self, tls: &Tls) -> Result<bool, String> {
+        self.tls13_only
+            .store(tls.min_version == TlsVersion::V1_3, Ordering::Relaxed);
+        let now = file_states(tls);
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if *seen == now {
+                *pending = None;
+                return Ok(false);
+            }
+            if pending.as_ref() != Some(&now) {
+                *pending = Some(now);
+                return Ok(false);
+            }
+            *pending = None;
+            *seen = now;
+        }
+        let loaded = read_all(tls)?;
+        self.loaded.store(Arc::new(loaded));
+        Ok(true)
+    }
+
+    pub fn certificates(&self) -> Vec<CertificateInfo> {
+        self.loaded.load().info.clone()
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // rustls offers TLS 1.2 and 1.3 and picks the highest both sides
+        // know; a client that offers no TLS 1.3 cipher suite cannot speak
+        // 1.3, so with min_version = "1.3" it gets no certificate (the
+        // handshake fails).
+        if self.tls13_only.load(Ordering::Relaxed)
+            && !hello
+                .cipher_suites()
+                .iter()
+                .any(|s| u16::from(*s) & 0xff00 == 0x1300)
+        {
+            return None;
+        }
+        let loaded = self.loaded.load();
+        let name = hello.server_name().map(str::to_ascii_lowercase);
+        let named = name.and_then(|name| {
+            loaded
+                .named
+                .iter()
+                .find(|(pattern, _)| {
+                    matches!(pattern, HostPattern::Exact(_)) && pattern.matches(&name)
+                })
+                .or_else(|| {
+                    loaded
+                        .named
+                        .iter()
+                        .find(|(pattern, _)| pattern.matches(&name))
+                })
+                .map(|(_, key)| Arc::clone(key))
+        });
+        Some(named.unwrap_or_else(|| Arc::clone(&loaded.default)))
+    }
+}
+
+fn read_all(tls: &Tls) -> Result<Loaded, String> {
+    let mut default = None;
+    let mut named = Vec::new();
+    let mut info = Vec::new();
+    for (hosts, cert, key) in pairs(tls) {
+        let (certified, mut about) = read_pair(cert, key)?;
+        match hosts {
+            None => {
+                about.hosts = vec!["*".to_owned()];
+                default = Some(certified);
+            }
+            Some(hosts) => {
+                about.hosts = hosts.iter().map(ToString::to_string).collect();
+                named.extend(hosts.iter().map(|h| (h.clone(), Arc::clone(&certified))));
+            }
+        }
+        info.push(about);
+    }
+    let default = default.ok_or("no default certificate")?;
+    Ok(Loaded {
+        default,
+        named,
+        info,
+    })
+}
+
+/// Reads one certificate chain and its key, and checks that they belong together.
+pub fn read_pair(cert: &Path, key: &Path) -> Result<(Arc<CertifiedKey>, CertificateInfo), String> {
+    pingora::tls::install_default_crypto_provider();
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{}: cannot read the certificate: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: not a PEM certificate chain: {e}", cert.display()))?;
+    let Some(leaf) = chain.first() else {
+        return Err(format!("{}: no certificate in the file", cert.display()));
+    };
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| format!("{}: the certificate does not parse: {e}", cert.display()))?;
+    let not_after = SystemTime::UNIX_EPOCH
+        + Duration::from_secs(u64::try_from(parsed.validity().not_after.timestamp()).unwrap_or(0));
+    let names = parsed
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some((*d).to_owned()),
+                    x509_parser::extensions::GeneralName::IPAddress(ip) => match ip.len() {
+                        4 => {
+                            Some(std::net::IpAddr::from(<[u8; 4]>::try_from(*ip).ok()?).to_string())
+                        }
+                        16 => Some(
+                            std::net::IpAddr::from(<[u8; 16]>::try_from(*ip).ok()?).to_string(),
+                        ),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let private_key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        format!(
+            "{}: no usable private key (PEM, PKCS#8, PKCS#1 or SEC1): {e}",
+            key.display()
+        )
+    })?;
+    let provider = CryptoProvider::get_default().ok_or("no TLS crypto provider")?;
+    let certified = CertifiedKey::from_der(chain, private_key, provider).map_err(|e| {
+        format!(
+            "{} and {} do not go together: {e}",
+            cert.display(),
+            key.display()
+        )
+    })?;
+    let info = CertificateInfo {
+        file: cert.to_owned(),
+        hosts: Vec::new(),
+        names,
+        not_after,
+    };
+    Ok((Arc::new(certified), info))
+}
+
+/// What `--check` says about the certificates of `tls`: errors (a file that
+/// does not parse, a key that does not match, a certificate past its end)
+/// and warnings (one that ends within 14 days).
+pub fn check(tls: &Tls) -> (Vec<String>, Vec<String>) {
+    let (mut errors, mut warnings) = (Vec::new(), Vec::new());
+    let now = SystemTime::now();
+    for (_, cert, key) in pairs(tls) {
+        match read_pair(cert, key) {
+            Err(e) => errors.push(e),
+            Ok((_, info)) if info.not_after <= now => errors.push(format!(
+                "{}: the certificate expired on {}",
+                cert.display(),
+                httpdate::fmt_http_date(info.not_after)
+            )),
+            Ok((_, info)) if info.not_after <= now + EXPIRY_WARNING => warnings.push(format!(
+                "{}: the certificate expires on {}, within 14 days",
+                cert.display(),
+                httpdate::fmt_http_date(info.not_after)
+            )),
+            Ok(_) => {}
+        }
+    }
+    (errors, warnings)
+}
+
+/// Looks at the certificate files every second and re-reads them when
+/// they, or the `[tls]` section naming them, changed.
+pub struct CertWatch {
+    pub store: Arc<CertStore>,
+    pub live: Arc<Live>,
+}
+
+#[async_trait]
+impl BackgroundService for CertWatch {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                _ = shutdown.changed() => return,
+            }
+            let snapshot = self.live.load_full();
+            let Some(tls) = &snapshot.config.tls else {
+                continue;
+            };
+            match self.store.refresh(tls) {
+                Ok(true) => {
+                    for c in self.store.certificates() {
+                        log::info!(
+                            "certificate reloaded: {} for {} (valid until {})",
+                            c.file.display(),
+                            c.hosts.join(", "),
+                            httpdate::fmt_http_date(c.not_after)
+                        );
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => log::error!(
+                    "certificate reload refused, keeping the certificates in force: {e}"
+                ),
+            }
+        }
+    }
+}
