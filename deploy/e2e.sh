@@ -52,6 +52,7 @@ cleanup() {
             cat "$WORK/cleanup.log" >&2
     fi
     restore_config
+    rm -f "$REPO"/deploy/tls/*.pem
     rm -rf "$WORK"
     exit "$rc"
 }
@@ -453,6 +454,37 @@ step_stop_backend_under_load() {
     [ "$(service_ids backend | wc -l)" -eq 4 ] || fail "expected 4 running backends after the stop"
 }
 
+# HTTPS with the override file: a development certificate made by the
+# balancer's own image, HTTP/2 to curl, and a WebSocket echoed over wss.
+step_tls() {
+    local tls=$REPO/deploy/tls out version
+    rm -f "$tls"/*.pem
+    compose run --rm --no-deps --user 0 -v "$tls:/out" balancer \
+        cert --self-signed --host localhost --out /out
+    [ -s "$tls/cert.pem" ] && [ -s "$tls/key.pem" ] && [ -s "$tls/ca.pem" ] || fail "balancer cert wrote no certificate"
+    "${COMPOSE_CMD[@]}" -f "$REPO/compose.yaml" -f "$REPO/compose.tls.yaml" -p "$PROJECT" up -d
+    local deadline=$((SECONDS + 60))
+    until out=$(curl -s --http2 --cacert "$tls/ca.pem" -w ' %{http_version}' --max-time 5 https://localhost/ 2>/dev/null) &&
+        [ "$out" = "Hello World! 2" ]; do
+        [ $SECONDS -lt $deadline ] || fail "https://localhost/ over HTTP/2 answered '${out:-nothing}'"
+        sleep 1
+    done
+    say "curl --http2 --cacert deploy/tls/ca.pem https://localhost/ -> $out"
+    /usr/bin/python3 - "$tls/ca.pem" <<'PY' || fail "the WebSocket echo over wss failed"
+import sys, websocket
+ws = websocket.create_connection("wss://localhost/ws", timeout=10, sslopt={"ca_certs": sys.argv[1]})
+ws.send("hello over wss")
+echo = ws.recv()
+ws.close()
+if echo != "hello over wss":
+    sys.exit(f"    FAIL: the WebSocket echoed {echo!r}")
+print("    wss://localhost/ws echoed:", echo)
+PY
+    version=$(curl -s -o /dev/null -w '%{http_version}' --max-time 5 http://localhost/)
+    [ "$version" = 1.1 ] || fail "plain http://localhost/ answered over HTTP/$version"
+    say "http://localhost/ still answers over HTTP/1.1"
+}
+
 step_final_down() {
     compose down -v --remove-orphans --timeout 10
     local containers networks volumes
@@ -484,5 +516,6 @@ step "down" step_down
 step "up -d --scale backend=3: three container ids within 30 requests" step_scale_3
 step "scale to 5 under a request loop: five ids, same balancer, no failed request" step_scale_5_under_load
 step "docker stop one backend under a request loop: no failed request" step_stop_backend_under_load
+step "HTTPS override: a dev certificate, HTTP/2 over TLS, a WebSocket over wss" step_tls
 step "down leaves no container or network behind" step_final_down
 finish

@@ -41,7 +41,33 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/cache-me", web::get().to(cache_me))
         .route("/info", web::get().to(info))
         .route("/health", web::get().to(health))
+        .route("/ws", web::get().to(websocket))
         .default_service(web::to(not_found));
+}
+
+/// A WebSocket that echoes every text and binary message back, answers
+/// pings, and closes when asked (so a balancer in front can be seen to pass
+/// upgrades both ways).
+async fn websocket(req: HttpRequest, body: web::Payload) -> actix_web::Result<HttpResponse> {
+    let (response, mut session, mut messages) = actix_ws::handle(&req, body)?;
+    actix_web::rt::spawn(async move {
+        while let Some(Ok(message)) = messages.recv().await {
+            let sent = match message {
+                actix_ws::Message::Text(text) => session.text(text).await,
+                actix_ws::Message::Binary(bytes) => session.binary(bytes).await,
+                actix_ws::Message::Ping(bytes) => session.pong(&bytes).await,
+                actix_ws::Message::Close(reason) => {
+                    let _ = session.close(reason).await;
+                    return;
+                }
+                _ => Ok(()),
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(response)
 }
 
 async fn hello() -> HttpResponse {

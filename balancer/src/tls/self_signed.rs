@@ -5,7 +5,9 @@
 //!
 //! - `DIR/ca.pem`: the CA to trust (`curl --cacert DIR/ca.pem`);
 //! - `DIR/cert.pem`: the certificate, then the CA (the chain to serve);
-//! - `DIR/key.pem`: the certificate's private key (mode 0600).
+//! - `DIR/key.pem`: the certificate's private key, readable by all (0644), so
+//!   that a container's unprivileged user can serve it: it is a development
+//!   key, for a CA whose own key is thrown away.
 
 use std::path::{Path, PathBuf};
 
@@ -53,7 +55,9 @@ pub fn write(hosts: &[String], out: &Path) -> Result<Vec<PathBuf>, String> {
             format!("{}{}", cert.pem(), ca_cert.pem()),
             0o644,
         ),
-        ("key.pem", key.serialize_pem(), 0o600),
+        // Readable by the container user that serves it: a development key for
+        // a throwaway CA whose own key is never written anywhere.
+        ("key.pem", key.serialize_pem(), 0o644),
     ];
     let mut written = Vec::new();
     for (name, text, mode) in files {
