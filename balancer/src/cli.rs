@@ -54,6 +54,17 @@ enum Command {
 
 /// Runs the command line with `extensions` in the request path.
 pub fn main_with(extensions: Vec<Arc<dyn Extension>>) -> ExitCode {
+    main_with_setup(move |_| Ok(extensions))
+}
+
+/// Runs the command line; `setup` makes the extensions once the command
+/// line is parsed and the configuration read, so `--help`, `healthcheck`
+/// and `cert` never need what only serving needs, `--check` runs it too (a
+/// setup error fails the check), and an extension can check itself against
+/// the configuration (its routes' and groups' names).
+pub fn main_with_setup(
+    setup: impl FnOnce(&Config) -> Result<Vec<Arc<dyn Extension>>, String>,
+) -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Cert { hosts, out, .. }) = &cli.command {
         return match tls::self_signed::write(hosts, out) {
@@ -105,6 +116,9 @@ pub fn main_with(extensions: Vec<Arc<dyn Extension>>) -> ExitCode {
             if let Err(e) = crate::runtime::Snapshot::compile(config.clone(), None) {
                 errors.push(e);
             }
+            if let Err(e) = setup(&config) {
+                errors.push(e);
+            }
             for warning in config.warnings(&text).into_iter().chain(cert_warnings) {
                 eprintln!("{}: warning: {warning}", path.display());
             }
@@ -122,7 +136,13 @@ pub fn main_with(extensions: Vec<Arc<dyn Extension>>) -> ExitCode {
             for warning in config.warnings(&text) {
                 log::warn!("{}: {warning}", path.display());
             }
-            server::run(config, path, text, extensions)
+            match setup(&config) {
+                Ok(extensions) => server::run(config, path, text, extensions),
+                Err(e) => {
+                    eprintln!("balancer: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

@@ -7,7 +7,8 @@
 //! it to another upstream group ([`Decision::Upstream`]) or to one backend
 //! address ([`Decision::Backend`]), and change its headers on the way. A
 //! program of your own registers its extensions and runs the ordinary
-//! command line:
+//! command line (`cli::main_with_setup` makes them from the configuration
+//! instead, once the command line is parsed):
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -91,6 +92,9 @@ impl Reply {
 pub struct RequestView<'a> {
     /// Method, URI and headers; what is changed here is what is forwarded.
     pub header: &'a mut RequestHeader,
+    /// Whatever an extension wants to keep for this request until its
+    /// response (a type map: `memo.insert(Routed)`, `memo.get::<Routed>()`).
+    pub memo: &'a mut http::Extensions,
     pub client_ip: Option<IpAddr>,
     /// The matched route's name (`#N` when it has none); `None`: no route matched.
     pub route: Option<&'a str>,
@@ -105,6 +109,8 @@ pub struct RequestView<'a> {
 pub struct ResponseView<'a> {
     /// Status and headers; what is changed here is what the client gets.
     pub header: &'a mut ResponseHeader,
+    /// What the request hooks kept for this request.
+    pub memo: &'a mut http::Extensions,
     pub request: &'a RequestHeader,
     pub client_ip: Option<IpAddr>,
     pub route: Option<&'a str>,

@@ -111,6 +111,8 @@ pub struct RequestCtx {
     chosen_backend: Option<SocketAddr>,
     /// The request asks to switch protocols (a WebSocket).
     upgrade: bool,
+    /// What extensions keep for this request between their hooks.
+    memo: http::Extensions,
     request_id: String,
     /// Which `cache.rule` covers the request, if any.
     cache_rule: Option<usize>,
@@ -160,6 +162,7 @@ impl ProxyHttp for Balancer {
             group: None,
             chosen_backend: None,
             upgrade: false,
+            memo: http::Extensions::new(),
             request_id: String::new(),
             cache_rule: None,
             started: Instant::now(),
@@ -768,14 +771,21 @@ impl Balancer {
     async fn run_extensions(&self, session: &mut Session, ctx: &mut RequestCtx) -> Decision {
         let client_ip = client_ip(session);
         for extension in &self.extensions {
-            let route = ctx.route().map(|r| &*r.label);
-            let upstream = ctx.group.as_ref().map(|g| &*g.name);
+            let RequestCtx {
+                snapshot,
+                route,
+                group,
+                request_id,
+                memo,
+                ..
+            } = &mut *ctx;
             let mut view = RequestView {
                 header: session.req_header_mut(),
+                memo,
                 client_ip,
-                route,
-                upstream,
-                request_id: &ctx.request_id,
+                route: route.and_then(|i| snapshot.routes.get(i)).map(|r| &*r.label),
+                upstream: group.as_ref().map(|g| &*g.name),
+                request_id,
             };
             let outcome = AssertUnwindSafe(extension.on_request(&mut view))
                 .catch_unwind()
@@ -795,19 +805,28 @@ impl Balancer {
     async fn finish_response(
         &self,
         session: &Session,
-        ctx: &RequestCtx,
+        ctx: &mut RequestCtx,
         resp: &mut ResponseHeader,
     ) -> Result<()> {
         let req = session.req_header();
         route_response_edits(session, ctx, resp)?;
         for extension in &self.extensions {
+            let RequestCtx {
+                snapshot,
+                route,
+                group,
+                request_id,
+                memo,
+                ..
+            } = &mut *ctx;
             let mut view = ResponseView {
                 header: resp,
                 request: req,
+                memo,
                 client_ip: client_ip(session),
-                route: ctx.route_label(),
-                upstream: ctx.group.as_ref().map(|g| &*g.name),
-                request_id: &ctx.request_id,
+                route: route.and_then(|i| snapshot.routes.get(i)).map(|r| &*r.label),
+                upstream: group.as_ref().map(|g| &*g.name),
+                request_id,
             };
             let outcome = AssertUnwindSafe(extension.on_response(&mut view))
                 .catch_unwind()
