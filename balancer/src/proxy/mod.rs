@@ -155,6 +155,10 @@ impl RequestCtx {
 impl ProxyHttp for Balancer {
     type CTX = RequestCtx;
 
+    /// No downstream modules: Pingora's default adds response compression,
+    /// disabled, which every request would still pass through.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             snapshot: self.live.load_full(),
