@@ -6,6 +6,22 @@
 //! method is left out on purpose: a HEAD is answered from a cached GET.
 
 use pingora::cache::CacheKey;
+use pingora::http::RequestHeader;
+
+/// The key of `req`: its `Host` (or the authority of its target) and its path and query.
+pub fn for_request(req: &RequestHeader) -> CacheKey {
+    let path_and_query = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    cache_key(host_of(req), path_and_query)
+}
+
+/// The host a request names, as its key holds it.
+pub fn host_of(req: &RequestHeader) -> &str {
+    req.headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("")
+}
 
 /// The key of a request for `path_and_query` on `host`.
 pub fn cache_key(host: &str, path_and_query: &str) -> CacheKey {

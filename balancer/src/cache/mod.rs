@@ -5,6 +5,7 @@
 //! The proxy hooks in `proxy.rs` call into this module; the bytes themselves
 //! live in [`storage`], and keys are made in [`key`].
 
+pub mod freshness;
 pub mod key;
 pub mod storage;
 
@@ -12,12 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use pingora::cache::cache_control::{CacheControl, Cacheable, InterpretCacheControl};
-use pingora::cache::filters::resp_cacheable;
 use pingora::cache::key::HashBinary;
 use pingora::cache::lock::{CacheKeyLockImpl, CacheLock};
-use pingora::cache::{
-    CacheMeta, CacheMetaDefaults, CachePhase, NoCacheReason, RespCacheable, VarianceBuilder,
-};
+use pingora::cache::{CacheMeta, CachePhase, NoCacheReason, RespCacheable, VarianceBuilder};
 use pingora::http::{RequestHeader, ResponseHeader};
 
 use crate::config::{self, CacheRule};
@@ -52,6 +50,73 @@ impl ResponseCache {
             stats: CacheStats::default(),
         }))
     }
+}
+
+impl ResponseCache {
+    /// After a non-error answer to an unsafe request (any method but GET,
+    /// HEAD, OPTIONS and TRACE), drops every stored response for its target
+    /// and for the `Location` and `Content-Location` it names on the same host
+    /// (RFC 9111, section 4.4). Returns how many were dropped. PURGE is the
+    /// admin listener's: on the public one it is forwarded and drops nothing.
+    pub fn invalidate_after(
+        &self,
+        rules: &[CacheRule],
+        req: &RequestHeader,
+        resp: &ResponseHeader,
+    ) -> usize {
+        let safe = matches!(
+            req.method,
+            http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE
+        ) || req.method.as_str() == "PURGE";
+        if safe || !(200..400).contains(&resp.status.as_u16()) {
+            return 0;
+        }
+        let host = key::host_of(req);
+        let target = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let named = ["location", "content-location"]
+            .into_iter()
+            .filter_map(|name| resp.headers.get(name)?.to_str().ok())
+            .filter_map(|uri| same_host_target(uri, host));
+        std::iter::once(target)
+            .chain(named)
+            // Only what a rule covers was ever stored: the rest needs no search.
+            .filter(|pq| rule_index(rules, pq.split('?').next().unwrap_or("")).is_some())
+            .map(|pq| self.storage.invalidate(&key::cache_key(host, pq)))
+            .sum()
+    }
+}
+
+/// The path and query of `uri` when it names a resource on `host`: a path,
+/// or an absolute URI whose authority is `host`.
+fn same_host_target<'a>(uri: &'a str, host: &str) -> Option<&'a str> {
+    if uri.starts_with('/') && !uri.starts_with("//") {
+        return Some(uri);
+    }
+    let rest = uri
+        .strip_prefix("http://")
+        .or_else(|| uri.strip_prefix("https://"))?;
+    let (authority, path) = rest.find('/').map_or((rest, "/"), |i| rest.split_at(i));
+    authority.eq_ignore_ascii_case(host).then_some(path)
+}
+
+/// The stored header `stored` revalidated by the 304 `not_modified`: each
+/// field of the 304 replaces the stored one (RFC 9111, section 4.3.4) but
+/// `Content-Length`, which describes the 304's empty body, and the fields
+/// never stored. Pingora's own merge takes only the caching fields.
+pub fn merge_not_modified(
+    stored: &ResponseHeader,
+    not_modified: &ResponseHeader,
+) -> pingora::Result<ResponseHeader> {
+    let mut fields = not_modified.clone();
+    fields.remove_header("content-length");
+    let mut merged = stored.clone();
+    for name in fields.headers.keys() {
+        merged.remove_header(name);
+    }
+    for (name, value) in fields.headers.iter() {
+        merged.append_header(name.clone(), value.clone())?;
+    }
+    Ok(merged)
 }
 
 /// Counters of what the cache did, for metrics and status.
@@ -152,58 +217,114 @@ pub fn shareable_with_authorization(cc: Option<&CacheControl>) -> bool {
     })
 }
 
-fn no_default_freshness(_: pingora::http::StatusCode) -> Option<Duration> {
-    None
-}
-
-/// Whether and how long `resp` may be stored under `rule`. The origin's own
+/// Whether and how long `resp` may be stored under `rule` (RFC 9111, as a
+/// shared cache and a surrogate). The origin's `Surrogate-Control`,
 /// `Cache-Control` and `Expires` win; the rule's `ttl` applies only to a 200
-/// that says nothing about its freshness.
+/// that says nothing about its freshness; without a `ttl`, `Last-Modified`
+/// may give a heuristic lifetime. The rule's stale windows apply only to
+/// responses that allow serving stale.
 pub fn cacheability(rule: &CacheRule, resp: &ResponseHeader, authorization: bool) -> RespCacheable {
     let refuse = RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
     if resp.headers.contains_key("set-cookie") || vary_names(resp).any(|name| name == "*") {
         return refuse;
     }
     let cc = CacheControl::from_resp_headers(resp);
+    let surrogate = freshness::surrogate_control(resp);
+    let must_understand_unknown = cc.as_ref().is_some_and(|cc| cc.has_key("must-understand"))
+        && !understood_status(resp.status.as_u16());
     if cc
         .as_ref()
         .is_some_and(|cc| cc.is_cacheable() == Cacheable::No)
+        || surrogate.as_ref().is_some_and(CacheControl::no_store)
+        || must_understand_unknown
     {
         return refuse;
     }
     if authorization && !shareable_with_authorization(cc.as_ref()) {
         return refuse;
     }
-    let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
-    let (swr, sie) = (
-        secs(rule.stale_while_revalidate.0),
-        secs(rule.stale_if_error.0),
-    );
-    let origin_gives_freshness = resp.headers.contains_key("expires")
-        || cc.as_ref().is_some_and(|cc| {
-            cc.no_cache()
-                || cc.max_age().ok().flatten().is_some()
-                || cc.s_maxage().ok().flatten().is_some()
-        });
-    if origin_gives_freshness {
-        let defaults = CacheMetaDefaults::new(no_default_freshness, swr, sie);
-        return resp_cacheable(cc.as_ref(), resp.clone(), authorization, &defaults);
-    }
-    if resp.status != 200 {
-        return refuse;
-    }
-    let (swr, sie) = match &cc {
-        Some(cc) if cc.must_revalidate() || cc.proxy_revalidate() => (0, 0),
-        _ => (swr, sie),
-    };
     let now = SystemTime::now();
-    RespCacheable::Cacheable(CacheMeta::new(
-        now + rule.ttl.0,
-        now,
-        swr,
-        sie,
-        resp.clone(),
-    ))
+    let lifetime = match freshness::explicit_lifetime(resp, cc.as_ref(), surrogate.as_ref(), now) {
+        Some(lifetime) => lifetime,
+        None => match rule.ttl.filter(|_| resp.status == 200) {
+            Some(ttl) => ttl.0,
+            None => match freshness::heuristic_lifetime(resp, cc.as_ref(), now) {
+                Some(lifetime) => lifetime,
+                None => return refuse,
+            },
+        },
+    };
+    let (fresh_until, epoch) = freshness::timeline(now, lifetime, freshness::age_value(resp));
+    let (swr, sie) = stale_windows(rule, cc.as_ref());
+    let mut stored = resp.clone();
+    strip_unstorable(&mut stored);
+    if let Some(cc) = &cc {
+        cc.strip_private_headers(&mut stored);
+    }
+    RespCacheable::Cacheable(CacheMeta::new(fresh_until, epoch, swr, sie, stored))
+}
+
+/// How long after expiry a response may still be served: while one request
+/// revalidates it, and when the origin fails. The origin's own
+/// `stale-while-revalidate`/`stale-if-error` win over the rule's; and
+/// `must-revalidate`, `proxy-revalidate`, `no-cache` and `s-maxage` forbid
+/// serving stale at all (RFC 9111, sections 4.2.4 and 5.2.2).
+fn stale_windows(rule: &CacheRule, cc: Option<&CacheControl>) -> (u32, u32) {
+    if cc.is_some_and(|cc| {
+        cc.must_revalidate()
+            || cc.proxy_revalidate()
+            || cc.no_cache()
+            || cc.s_maxage().ok().flatten().is_some()
+    }) {
+        return (0, 0);
+    }
+    let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+    let swr = cc.and_then(|cc| cc.stale_while_revalidate().ok().flatten());
+    let sie = cc.and_then(|cc| cc.stale_if_error().ok().flatten());
+    (
+        swr.unwrap_or_else(|| secs(rule.stale_while_revalidate.0)),
+        sie.unwrap_or_else(|| secs(rule.stale_if_error.0)),
+    )
+}
+
+/// Fields that belong to one connection or one hop, or to the balancer
+/// alone, and so are never stored (RFC 9111, section 3.1): the hop-by-hop
+/// ones, those that `Connection` names, `Age` (a hit computes its own) and
+/// `Surrogate-Control`.
+pub fn strip_unstorable(resp: &mut ResponseHeader) {
+    const NEVER_STORED: [&str; 10] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "transfer-encoding",
+        "trailer",
+        "upgrade",
+        "proxy-authenticate",
+        "age",
+        "surrogate-control",
+    ];
+    let named: Vec<String> = resp
+        .headers
+        .get_all("connection")
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .filter(|name| !name.is_empty())
+        .collect();
+    for name in named.iter().map(String::as_str).chain(NEVER_STORED) {
+        resp.remove_header(name);
+    }
+}
+
+/// Statuses whose caching rules the balancer knows (RFC 9110, section 15):
+/// `must-understand` on any other forbids storing (RFC 9111, section 5.2.2.3).
+fn understood_status(status: u16) -> bool {
+    matches!(
+        status,
+        200 | 203 | 204 | 206 | 300 | 301 | 302 | 303 | 307 | 308 | 404 | 405 | 410 | 414 | 501
+    )
 }
 
 fn vary_names(resp: &ResponseHeader) -> impl Iterator<Item = String> + '_ {

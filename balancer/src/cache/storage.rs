@@ -29,8 +29,9 @@ use super::key;
 
 /// One stored response.
 struct Entry {
-    /// The request path it answers, without the query: what a purge names.
-    path: String,
+    /// The primary key (host, path and query) it answers: what an
+    /// invalidation names, and, through [`key::path_of`], a purge.
+    primary: Box<[u8]>,
     meta: (Vec<u8>, Vec<u8>),
     body: Bytes,
     /// The metadata read once, for [`MemoryStorage::fresh_hit`].
@@ -68,21 +69,41 @@ pub struct FreshHit {
 
 impl Entry {
     /// An entry whose fresh-hit view is decoded from `meta` here, once.
-    fn new(path: String, meta: (Vec<u8>, Vec<u8>), body: Bytes) -> Entry {
+    fn new(primary: Box<[u8]>, meta: (Vec<u8>, Vec<u8>), body: Bytes) -> Entry {
         Entry {
-            path,
+            primary,
             ready: Ready::decode(&meta),
             meta,
             body,
         }
     }
 
+    /// What the entry holds in memory: its key, the stored metadata and
+    /// body, and the header decoded for the fast path, with their overhead.
     fn weight(&self, key: &str) -> u32 {
-        let bytes =
-            key.len() + self.path.len() + self.meta.0.len() + self.meta.1.len() + self.body.len();
+        let decoded = self.ready.as_ref().map_or(0, |ready| {
+            ready
+                .header
+                .headers
+                .iter()
+                .map(|(name, value)| name.as_str().len() + value.len() + HEADER_OVERHEAD)
+                .sum::<usize>()
+                + std::mem::size_of::<Ready>()
+        });
+        let bytes = std::mem::size_of::<Entry>()
+            + key.len()
+            + self.primary.len()
+            + self.meta.0.len()
+            + self.meta.1.len()
+            + self.body.len()
+            + decoded;
         u32::try_from(bytes).unwrap_or(u32::MAX)
     }
 }
+
+/// What a decoded header field costs beyond its name and value: the map's
+/// slot, the value's allocation, and the case-preserving copy of its name.
+const HEADER_OVERHEAD: usize = 64;
 
 /// Counters kept by the storage itself.
 #[derive(Default, Debug)]
@@ -142,7 +163,24 @@ impl MemoryStorage {
         let doomed: Vec<Arc<String>> = self
             .entries
             .iter()
-            .filter(|(_, entry)| entry.path == path)
+            .filter(|(_, entry)| key::path_of(&entry.primary) == path)
+            .map(|(key, _)| key)
+            .collect();
+        for key in &doomed {
+            self.entries.invalidate(key.as_str());
+        }
+        self.entries.run_pending_tasks();
+        doomed.len()
+    }
+
+    /// Removes every stored response for the request `key` names (host,
+    /// path and query), all its variants included; returns how many there were.
+    pub fn invalidate(&self, key: &CacheKey) -> usize {
+        let primary = key.primary_key();
+        let doomed: Vec<Arc<String>> = self
+            .entries
+            .iter()
+            .filter(|(_, entry)| &*entry.primary == primary)
             .map(|(key, _)| key)
             .collect();
         for key in &doomed {
@@ -167,6 +205,13 @@ impl MemoryStorage {
             age: now.duration_since(ready.epoch).unwrap_or_default(),
             body: entry.body.clone(),
         })
+    }
+
+    /// Stores `entry` and evicts at once what no longer fits, so that
+    /// `max_size` holds when this returns, not at the next housekeeping.
+    fn store(&self, key: String, entry: Entry) {
+        self.entries.insert(key, Arc::new(entry));
+        self.entries.run_pending_tasks();
     }
 
     fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
@@ -210,7 +255,7 @@ impl Storage for MemoryStorage {
         Ok(Box::new(Miss {
             storage: self,
             key: key.combined(),
-            path: key::path_of(key.primary_key()).to_owned(),
+            primary: key.primary_key().into(),
             meta: meta.serialize()?,
             body: Vec::new(),
             oversize: false,
@@ -239,8 +284,8 @@ impl Storage for MemoryStorage {
         let Some(old) = self.get(key) else {
             return Ok(false);
         };
-        let updated = Entry::new(old.path.clone(), meta.serialize()?, old.body.clone());
-        self.entries.insert(key.combined(), Arc::new(updated));
+        let updated = Entry::new(old.primary.clone(), meta.serialize()?, old.body.clone());
+        self.store(key.combined(), updated);
         Ok(true)
     }
 
@@ -307,7 +352,7 @@ impl HandleHit for Hit {
 struct Miss {
     storage: &'static MemoryStorage,
     key: String,
-    path: String,
+    primary: Box<[u8]>,
     meta: (Vec<u8>, Vec<u8>),
     body: Vec<u8>,
     oversize: bool,
@@ -332,8 +377,8 @@ impl HandleMiss for Miss {
             return Err(storage_error("response larger than cache.max_object_size"));
         }
         let size = self.body.len();
-        let entry = Entry::new(self.path, self.meta, Bytes::from(self.body));
-        self.storage.entries.insert(self.key, Arc::new(entry));
+        let entry = Entry::new(self.primary, self.meta, Bytes::from(self.body));
+        self.storage.store(self.key, entry);
         Ok(MissFinishType::Created(size))
     }
 }
@@ -428,6 +473,27 @@ mod tests {
                 .await
                 .is_none(),
             "the oldest went"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_bound_holds_when_each_insert_returns() {
+        let storage = leak(8 << 10, 1 << 20);
+        for i in 0..12 {
+            let k = key::cache_key("h", &format!("/item/{i}"));
+            put(storage, &k, &[b'x'; 900]).await.unwrap();
+            let entries = storage.entries.weighted_size();
+            assert!(entries <= 8 << 10, "{entries} bytes held after insert {i}");
+        }
+        let oldest = key::cache_key("h", "/item/0");
+        assert!(
+            storage.fresh_hit(&oldest).is_none(),
+            "the oldest went at once"
+        );
+        let newest = storage.get(&key::cache_key("h", "/item/11")).unwrap();
+        assert!(
+            newest.weight("k") as usize > 900 + newest.meta.0.len() + newest.meta.1.len(),
+            "the decoded header counts too"
         );
     }
 

@@ -155,8 +155,11 @@ impl Default for Cache {
 #[serde(deny_unknown_fields)]
 pub struct CacheRule {
     pub path: UriPath,
-    /// Freshness of a 200 response whose origin gives none.
-    pub ttl: Positive,
+    /// Freshness of a 200 response whose origin gives none. Left out, only
+    /// responses with explicit freshness, or a heuristic one from
+    /// `Last-Modified` (RFC 9111, section 4.2.2), are stored.
+    #[serde(default)]
+    pub ttl: Option<Positive>,
     /// After expiry, serve the stale copy while one background refresh runs.
     #[serde(default)]
     pub stale_while_revalidate: Span,
@@ -171,10 +174,13 @@ pub struct CacheRule {
 impl fmt::Display for CacheRule {
     /// The rule in the words of the file: `ttl 30s, stale_while_revalidate 10s, ...`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.ttl {
+            Some(ttl) => write!(f, "ttl {ttl}, ")?,
+            None => f.write_str("ttl (the origin's), ")?,
+        }
         write!(
             f,
-            "ttl {}, stale_while_revalidate {}, stale_if_error {}, client_max_age ",
-            self.ttl,
+            "stale_while_revalidate {}, stale_if_error {}, client_max_age ",
             humantime::format_duration(self.stale_while_revalidate.0),
             humantime::format_duration(self.stale_if_error.0),
         )?;
@@ -802,6 +808,9 @@ ttl = "1h"
         );
         assert_eq!(cache.rules[1].stale_while_revalidate.0, Duration::ZERO);
         assert_eq!(cache.rules[1].client_max_age, None);
+        let without_ttl =
+            parse("[upstream]\nservers = [\"b:1\"]\n[[cache.rule]]\npath = \"/x\"\n").unwrap();
+        assert_eq!(without_ttl.cache.unwrap().rules[0].ttl, None);
         assert!(parse("[upstream]\nservers = [\"b:1\"]\n")
             .unwrap()
             .cache
@@ -809,7 +818,7 @@ ttl = "1h"
         for (text, what) in [
             ("[cache]\nmax_size = \"64 parsecs\"\n", "64 parsecs"),
             ("[cache]\nmax_size = 0\n", "size"),
-            ("[[cache.rule]]\npath = \"/x\"\n", "ttl"),
+            ("[[cache.rule]]\npath = \"/x\"\nttl = \"0s\"\n", "ttl"),
             (
                 "[[cache.rule]]\npath = \"/x\"\nttl = \"1s\"\nswr = \"1s\"\n",
                 "swr",

@@ -127,6 +127,8 @@ pub struct RequestCtx {
     body_bytes: u64,
     /// `X-Cache-Status` of the response, when a cache rule covers the request.
     cache_status: Option<&'static str>,
+    /// The 304 that revalidates a stored response, until its fields are merged into it.
+    not_modified: Option<Box<ResponseHeader>>,
     /// The backends that failed this request (no connection, or dropped it
     /// unanswered): its retries go elsewhere.
     unreachable: Vec<SocketAddr>,
@@ -175,6 +177,7 @@ impl ProxyHttp for Balancer {
             tries: 0,
             body_bytes: 0,
             cache_status: None,
+            not_modified: None,
             unreachable: Vec::new(),
             upstream_started: None,
             upstream_elapsed: None,
@@ -407,15 +410,7 @@ impl ProxyHttp for Balancer {
     }
 
     fn cache_key_callback(&self, session: &Session, _ctx: &mut RequestCtx) -> Result<CacheKey> {
-        let req = session.req_header();
-        let host = req
-            .headers
-            .get("host")
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri.authority().map(|a| a.as_str()))
-            .unwrap_or("");
-        let path_and_query = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        Ok(cache::key::cache_key(host, path_and_query))
+        Ok(cache::key::for_request(session.req_header()))
     }
 
     async fn cache_hit_filter(
@@ -450,12 +445,17 @@ impl ProxyHttp for Balancer {
         resp: &ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<RespCacheable> {
+        let not_modified = ctx.not_modified.take();
         let Some(rule) = ctx.cache_rule() else {
             return Ok(RespCacheable::Uncacheable(
                 pingora::cache::NoCacheReason::NeverEnabled,
             ));
         };
         let authorization = session.req_header().headers.contains_key("authorization");
+        if let Some(not_modified) = not_modified {
+            let merged = cache::merge_not_modified(resp, &not_modified)?;
+            return Ok(cache::cacheability(rule, &merged, authorization));
+        }
         Ok(cache::cacheability(rule, resp, authorization))
     }
 
@@ -471,12 +471,34 @@ impl ProxyHttp for Balancer {
         error.is_none_or(|e| e.esource() == &ErrorSource::Upstream)
     }
 
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // Pingora merges only a few fields of a revalidating 304 into the
+        // stored response; response_cache_filter merges them all.
+        if upstream_response.status == http::StatusCode::NOT_MODIFIED
+            && session.cache.maybe_cache_meta().is_some()
+        {
+            ctx.not_modified = Some(Box::new(upstream_response.clone()));
+        }
+        Ok(())
+    }
+
     async fn response_filter(
         &self,
         session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // The balancer is the surrogate that Surrogate-Control speaks to.
+        upstream_response.remove_header("surrogate-control");
+        if let Some(settings) = &ctx.snapshot.config.cache {
+            self.cache
+                .invalidate_after(&settings.rules, session.req_header(), upstream_response);
+        }
         if let Some(client_max_age) = ctx.cache_rule().map(|r| r.client_max_age) {
             let status = cache::status_label(session.cache.phase());
             self.cache.stats.count(status);

@@ -302,6 +302,9 @@ pub enum Act {
     Cut,
     /// Answer bytes that are not HTTP.
     Garbage,
+    /// Answer with this status, exactly these headers (no default
+    /// `content-type`; `content-length` is added) and this body (`{n}` as above).
+    Exact(u16, Vec<(&'static str, &'static str)>, &'static str),
 }
 
 /// One request as the origin saw it.
@@ -457,6 +460,20 @@ fn serve(stream: TcpStream, state: &OriginState) {
         let (status, extra, text) = match act {
             Act::Answer(status, text) => (status, Vec::new(), text),
             Act::With(status, headers, text) => (status, headers, text),
+            Act::Exact(status, headers, text) => {
+                let text = text.replace("{n}", &n.to_string());
+                let mut response =
+                    format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\n", text.len());
+                for (name, value) in headers {
+                    response.push_str(&format!("{name}: {value}\r\n"));
+                }
+                response.push_str("\r\n");
+                response.push_str(&text);
+                if writer.write_all(response.as_bytes()).is_err() {
+                    return;
+                }
+                continue;
+            }
             Act::Slow(delay, status, text) => {
                 thread::sleep(delay);
                 (status, Vec::new(), text)
