@@ -472,13 +472,22 @@ step_tls() {
     say "curl --http2 --cacert deploy/tls/ca.pem https://localhost/ -> $out"
     /usr/bin/python3 - "$tls/ca.pem" <<'PY' || fail "the WebSocket echo over wss failed"
 import sys, websocket
-ws = websocket.create_connection("wss://localhost/ws", timeout=10, sslopt={"ca_certs": sys.argv[1]})
-ws.send("hello over wss")
-echo = ws.recv()
-ws.close()
-if echo != "hello over wss":
-    sys.exit(f"    FAIL: the WebSocket echoed {echo!r}")
-print("    wss://localhost/ws echoed:", echo)
+# Pingora 0.9.1 may end a tunnel right after the 101 (cloudflare/pingora#946):
+# that known race is retried, three attempts in all.
+for attempt in range(3):
+    ws = websocket.create_connection("wss://localhost/ws", timeout=10, sslopt={"ca_certs": sys.argv[1]})
+    try:
+        ws.send("hello over wss")
+        echo = ws.recv()
+    except (websocket.WebSocketConnectionClosedException, ConnectionResetError):
+        continue
+    ws.close()
+    if echo != "hello over wss":
+        sys.exit(f"    FAIL: the WebSocket echoed {echo!r}")
+    print("    wss://localhost/ws echoed:", echo)
+    break
+else:
+    sys.exit("    FAIL: three WebSockets were cut right after their 101")
 PY
     version=$(curl -s -o /dev/null -w '%{http_version}' --max-time 5 http://localhost/)
     [ "$version" = 1.1 ] || fail "plain http://localhost/ answered over HTTP/$version"

@@ -148,6 +148,23 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
             .await;
             return None;
         }
+        // min_version = "1.3": the certificate resolver turns away clients
+        // that offer no TLS 1.3 suite, but a client may list them and still
+        // speak only 1.2; the version negotiated is what counts.
+        let tls13_only = self
+            .live
+            .load()
+            .config
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.min_version == crate::config::TlsVersion::V1_3);
+        if tls13_only
+            && stream
+                .get_ssl_digest()
+                .is_some_and(|d| !d.version.contains("1_3") && !d.version.contains("1.3"))
+        {
+            return None;
+        }
         let max = limits.max_connections.get() as usize;
         let Some(slot) = self.connections.admit(max) else {
             if self.connections.refusals_logged.allow() {

@@ -259,7 +259,10 @@ impl ProxyHttp for Balancer {
         let snapshot = Arc::clone(&ctx.snapshot);
         if let Some(tls) = snapshot.config.tls.as_ref().filter(|t| t.redirect_http) {
             if !is_tls(session) {
-                let host = routing::request_host(session.req_header());
+                let mut host = routing::request_host(session.req_header());
+                if host.contains(':') {
+                    host = format!("[{host}]"); // an IPv6 address
+                }
                 let port = match tls.listen.port() {
                     443 => String::new(),
                     port => format!(":{port}"),
@@ -525,10 +528,18 @@ impl ProxyHttp for Balancer {
             let sni = match (&settings.sni, settings.tls) {
                 (_, false) => String::new(),
                 (Some(sni), true) => sni.clone(),
-                (None, true) => server
-                    .map(crate::upstream::host_of)
-                    .unwrap_or_default()
-                    .to_owned(),
+                // An address an extension chose has no servers entry: the
+                // group's first one names the backends (an empty SNI would
+                // skip the certificate check altogether).
+                (None, true) => match server {
+                    Some(server) => crate::upstream::host_of(server).to_owned(),
+                    None => settings
+                        .servers
+                        .addrs()
+                        .next()
+                        .map(|a| a.host.clone())
+                        .unwrap_or_default(),
+                },
             };
             let mut peer = HttpPeer::new(addr, settings.tls, sni);
             peer.options.connection_timeout = Some(settings.connect_timeout.0);
@@ -809,7 +820,9 @@ impl Balancer {
                 header: session.req_header_mut(),
                 memo,
                 client_ip,
-                route: route.and_then(|i| snapshot.routes.get(i)).map(|r| &*r.label),
+                route: route
+                    .and_then(|i| snapshot.routes.get(i))
+                    .map(|r| &*r.label),
                 upstream: group.as_ref().map(|g| &*g.name),
                 request_id,
             };
@@ -850,7 +863,9 @@ impl Balancer {
                 request: req,
                 memo,
                 client_ip: client_ip(session),
-                route: route.and_then(|i| snapshot.routes.get(i)).map(|r| &*r.label),
+                route: route
+                    .and_then(|i| snapshot.routes.get(i))
+                    .map(|r| &*r.label),
                 upstream: group.as_ref().map(|g| &*g.name),
                 request_id,
             };

@@ -26,8 +26,12 @@ pub fn write(hosts: &[String], out: &Path) -> Result<Vec<PathBuf>, String> {
 
     let ca_key = KeyPair::generate().map_err(|e| format!("cannot make a key: {e}"))?;
     let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
-    ca.distinguished_name
-        .push(DnType::CommonName, "balancer development CA");
+    // A name of its own: clients that hold several development CAs pick
+    // the issuer by name (and by key identifier, set on the certificate).
+    ca.distinguished_name.push(
+        DnType::CommonName,
+        format!("balancer development CA {:08x}", fastrand::u32(..)),
+    );
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     ca.not_before = now;
@@ -43,6 +47,7 @@ pub fn write(hosts: &[String], out: &Path) -> Result<Vec<PathBuf>, String> {
         .push(DnType::CommonName, hosts[0].clone());
     leaf.not_before = now;
     leaf.not_after = until;
+    leaf.use_authority_key_identifier_extension = true;
     let cert = leaf
         .signed_by(&key, &ca_cert, &ca_key)
         .map_err(|e| format!("cannot sign the certificate: {e}"))?;
