@@ -1128,7 +1128,10 @@ fn min_version_1_3_refuses_tls_1_2() {
     // connection before serving anything over TLS 1.2.
     let tls12 = client_config(&[&pki.ca], &[&rustls::version::TLS12], &[]);
     if let Ok(r) = https_get(port, "localhost", &tls12, "/") {
-        panic!("a TLS 1.2-only client (rustls) was answered {} with min_version = \"1.3\"", r.status);
+        panic!(
+            "a TLS 1.2-only client (rustls) was answered {} with min_version = \"1.3\"",
+            r.status
+        );
     }
     let r = https_get(port, "localhost", &trusting(&[&pki.ca]), "/").expect("a TLS 1.3 client");
     assert_eq!(r.status, 200);
