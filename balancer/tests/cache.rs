@@ -7,27 +7,6 @@ use std::time::Duration;
 
 use support::*;
 
-/// A balancer in front of `origin` with one cache rule for `/c` and an admin listener.
-fn cached(origin: &Origin, rule: &str, cache: &str) -> (Balancer, u16) {
-    let admin = free_port();
-    let lb = start_balancer(&format!(
-        "admin_listen = \"127.0.0.1:{admin}\"\n\
-         [upstream]\nservers = [\"127.0.0.1:{}\"]\nread_timeout = \"2s\"\n\
-         [cache]\n{cache}\n[[cache.rule]]\npath = \"/c\"\n{rule}\n",
-        origin.port
-    ));
-    wait_for(
-        Duration::from_secs(10),
-        "the origin through the balancer",
-        || get(&lb.url("/warmup")).ok().filter(|r| r.status == 200),
-    );
-    (lb, admin)
-}
-
-fn status(r: &Reply) -> &str {
-    r.header("x-cache-status").unwrap_or("(none)")
-}
-
 fn admin_status(admin: u16) -> serde_json::Value {
     let r = get(&format!("http://127.0.0.1:{admin}/status")).unwrap();
     serde_json::from_str(&r.body).unwrap()
@@ -40,7 +19,10 @@ fn miss_then_hit_with_the_same_body_and_an_age() {
     let (lb, _) = cached(&origin, "ttl = \"30s\"\nclient_max_age = \"20s\"", "");
     let first = get(&lb.url("/c/x")).unwrap();
     let second = get(&lb.url("/c/x")).unwrap();
-    assert_eq!((status(&first), status(&second)), ("MISS", "HIT"));
+    assert_eq!(
+        (cache_status(&first), cache_status(&second)),
+        ("MISS", "HIT")
+    );
     assert_eq!(first.body, second.body);
     assert_eq!(origin.hits("/c/x"), 1);
     assert!(
@@ -54,12 +36,16 @@ fn miss_then_hit_with_the_same_body_and_an_age() {
     );
     assert!(second.header("expires").is_some_and(|e| e.ends_with("GMT")));
     let head = request("HEAD", &lb.url("/c/x"), &[]).unwrap();
-    assert_eq!(status(&head), "HIT", "HEAD is answered from the cached GET");
+    assert_eq!(
+        cache_status(&head),
+        "HIT",
+        "HEAD is answered from the cached GET"
+    );
     assert_eq!(origin.hits("/c/x"), 1);
     // Other queries and hosts are other entries.
-    assert_eq!(status(&get(&lb.url("/c/x?page=2")).unwrap()), "MISS");
+    assert_eq!(cache_status(&get(&lb.url("/c/x?page=2")).unwrap()), "MISS");
     assert_eq!(
-        status(&get_with(&lb.url("/c/x"), &[("host", "other.test")]).unwrap()),
+        cache_status(&get_with(&lb.url("/c/x"), &[("host", "other.test")]).unwrap()),
         "MISS"
     );
     // Paths that no rule covers are untouched.
@@ -75,10 +61,10 @@ fn an_entry_expires_after_its_ttl() {
     origin.on("/c", Act::Answer(200, "v{n}"));
     let (lb, _) = cached(&origin, "ttl = \"1s\"", "");
     let first = get(&lb.url("/c")).unwrap();
-    assert_eq!(status(&get(&lb.url("/c")).unwrap()), "HIT");
+    assert_eq!(cache_status(&get(&lb.url("/c")).unwrap()), "HIT");
     std::thread::sleep(Duration::from_millis(1300));
     let later = get(&lb.url("/c")).unwrap();
-    assert_eq!(status(&later), "EXPIRED");
+    assert_eq!(cache_status(&later), "EXPIRED");
     assert_ne!(later.body, first.body, "refetched");
     assert_eq!(origin.hits("/c"), 2);
 }
@@ -92,9 +78,9 @@ fn the_origin_cache_control_wins_over_the_ttl() {
     );
     let (lb, _) = cached(&origin, "ttl = \"1h\"", "");
     get(&lb.url("/c/short")).unwrap();
-    assert_eq!(status(&get(&lb.url("/c/short")).unwrap()), "HIT");
+    assert_eq!(cache_status(&get(&lb.url("/c/short")).unwrap()), "HIT");
     std::thread::sleep(Duration::from_millis(1300));
-    assert_eq!(status(&get(&lb.url("/c/short")).unwrap()), "EXPIRED");
+    assert_eq!(cache_status(&get(&lb.url("/c/short")).unwrap()), "EXPIRED");
 }
 
 #[test]
@@ -110,15 +96,19 @@ fn stale_while_revalidate_serves_the_old_body_during_one_refresh() {
     std::thread::sleep(Duration::from_millis(1200));
     origin.on("/c", Act::Slow(Duration::from_millis(500), 200, "v{n}"));
     let stale: Vec<Reply> = (0..5).map(|_| get(&lb.url("/c")).unwrap()).collect();
-    assert_eq!(status(&stale[0]), "UPDATING");
+    assert_eq!(cache_status(&stale[0]), "UPDATING");
     for r in &stale {
         assert_eq!(r.body, first.body, "the old body while the refresh runs");
-        assert!(["UPDATING", "STALE"].contains(&status(r)), "{}", status(r));
+        assert!(
+            ["UPDATING", "STALE"].contains(&cache_status(r)),
+            "{}",
+            cache_status(r)
+        );
     }
     let fresh = wait_for(Duration::from_secs(5), "the refreshed entry", || {
         get(&lb.url("/c"))
             .ok()
-            .filter(|r| status(r) == "HIT" && r.body != first.body)
+            .filter(|r| cache_status(r) == "HIT" && r.body != first.body)
     });
     assert_eq!(
         origin.hits("/c"),
@@ -138,13 +128,17 @@ fn stale_if_error_covers_an_origin_that_fails_or_is_down() {
     origin.on("/c", Act::Answer(500, "broken"));
     let on_500 = get(&lb.url("/c")).unwrap();
     assert_eq!(
-        (on_500.status, status(&on_500), on_500.body.as_str()),
+        (on_500.status, cache_status(&on_500), on_500.body.as_str()),
         (200, "STALE", first.body.as_str())
     );
     origin.stop();
     let on_down = get(&lb.url("/c")).unwrap();
     assert_eq!(
-        (on_down.status, status(&on_down), on_down.body.as_str()),
+        (
+            on_down.status,
+            cache_status(&on_down),
+            on_down.body.as_str()
+        ),
         (200, "STALE", first.body.as_str())
     );
     // Without a stored copy, the failure shows.
@@ -194,7 +188,7 @@ fn what_must_not_be_stored_is_not() {
         let a = get(&lb.url(path)).unwrap();
         let b = get(&lb.url(path)).unwrap();
         assert_ne!(a.body, b.body, "{path} was served from the cache");
-        assert_ne!(status(&b), "HIT", "{path}");
+        assert_ne!(cache_status(&b), "HIT", "{path}");
         assert_eq!(origin.hits(path), 2, "{path}");
     }
     assert!(
@@ -231,7 +225,10 @@ fn authorization_is_neither_served_from_nor_stored_unless_allowed() {
     // A response that says `public` is shared.
     let a = get_with(&lb.url("/c/public"), &auth).unwrap();
     let b = get_with(&lb.url("/c/public"), &auth).unwrap();
-    assert_eq!((a.body.as_str(), status(&b)), (b.body.as_str(), "HIT"));
+    assert_eq!(
+        (a.body.as_str(), cache_status(&b)),
+        (b.body.as_str(), "HIT")
+    );
 }
 
 #[test]
@@ -247,8 +244,14 @@ fn vary_keeps_variants_apart() {
     assert_ne!(en.body, fr.body);
     let en2 = get_with(&lb.url("/c"), &[("accept-language", "en")]).unwrap();
     let fr2 = get_with(&lb.url("/c"), &[("accept-language", "fr")]).unwrap();
-    assert_eq!((en2.body.as_str(), status(&en2)), (en.body.as_str(), "HIT"));
-    assert_eq!((fr2.body.as_str(), status(&fr2)), (fr.body.as_str(), "HIT"));
+    assert_eq!(
+        (en2.body.as_str(), cache_status(&en2)),
+        (en.body.as_str(), "HIT")
+    );
+    assert_eq!(
+        (fr2.body.as_str(), cache_status(&fr2)),
+        (fr.body.as_str(), "HIT")
+    );
     assert_eq!(origin.hits("/c"), 2);
 }
 
@@ -276,13 +279,13 @@ fn revalidation_with_a_validator_refreshes_instead_of_refetching() {
     );
     let revalidated = get(&lb.url("/c")).unwrap();
     assert_eq!(
-        (status(&revalidated), revalidated.body.as_str()),
+        (cache_status(&revalidated), revalidated.body.as_str()),
         ("REVALIDATED", first.body.as_str())
     );
     let conditional = origin.seen().into_iter().rfind(|s| s.path == "/c").unwrap();
     assert_eq!(conditional.header("if-none-match"), Some("\"v1\""));
     assert_eq!(
-        status(&get(&lb.url("/c")).unwrap()),
+        cache_status(&get(&lb.url("/c")).unwrap()),
         "HIT",
         "fresh again for max-age=30"
     );
@@ -303,7 +306,7 @@ fn oversize_responses_pass_through_and_the_bound_evicts() {
     for _ in 0..2 {
         let r = get(&lb.url("/c/big")).unwrap();
         assert_eq!(r.body.len(), 3000, "passed through whole");
-        assert_ne!(status(&r), "HIT");
+        assert_ne!(cache_status(&r), "HIT");
     }
     assert_eq!(origin.hits("/c/big"), 2);
     for i in 0..40 {
@@ -316,7 +319,7 @@ fn oversize_responses_pass_through_and_the_bound_evicts() {
     );
     assert!(cache["evictions"].as_u64().unwrap() > 0, "{cache}");
     assert_eq!(
-        status(&get(&lb.url("/c/item/39")).unwrap()),
+        cache_status(&get(&lb.url("/c/item/39")).unwrap()),
         "HIT",
         "the newest entry is kept"
     );
@@ -329,14 +332,14 @@ fn purge_on_the_admin_listener_only() {
     let (lb, admin) = cached(&origin, "ttl = \"30s\"", "");
     get(&lb.url("/c")).unwrap();
     get_with(&lb.url("/c"), &[("host", "other.test")]).unwrap();
-    assert_eq!(status(&get(&lb.url("/c")).unwrap()), "HIT");
+    assert_eq!(cache_status(&get(&lb.url("/c")).unwrap()), "HIT");
     // The public listener passes PURGE to the origin like any method and purges nothing.
     request("PURGE", &lb.url("/c"), &[]).unwrap();
-    assert_eq!(status(&get(&lb.url("/c")).unwrap()), "HIT");
+    assert_eq!(cache_status(&get(&lb.url("/c")).unwrap()), "HIT");
     let purged = request("PURGE", &format!("http://127.0.0.1:{admin}/c"), &[]).unwrap();
     assert_eq!(purged.status, 200, "{purged:?}");
     assert!(purged.body.contains("purged 2"), "{:?}", purged.body);
-    assert_eq!(status(&get(&lb.url("/c")).unwrap()), "MISS");
+    assert_eq!(cache_status(&get(&lb.url("/c")).unwrap()), "MISS");
     let cache = &admin_status(admin)["cache"];
     assert!(
         cache["hits"].as_u64().unwrap() >= 2 && cache["misses"].as_u64().unwrap() >= 3,

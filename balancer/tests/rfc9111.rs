@@ -11,28 +11,6 @@ use std::time::{Duration, SystemTime};
 
 use support::*;
 
-/// A balancer in front of `origin` with one cache rule for `/c` (`rule` is
-/// the rest of it) and an admin listener.
-fn cached(origin: &Origin, rule: &str, cache: &str) -> (Balancer, u16) {
-    let admin = free_port();
-    let lb = start_balancer(&format!(
-        "admin_listen = \"127.0.0.1:{admin}\"\n\
-         [upstream]\nservers = [\"127.0.0.1:{}\"]\nread_timeout = \"2s\"\n\
-         [cache]\n{cache}\n[[cache.rule]]\npath = \"/c\"\n{rule}\n",
-        origin.port
-    ));
-    wait_for(
-        Duration::from_secs(10),
-        "the origin through the balancer",
-        || get(&lb.url("/warmup")).ok().filter(|r| r.status == 200),
-    );
-    (lb, admin)
-}
-
-fn status(r: &Reply) -> &str {
-    r.header("x-cache-status").unwrap_or("(none)")
-}
-
 /// A request header that sends a hit down Pingora's full cache path.
 const FULL_PATH: (&str, &str) = ("cache-control", "max-stale=0");
 
@@ -47,7 +25,7 @@ fn assert_stored(url: &str) -> [Reply; 2] {
     let hits = both_paths(url);
     for (hit, way) in hits.iter().zip(["fast", "full"]) {
         assert_eq!(
-            (status(hit), &hit.body),
+            (cache_status(hit), &hit.body),
             ("HIT", &first.body),
             "{url} should be a {way}-path hit; first reply {first:?}, then {hit:?}"
         );
@@ -62,7 +40,7 @@ fn assert_not_stored(origin: &Origin, url: &str) {
     let first = get(url).unwrap();
     for reply in both_paths(url) {
         assert_ne!(
-            status(&reply),
+            cache_status(&reply),
             "HIT",
             "{url} should not be served from the cache; first reply {first:?}, then {reply:?}"
         );
@@ -218,7 +196,7 @@ fn the_age_from_upstream_counts_and_grows() {
         }
         std::thread::sleep(Duration::from_millis(1100));
         for later in both_paths(&url) {
-            assert_eq!(status(&later), "HIT", "{path}: {later:?}");
+            assert_eq!(cache_status(&later), "HIT", "{path}: {later:?}");
             assert!(
                 age(&later) > age(&hits[0]),
                 "{path}: the Age grows while stored: {:?} then {later:?}",
@@ -269,7 +247,11 @@ fn an_age_beyond_the_lifetime_or_unreadable_is_stale() {
         let url = lb.url(&format!("/c/bad-age/{i}"));
         let first = get(&url).unwrap();
         let second = get(&url).unwrap();
-        assert_ne!(status(&second), "HIT", "Age {ages:?}: {first:?} {second:?}");
+        assert_ne!(
+            cache_status(&second),
+            "HIT",
+            "Age {ages:?}: {first:?} {second:?}"
+        );
     }
 }
 
@@ -310,7 +292,7 @@ fn revalidation_directives_forbid_serving_stale_whatever_the_rule() {
     let allowed = get(&lb.url("/c/allowed")).unwrap();
     assert_eq!(allowed.status, 200, "{allowed:?}");
     assert!(
-        ["STALE", "UPDATING"].contains(&status(&allowed)),
+        ["STALE", "UPDATING"].contains(&cache_status(&allowed)),
         "{allowed:?}"
     );
 }
@@ -413,7 +395,10 @@ fn surrogate_control_speaks_to_the_balancer_and_stops_there() {
     }
     assert_stored(&lb.url("/c/shorter"));
     std::thread::sleep(Duration::from_millis(1200));
-    assert_eq!(status(&get(&lb.url("/c/shorter")).unwrap()), "EXPIRED");
+    assert_eq!(
+        cache_status(&get(&lb.url("/c/shorter")).unwrap()),
+        "EXPIRED"
+    );
     assert_not_stored(&origin, &lb.url("/c/no-store"));
 }
 
@@ -431,7 +416,7 @@ fn unsafe_methods_invalidate_the_target_and_its_locations() {
         let answer = request(method, &url, &[]).unwrap();
         assert_eq!(answer.status, 200, "{method}: {answer:?}");
         assert_eq!(
-            status(&get(&url).unwrap()),
+            cache_status(&get(&url).unwrap()),
             "MISS",
             "after a {method} answered 200"
         );
@@ -452,14 +437,14 @@ fn unsafe_methods_invalidate_the_target_and_its_locations() {
     for lang in ["en", "fr"] {
         get_with(&varied, &[("accept-language", lang)]).unwrap();
         assert_eq!(
-            status(&get_with(&varied, &[("accept-language", lang)]).unwrap()),
+            cache_status(&get_with(&varied, &[("accept-language", lang)]).unwrap()),
             "HIT"
         );
     }
     request("POST", &varied, &[]).unwrap();
     for lang in ["en", "fr"] {
         assert_eq!(
-            status(&get_with(&varied, &[("accept-language", lang)]).unwrap()),
+            cache_status(&get_with(&varied, &[("accept-language", lang)]).unwrap()),
             "MISS",
             "{lang}"
         );
@@ -495,12 +480,12 @@ fn unsafe_methods_invalidate_the_target_and_its_locations() {
     Client::default()
         .request("POST", &lb.url("/c/form-elsewhere"), &[])
         .unwrap();
-    assert_eq!(status(&get(&lb.url("/c/location")).unwrap()), "MISS");
+    assert_eq!(cache_status(&get(&lb.url("/c/location")).unwrap()), "MISS");
     assert_eq!(
-        status(&get(&lb.url("/c/content-location")).unwrap()),
+        cache_status(&get(&lb.url("/c/content-location")).unwrap()),
         "MISS"
     );
-    assert_eq!(status(&get(&lb.url("/c/elsewhere")).unwrap()), "HIT");
+    assert_eq!(cache_status(&get(&lb.url("/c/elsewhere")).unwrap()), "HIT");
 }
 
 #[test]
@@ -518,7 +503,7 @@ fn error_answers_to_unsafe_methods_invalidate_nothing() {
         let answer = request("POST", &url, &[]).unwrap();
         assert_eq!(answer.status, code);
         assert_eq!(
-            status(&get(&url).unwrap()),
+            cache_status(&get(&url).unwrap()),
             "HIT",
             "a POST answered {code} leaves the entry"
         );
@@ -574,7 +559,7 @@ fn a_304_replaces_the_stored_fields() {
     );
     let revalidated = get(&url).unwrap();
     assert_eq!(
-        (status(&revalidated), revalidated.body.as_str()),
+        (cache_status(&revalidated), revalidated.body.as_str()),
         ("REVALIDATED", first.body.as_str())
     );
     let expected = [
@@ -595,7 +580,11 @@ fn a_304_replaces_the_stored_fields() {
             .zip(["revalidated", "fast", "full"])
     {
         if way != "revalidated" {
-            assert_eq!(status(&hit), "HIT", "fresh again for the 304's max-age");
+            assert_eq!(
+                cache_status(&hit),
+                "HIT",
+                "fresh again for the 304's max-age"
+            );
         }
         for (name, value) in expected {
             assert_eq!(hit.header(name), Some(value), "{way}: {name} in {hit:?}");
@@ -671,7 +660,7 @@ fn the_size_bound_holds_when_an_insert_returns() {
     for i in 0..3 {
         let oldest = get(&lb.url(&format!("/c/{i}"))).unwrap();
         assert_eq!(
-            status(&oldest),
+            cache_status(&oldest),
             "MISS",
             "/c/{i} was evicted when the cache filled: {:?}",
             oldest.headers

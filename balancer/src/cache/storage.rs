@@ -160,34 +160,29 @@ impl MemoryStorage {
     /// Removes every stored response for `path` (every host, query and
     /// variant); returns how many there were.
     pub fn purge_path(&self, path: &str) -> usize {
-        let doomed: Vec<Arc<String>> = self
-            .entries
-            .iter()
-            .filter(|(_, entry)| key::path_of(&entry.primary) == path)
-            .map(|(key, _)| key)
-            .collect();
-        for key in &doomed {
-            self.entries.invalidate(key.as_str());
-        }
-        self.entries.run_pending_tasks();
-        doomed.len()
+        self.remove_where(|primary| key::path_of(primary) == path)
     }
 
     /// Removes every stored response for the request `key` names (host,
     /// path and query), all its variants included; returns how many there were.
     pub fn invalidate(&self, key: &CacheKey) -> usize {
         let primary = key.primary_key();
-        let doomed: Vec<Arc<String>> = self
+        self.remove_where(|stored| stored == primary)
+    }
+
+    /// Removes every entry whose primary key `doomed` picks; returns how many.
+    fn remove_where(&self, doomed: impl Fn(&[u8]) -> bool) -> usize {
+        let keys: Vec<Arc<String>> = self
             .entries
             .iter()
-            .filter(|(_, entry)| &*entry.primary == primary)
+            .filter(|(_, entry)| doomed(&entry.primary))
             .map(|(key, _)| key)
             .collect();
-        for key in &doomed {
+        for key in &keys {
             self.entries.invalidate(key.as_str());
         }
         self.entries.run_pending_tasks();
-        doomed.len()
+        keys.len()
     }
 
     /// The stored response for `key` when it is fresh and has no variants:

@@ -151,6 +151,17 @@ impl RequestCtx {
     fn route_label(&self) -> Option<&str> {
         self.route().map(|r| &*r.label)
     }
+
+    /// What an extension's view shows of the request (its route, its group,
+    /// its id), with the memo it may change.
+    fn hook_parts(&mut self) -> (Option<&str>, Option<&str>, &str, &mut http::Extensions) {
+        let route = self
+            .route
+            .and_then(|i| self.snapshot.routes.get(i))
+            .map(|r| &*r.label);
+        let group = self.group.as_ref().map(|g| &*g.name);
+        (route, group, &self.request_id, &mut self.memo)
+    }
 }
 
 #[async_trait]
@@ -808,22 +819,13 @@ impl Balancer {
     async fn run_extensions(&self, session: &mut Session, ctx: &mut RequestCtx) -> Decision {
         let client_ip = client_ip(session);
         for extension in &self.extensions {
-            let RequestCtx {
-                snapshot,
-                route,
-                group,
-                request_id,
-                memo,
-                ..
-            } = &mut *ctx;
+            let (route, upstream, request_id, memo) = ctx.hook_parts();
             let mut view = RequestView {
                 header: session.req_header_mut(),
                 memo,
                 client_ip,
-                route: route
-                    .and_then(|i| snapshot.routes.get(i))
-                    .map(|r| &*r.label),
-                upstream: group.as_ref().map(|g| &*g.name),
+                route,
+                upstream,
                 request_id,
             };
             let outcome = AssertUnwindSafe(extension.on_request(&mut view))
@@ -850,23 +852,14 @@ impl Balancer {
         let req = session.req_header();
         route_response_edits(session, ctx, resp)?;
         for extension in &self.extensions {
-            let RequestCtx {
-                snapshot,
-                route,
-                group,
-                request_id,
-                memo,
-                ..
-            } = &mut *ctx;
+            let (route, upstream, request_id, memo) = ctx.hook_parts();
             let mut view = ResponseView {
                 header: resp,
                 request: req,
                 memo,
                 client_ip: client_ip(session),
-                route: route
-                    .and_then(|i| snapshot.routes.get(i))
-                    .map(|r| &*r.label),
-                upstream: group.as_ref().map(|g| &*g.name),
+                route,
+                upstream,
                 request_id,
             };
             let outcome = AssertUnwindSafe(extension.on_response(&mut view))

@@ -681,3 +681,26 @@ pub fn run_example(
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code().unwrap_or(-1), text)
 }
+
+/// A balancer in front of `origin` with one cache rule for `/c` (`rule` is
+/// the rest of it, `cache` the rest of `[cache]`) and an admin listener.
+pub fn cached(origin: &Origin, rule: &str, cache: &str) -> (Balancer, u16) {
+    let admin = free_port();
+    let lb = start_balancer(&format!(
+        "admin_listen = \"127.0.0.1:{admin}\"\n\
+         [upstream]\nservers = [\"127.0.0.1:{}\"]\nread_timeout = \"2s\"\n\
+         [cache]\n{cache}\n[[cache.rule]]\npath = \"/c\"\n{rule}\n",
+        origin.port
+    ));
+    wait_for(
+        Duration::from_secs(10),
+        "the origin through the balancer",
+        || get(&lb.url("/warmup")).ok().filter(|r| r.status == 200),
+    );
+    (lb, admin)
+}
+
+/// The `X-Cache-Status` of a reply.
+pub fn cache_status(r: &Reply) -> &str {
+    r.header("x-cache-status").unwrap_or("(none)")
+}
