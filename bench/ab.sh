@@ -8,7 +8,8 @@
 #   bench/ab.sh OLD_BALANCER NEW_BALANCER [REPORT]
 #
 # OLD_BALANCER and NEW_BALANCER are release binaries (build the earlier one
-# from its commit in a worktree). The backend is target/release/backend.
+# from its commit in a worktree). The backend is the one beside NEW_BALANCER
+# (AB_BACKEND to name another).
 # Environment: AB_ROUNDS (5), AB_DURATION (5 s), AB_PORT_BASE (28200).
 set -euo pipefail
 
@@ -28,7 +29,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$ROOT/target/release/backend" --listen "127.0.0.1:$BASE" --workers 1 >"$WORK/backend.log" 2>&1 &
+"${AB_BACKEND:-$(dirname "$NEW")/backend}" --listen "127.0.0.1:$BASE" --workers 1 >"$WORK/backend.log" 2>&1 &
 PIDS+=($!)
 
 # name, binary, port, extra configuration

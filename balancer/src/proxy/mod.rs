@@ -288,7 +288,13 @@ impl ProxyHttp for Balancer {
                 return Ok(true);
             }
         }
-        let host = routing::request_host(session.req_header());
+        // The host is looked at (lower-cased, without port) only when a
+        // route matches on it or a redirect is written with it.
+        let host = if snapshot.uses_host {
+            routing::request_host(session.req_header())
+        } else {
+            String::new()
+        };
         let facts = RequestFacts {
             host: &host,
             req: session.req_header(),

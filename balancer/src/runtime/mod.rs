@@ -33,6 +33,9 @@ pub struct Snapshot {
     pub groups: BTreeMap<String, Arc<Group>>,
     /// In file order.
     pub routes: Vec<Route>,
+    /// Whether a route matches on the host or writes a redirect with it:
+    /// otherwise requests need not have their host looked at.
+    pub uses_host: bool,
 }
 
 /// One upstream group as this snapshot configures it.
@@ -84,10 +87,15 @@ impl Snapshot {
                 Route::compile(i, route.get_ref(), kept)
             })
             .collect();
+        let uses_host = config.routes.iter().any(|r| {
+            let r = r.get_ref();
+            r.host.is_some() || r.redirect.is_some()
+        });
         Ok(Snapshot {
             config: Arc::new(config),
             groups,
             routes,
+            uses_host,
         })
     }
 
