@@ -456,6 +456,19 @@ impl Nginx {
     fn access_log(&self) -> String {
         self.file("access.log")
     }
+
+    /// The access log once it mentions `text` (nginx writes a request's line
+    /// after its response, so a client can be faster), or after 5 s.
+    fn access_log_with(&self, text: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = self.access_log();
+            if log.contains(text) || Instant::now() >= deadline {
+                return log;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Nginx {
@@ -1352,7 +1365,7 @@ fn an_h2c_upstream_is_spoken_to_in_http2() {
         "{r:?}\n{}",
         lb.proc.log_text()
     );
-    let log = nginx.access_log();
+    let log = nginx.access_log_with("GET /via-h2c");
     assert!(
         log.lines().any(|l| l.starts_with("GET /via-h2c HTTP/2.0")),
         "nginx's access log should show the request in HTTP/2.0:\n{log}"
@@ -1394,7 +1407,7 @@ fn a_tls_upstream_is_verified_against_ca_file() {
         "{r:?}\n{}",
         lb.proc.log_text()
     );
-    let log = nginx.access_log();
+    let log = nginx.access_log_with("GET /right-ca");
     assert!(
         log.contains("GET /right-ca HTTP/1.1 sni=localhost"),
         "nginx should have seen HTTP/1.1 with SNI localhost:\n{log}"
@@ -1467,7 +1480,7 @@ fn a_tls_upstream_is_verified_against_ca_file() {
         "{r:?}\n{}",
         lb.proc.log_text()
     );
-    let log = nginx.access_log();
+    let log = nginx.access_log_with("GET /default-sni");
     assert!(
         log.contains("GET /default-sni HTTP/1.1 sni=localhost"),
         "nginx should have seen SNI localhost, the host of the servers entry:\n{log}"

@@ -161,19 +161,24 @@ pub fn rule_index(rules: &[CacheRule], path: &str) -> Option<usize> {
 /// credentials, no conditions, no range and no cache directives of its own.
 /// Everything else takes Pingora's full cache path.
 pub fn plain_hit_candidate(req: &RequestHeader) -> bool {
-    const DISQUALIFYING: [&str; 9] = [
-        "authorization",
-        "range",
-        "if-none-match",
-        "if-modified-since",
-        "if-match",
-        "if-unmodified-since",
-        "if-range",
-        "cache-control",
-        "pragma",
+    use http::header::{
+        AUTHORIZATION, CACHE_CONTROL, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE,
+        IF_UNMODIFIED_SINCE, PRAGMA, RANGE,
+    };
+    // Standard names, not text: looking one up by text parses it each time.
+    const DISQUALIFYING: [http::HeaderName; 9] = [
+        AUTHORIZATION,
+        RANGE,
+        IF_NONE_MATCH,
+        IF_MODIFIED_SINCE,
+        IF_MATCH,
+        IF_UNMODIFIED_SINCE,
+        IF_RANGE,
+        CACHE_CONTROL,
+        PRAGMA,
     ];
     matches!(req.method, http::Method::GET | http::Method::HEAD)
-        && !DISQUALIFYING.iter().any(|h| req.headers.contains_key(*h))
+        && !DISQUALIFYING.iter().any(|h| req.headers.contains_key(h))
 }
 
 /// Marks a response that a rule covers: `X-Cache-Status`, and what clients

@@ -351,7 +351,7 @@ impl ProxyHttp for Balancer {
                     .header("location", vars.render(location)),
                 )
             }
-            None => ctx.group = snapshot.default_group().cloned(),
+            None => ctx.group = snapshot.default.clone(),
         }
         if matches!(decision, Decision::Continue) {
             decision = self.run_extensions(session, ctx).await;
@@ -378,7 +378,7 @@ impl ProxyHttp for Balancer {
             Decision::Backend(addr) => {
                 ctx.chosen_backend = Some(addr);
                 if ctx.group.is_none() {
-                    ctx.group = snapshot.default_group().cloned();
+                    ctx.group = snapshot.default.clone();
                 }
             }
         }
@@ -718,7 +718,7 @@ impl ProxyHttp for Balancer {
                     .apply_request(upstream_request, &vars)?;
             }
         }
-        upstream_request.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
+        upstream_request.insert_header(request_id::HEADER.clone(), ctx.request_id.as_str())?;
         if !upstream_request.headers.contains_key(http::header::HOST) {
             // An HTTP/1.0 client need not send one; the upstream request is
             // HTTP/1.1, which must: name the address the client reached.
@@ -967,7 +967,7 @@ fn route_response_edits(
         };
         route.response_headers.apply_response(resp, &vars)?;
     }
-    resp.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
+    resp.insert_header(request_id::HEADER.clone(), ctx.request_id.as_str())?;
     Ok(())
 }
 
@@ -1068,7 +1068,7 @@ async fn respond_error_text(
     let body = Bytes::from(format!("{code} {}\n", reason_for(code, e)));
     let mut header = text_header(code, body.len())?;
     if !request_id.is_empty() {
-        header.insert_header(request_id::HEADER, request_id)?;
+        header.insert_header(request_id::HEADER.clone(), request_id)?;
     }
     if code == 405 {
         header.insert_header("allow", "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS")?;

@@ -3,14 +3,16 @@
 //! it is well-formed (1 to 128 letters, digits and `-_.:`), so a trace that
 //! began before the balancer goes on through it; otherwise a new one is made.
 
+use http::HeaderName;
 use pingora::http::RequestHeader;
 
-pub const HEADER: &str = "x-request-id";
+/// `x-request-id`, made once: a header name given as text is parsed on every use.
+pub static HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The request's id: the client's when well-formed, else a new random one.
 pub fn for_request(req: &RequestHeader) -> String {
     req.headers
-        .get(HEADER)
+        .get(&HEADER)
         .and_then(|v| v.to_str().ok())
         .filter(|id| well_formed(id))
         .map_or_else(new_id, str::to_owned)
@@ -25,7 +27,13 @@ fn well_formed(id: &str) -> bool {
 
 /// 128 random bits as 32 hex digits.
 fn new_id() -> String {
-    format!("{:032x}", fastrand::u128(..))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bits = fastrand::u128(..);
+    let mut id = String::with_capacity(32);
+    for shift in (0..32).rev() {
+        id.push(char::from(HEX[((bits >> (shift * 4)) & 0xf) as usize]));
+    }
+    id
 }
 
 #[cfg(test)]
@@ -36,7 +44,7 @@ mod tests {
     fn a_well_formed_id_is_kept_and_anything_else_replaced() {
         let with = |id: &str| {
             let mut r = RequestHeader::build("GET", b"/", None).unwrap();
-            r.insert_header(HEADER, id).unwrap();
+            r.insert_header(HEADER.clone(), id).unwrap();
             for_request(&r)
         };
         assert_eq!(with("abc-123_x.y:z"), "abc-123_x.y:z");

@@ -33,6 +33,8 @@ pub struct Snapshot {
     pub groups: BTreeMap<String, Arc<Group>>,
     /// In file order.
     pub routes: Vec<Route>,
+    /// The group that requests no route claims go to (`[upstream]`).
+    pub default: Option<Arc<Group>>,
     /// Whether a route matches on the host or writes a redirect with it:
     /// otherwise requests need not have their host looked at.
     pub uses_host: bool,
@@ -93,15 +95,11 @@ impl Snapshot {
         });
         Ok(Snapshot {
             config: Arc::new(config),
+            default: groups.get(Config::DEFAULT_GROUP).cloned(),
             groups,
             routes,
             uses_host,
         })
-    }
-
-    /// The group that requests no route claims go to.
-    pub fn default_group(&self) -> Option<&Arc<Group>> {
-        self.groups.get(Config::DEFAULT_GROUP)
     }
 }
 
