@@ -58,27 +58,22 @@ impl Admin {
         let config = &snapshot.config;
         let token = match (&self.token_from_env, &config.admin_token_file) {
             (Some(token), _) => Some(token.clone()),
-            (None, Some(file)) => match std::fs::read_to_string(file) {
-                Ok(text) if !text.trim().is_empty() => Some(text.trim().to_owned()),
-                Ok(_) => {
-                    if TOKEN_FILE_ERRORS.allow() {
-                        log::error!(
-                            "admin_token_file {} is empty: PURGE is refused",
-                            file.display()
-                        );
+            (None, Some(file)) => {
+                let read = std::fs::read_to_string(file).map_err(|e| e.to_string());
+                match read.as_deref().map(str::trim) {
+                    Ok(token) if !token.is_empty() => Some(token.to_owned()),
+                    outcome => {
+                        if TOKEN_FILE_ERRORS.allow() {
+                            let why = outcome.err().map_or("it is empty", String::as_str);
+                            log::error!(
+                                "cannot use admin_token_file {}: {why}; PURGE is refused",
+                                file.display()
+                            );
+                        }
+                        return Err("no admin token is set".to_owned());
                     }
-                    return Err("no admin token is set".to_owned());
                 }
-                Err(e) => {
-                    if TOKEN_FILE_ERRORS.allow() {
-                        log::error!(
-                            "cannot read admin_token_file {}: {e}; PURGE is refused",
-                            file.display()
-                        );
-                    }
-                    return Err("no admin token is set".to_owned());
-                }
-            },
+            }
             (None, None) => None,
         };
         let Some(token) = token else {

@@ -138,7 +138,6 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let limits = self.live.load().config.limits.clone();
         if self.stopping.is_set() {
             refuse(
                 stream,
@@ -151,10 +150,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
         // min_version = "1.3": the certificate resolver turns away clients
         // that offer no TLS 1.3 suite, but a client may list them and still
         // speak only 1.2; the version negotiated is what counts.
-        let tls13_only = self
-            .live
-            .load()
-            .config
+        let config = Arc::clone(&self.live.load().config);
+        let tls13_only = config
             .tls
             .as_ref()
             .is_some_and(|t| t.min_version == crate::config::TlsVersion::V1_3);
@@ -165,6 +162,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
         {
             return None;
         }
+        let limits = &config.limits;
         let max = limits.max_connections.get() as usize;
         let Some(slot) = self.connections.admit(max) else {
             if self.connections.refusals_logged.allow() {
@@ -182,7 +180,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
             return None;
         };
         let http2 = stream.selected_alpn_proto() == Some(ALPN::H2);
-        let mut timed = Timed::new(stream, &limits, slot);
+        let mut timed = Timed::new(stream, limits, slot);
         if http2 {
             timed.state = AtomicU8::new(UNTIMED);
         }

@@ -15,8 +15,6 @@ use arc_swap::ArcSwap;
 
 use pingora::protocols::tls::CaType;
 use pingora::utils::tls::{parse_x509, WrappedX509};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
 
 use crate::config::{self, Config};
 use crate::routing::Route;
@@ -103,24 +101,12 @@ impl Snapshot {
     }
 }
 
-/// The certificates of a PEM file of CAs, each checked to parse.
+/// The CAs of an upstream's `ca_file`, as Pingora's connector takes them.
 fn read_ca(file: &std::path::Path) -> Result<Arc<CaType>, String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(file)
-        .map_err(|e| format!("ca_file {}: {e}", file.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("ca_file {}: not PEM certificates: {e}", file.display()))?;
-    if certs.is_empty() {
-        return Err(format!("ca_file {}: no certificate in it", file.display()));
-    }
-    let mut wrapped = Vec::with_capacity(certs.len());
-    for cert in certs {
-        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| {
-            format!(
-                "ca_file {}: a certificate does not parse: {e}",
-                file.display()
-            )
-        })?;
-        wrapped.push(WrappedX509::new(cert.to_vec(), parse_x509));
-    }
+    let certs = crate::tls::read_certificates(file).map_err(|e| format!("ca_file {e}"))?;
+    let wrapped: Vec<WrappedX509> = certs
+        .into_iter()
+        .map(|cert| WrappedX509::new(cert.to_vec(), parse_x509))
+        .collect();
     Ok(Arc::from(wrapped))
 }

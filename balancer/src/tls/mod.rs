@@ -199,17 +199,29 @@ fn read_all(tls: &Tls) -> Result<Loaded, String> {
     })
 }
 
+/// The certificates of a PEM file, at least one; each parses as X.509.
+/// The error names the file: a certificate chain here, the CAs of an
+/// upstream's `ca_file` in `runtime`.
+pub fn read_certificates(file: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(file)
+        .map_err(|e| format!("{}: cannot read the certificates: {e}", file.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: not PEM certificates: {e}", file.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate in the file", file.display()));
+    }
+    for cert in &certs {
+        x509_parser::parse_x509_certificate(cert.as_ref())
+            .map_err(|e| format!("{}: a certificate does not parse: {e}", file.display()))?;
+    }
+    Ok(certs)
+}
+
 /// Reads one certificate chain and its key, and checks that they belong together.
 pub fn read_pair(cert: &Path, key: &Path) -> Result<(Arc<CertifiedKey>, CertificateInfo), String> {
     pingora::tls::install_default_crypto_provider();
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("{}: cannot read the certificate: {e}", cert.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: not a PEM certificate chain: {e}", cert.display()))?;
-    let Some(leaf) = chain.first() else {
-        return Err(format!("{}: no certificate in the file", cert.display()));
-    };
-    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref())
+    let chain = read_certificates(cert)?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(chain[0].as_ref())
         .map_err(|e| format!("{}: the certificate does not parse: {e}", cert.display()))?;
     let not_after = SystemTime::UNIX_EPOCH
         + Duration::from_secs(u64::try_from(parsed.validity().not_after.timestamp()).unwrap_or(0));
