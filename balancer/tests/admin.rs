@@ -1,11 +1,11 @@
 //! Operating the balancer: metrics and status after a known sequence of
-//! requests, the status page in a real browser, JSON access logs, and a
-//! graceful stop under load.
+//! requests, the status page in a real browser (from the admin listener, and
+//! over HTTPS through a route with the test CA trusted), JSON access logs,
+//! and a graceful stop under load.
 
 mod support;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,8 +29,10 @@ fn config(admin: u16, servers: &[u16], checks: bool) -> String {
         .iter()
         .map(|p| format!("\"127.0.0.1:{p}\""))
         .collect();
+    // A dead backend is found by a refused connect at once; the timeout is
+    // long so that a live one, slow on a busy machine, is not taken out.
     let checks = if checks {
-        "[upstream.health_check]\ninterval = \"200ms\"\ntimeout = \"500ms\"\nunhealthy_threshold = 1\n"
+        "[upstream.health_check]\ninterval = \"200ms\"\ntimeout = \"2s\"\nunhealthy_threshold = 1\n"
     } else {
         ""
     };
@@ -329,12 +331,45 @@ fn sigterm_under_load_answers_every_accepted_request() {
     assert!(took < Duration::from_secs(5), "drained in {took:?}");
 }
 
+/// The rows of the status page's upstream table in the DOM Chromium rendered.
+fn backend_rows(dom: &str) -> Vec<&str> {
+    dom.split("<tr class=\"backend\"").skip(1).collect()
+}
+
+/// The row of the status page's upstream table for `address`.
+fn backend_row<'a>(dom: &'a str, address: &str) -> &'a str {
+    backend_rows(dom)
+        .into_iter()
+        .find(|r| r.contains(&format!("data-address=\"{address}\"")))
+        .unwrap_or_else(|| panic!("no row for {address} in the rendered table:\n{dom}"))
+}
+
+/// Asserts that the rendered status page shows `live` healthy and `dead` down.
+fn assert_health_shown(dom: &str, live: &str, dead: &str) {
+    let live = backend_row(dom, live);
+    assert!(
+        live.contains("data-healthy=\"true\"") && live.contains("class=\"health up\""),
+        "the live backend shown healthy: {live}"
+    );
+    let dead = backend_row(dom, dead);
+    assert!(
+        dead.contains("data-healthy=\"false\"") && dead.contains("class=\"health down\""),
+        "the dead backend shown down: {dead}"
+    );
+}
+
+/// Waits until `/status` has checked `live` healthy and `dead` down.
+fn wait_for_health(admin: u16, live: &str, dead: &str) {
+    wait_for(Duration::from_secs(10), "one backend up, one down", || {
+        let s = status(admin);
+        let healthy = |a: &str| try_address(&s, a).map(|e| e["healthy"] == true);
+        (healthy(live) == Some(true) && healthy(dead) == Some(false)).then_some(())
+    });
+}
+
 #[test]
 fn the_status_page_shows_the_upstreams_in_a_real_browser() {
-    let chromium = ["chromium", "chromium-browser", "google-chrome"]
-        .into_iter()
-        .find(|b| Command::new(b).arg("--version").output().is_ok_and(|o| o.status.success()))
-        .expect("a headless Chromium is needed for this test: apt-get install chromium (.ci/run installs it)");
+    let browser = Browser::new();
     let (pa, dead) = (free_port(), free_port());
     let _a = start_backend("a", pa);
     let admin = free_port();
@@ -348,51 +383,17 @@ fn the_status_page_shows_the_upstreams_in_a_real_browser() {
         get(&lb.url("/cache-me")).unwrap();
     }
     let page = format!("http://127.0.0.1:{admin}/");
-    let profile = tempfile::tempdir().unwrap();
-    let browser = |extra: &[&str]| {
-        let mut cmd = Command::new(chromium);
-        cmd.args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-quic",
-            "--virtual-time-budget=3000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .args(extra)
-        .arg(&page);
-        let out = cmd.output().expect("chromium runs");
-        assert!(
-            out.status.success(),
-            "chromium failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let dom = browser(&["--dump-dom"]);
-    let rows: Vec<&str> = dom.split("<tr class=\"backend\"").skip(1).collect();
+    let dom = browser.load(&page, &["--dump-dom"]).out;
     assert_eq!(
-        rows.len(),
+        backend_rows(&dom).len(),
         2,
         "two upstream rows in the rendered table:\n{dom}"
     );
-    let row = |addr: &str| {
-        *rows
-            .iter()
-            .find(|r| r.contains(&format!("data-address=\"{addr}\"")))
-            .unwrap()
-    };
-    assert!(row(&format!("127.0.0.1:{pa}")).contains("data-healthy=\"true\""));
-    assert!(row(&format!("127.0.0.1:{pa}")).contains("class=\"health up\""));
-    assert!(row(&format!("127.0.0.1:{dead}")).contains("data-healthy=\"false\""));
-    assert!(row(&format!("127.0.0.1:{dead}")).contains("class=\"health down\""));
+    let (live, dead) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{dead}"));
+    assert_health_shown(&dom, &live, &dead);
     assert!(dom.contains("id=\"hit-ratio\">80 %<"), "4 hits of 5: {dom}");
     assert!(
-        row(&format!("127.0.0.1:{pa}")).contains("<td>default (round_robin)</td>"),
+        backend_row(&dom, &live).contains("<td>default (round_robin)</td>"),
         "the group and its algorithm: {dom}"
     );
     let route = dom
@@ -413,15 +414,98 @@ fn the_status_page_shows_the_upstreams_in_a_real_browser() {
 
     let shot: PathBuf = std::env::temp_dir().join("balancer-status-page.png");
     let _ = std::fs::remove_file(&shot);
-    browser(&[
-        &format!("--screenshot={}", shot.display()),
-        "--window-size=1100,700",
-        "--hide-scrollbars",
-    ]);
+    browser.load(
+        &page,
+        &[
+            &format!("--screenshot={}", shot.display()),
+            "--window-size=1100,700",
+            "--hide-scrollbars",
+        ],
+    );
     let png = std::fs::read(&shot).expect("a screenshot was written");
     assert!(
         png.starts_with(b"\x89PNG") && png.len() > 10_000,
         "{} bytes",
         png.len()
+    );
+}
+
+/// The README's way to the status page over HTTPS: a route on the TLS
+/// listener sends a host name to the admin listener, an upstream like any other.
+#[test]
+fn the_status_page_over_https_renders_with_the_test_ca_trusted_and_not_without_it() {
+    let pki = Pki::new(&["status.localhost"]);
+    let (pa, dead) = (free_port(), free_port());
+    let _a = start_backend("a", pa);
+    let (admin, tls) = (free_port(), free_port());
+    let lb = start_balancer(&format!(
+        "{}[upstreams.admin]\nservers = [\"127.0.0.1:{admin}\"]\n\
+         [[route]]\nname = \"status\"\nhost = \"status.localhost\"\nupstream = \"admin\"\n\
+         [tls]\nlisten = \"127.0.0.1:{tls}\"\ncertificate = {}\nprivate_key = {}\n",
+        config(admin, &[pa, dead], true),
+        toml_path(&pki.cert),
+        toml_path(&pki.key),
+    ));
+    let (live, dead) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{dead}"));
+    wait_for_health(admin, &live, &dead);
+    wait_for(Duration::from_secs(10), "the TLS listener", || {
+        std::net::TcpStream::connect(("127.0.0.1", tls)).ok()
+    });
+    // Chromium resolves every *.localhost name to loopback by itself.
+    let page = format!("https://status.localhost:{tls}/");
+    let through_the_route = || {
+        let log = lb.proc.log_text();
+        log.lines()
+            .filter(|l| l.contains("\"GET /status HTTP/2+TLS\" 200") && l.contains("route=status"))
+            .count()
+    };
+
+    let untrusting = Browser::trusting(&[]).load(&page, &["--dump-dom"]);
+    assert!(
+        untrusting.log.contains("ERR_CERT_AUTHORITY_INVALID"),
+        "without the CA the certificate is refused as from an unknown issuer: {}",
+        untrusting.log
+    );
+    assert!(
+        backend_rows(&untrusting.out).is_empty() && !untrusting.out.contains("data-route"),
+        "nothing of /status rendered without the CA:\n{}",
+        untrusting.out
+    );
+    assert_eq!(through_the_route(), 0, "no /status fetched without the CA");
+
+    let dom = Browser::trusting(&[&pki.ca])
+        .load(&page, &["--dump-dom"])
+        .out;
+    assert_eq!(
+        backend_rows(&dom).len(),
+        3,
+        "the default group's two backends and the admin listener:\n{dom}"
+    );
+    assert_health_shown(&dom, &live, &dead);
+    assert!(
+        dom.contains("<tr class=\"route\" data-route=\"status\"><td>status</td><td>status.localhost</td><td>/</td><td>any</td><td>upstream admin</td>"),
+        "the route's row: {dom}"
+    );
+    // The admin listener, seen as a backend of the route, had a request in
+    // flight when it answered /status: the page's own fetch, over HTTPS.
+    let admin_row = backend_row(&dom, &format!("127.0.0.1:{admin}"));
+    let numbers: Vec<u64> = admin_row
+        .split("<td class=\"num\">")
+        .skip(1)
+        .filter_map(|cell| cell.split('<').next()?.parse().ok())
+        .collect();
+    assert!(
+        matches!(numbers[..], [requests, in_flight] if requests >= 1 && in_flight >= 1),
+        "the admin listener's row counts the page's requests, /status in flight: {admin_row}"
+    );
+    assert!(
+        dom.contains("<span id=\"error\"></span>"),
+        "no fetch failed: {dom}"
+    );
+    // Access-log lines are written in batches, a moment after their request.
+    wait_for(
+        Duration::from_secs(5),
+        "the access-log line of /status over TLS through the route",
+        || (through_the_route() >= 1).then_some(()),
     );
 }

@@ -31,63 +31,6 @@ use tungstenite::{Message, WebSocket};
 
 use support::*;
 
-// Certificates.
-
-/// A development CA and a certificate it signed, as `balancer cert` writes them.
-struct Pki {
-    _dir: tempfile::TempDir,
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-impl Pki {
-    /// The certificate `balancer cert --self-signed` makes for `hosts`.
-    fn new(hosts: &[&str]) -> Pki {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let out = dir.path().to_str().expect("a UTF-8 temp dir").to_owned();
-        let mut args = vec!["cert", "--self-signed"];
-        for host in hosts {
-            args.extend(["--host", host]);
-        }
-        args.extend(["--out", &out]);
-        let (code, output) = run_balancer(&args);
-        assert_eq!(code, 0, "balancer cert {args:?} failed: {output}");
-        Pki {
-            ca: dir.path().join("ca.pem"),
-            cert: dir.path().join("cert.pem"),
-            key: dir.path().join("key.pem"),
-            _dir: dir,
-        }
-    }
-
-    /// The leaf certificate (the first of cert.pem), as it goes over the wire.
-    fn leaf(&self) -> Vec<u8> {
-        leaf_of(&self.cert)
-    }
-
-    /// Copies the certificate and key over `cert` and `key`: certificate first,
-    /// as a renewal that writes files in place does.
-    fn install(&self, cert: &Path, key: &Path) {
-        std::fs::copy(&self.cert, cert).expect("copy the certificate");
-        std::fs::copy(&self.key, key).expect("copy the key");
-    }
-}
-
-fn leaf_of(cert_file: &Path) -> Vec<u8> {
-    CertificateDer::pem_file_iter(cert_file)
-        .expect("a readable certificate file")
-        .next()
-        .expect("a certificate in the file")
-        .expect("a PEM certificate")
-        .to_vec()
-}
-
-/// A TOML string for `path`.
-fn toml_path(path: &Path) -> String {
-    format!("{:?}", path.to_str().expect("a UTF-8 path"))
-}
-
 // A balancer with a TLS listener.
 
 /// A running balancer with its `[tls]` listener on `tls_port`.

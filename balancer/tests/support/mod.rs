@@ -1,6 +1,7 @@
 //! What the integration tests share: starting the real `balancer` and
 //! `backend` binaries on loopback ports, a scriptable test origin, an HTTP
-//! client, and waiting by polling with a deadline.
+//! client, development certificates, headless Chromium, and waiting by
+//! polling with a deadline.
 
 #![allow(dead_code)] // each test file uses its own part of this module
 
@@ -703,4 +704,150 @@ pub fn cached(origin: &Origin, rule: &str, cache: &str) -> (Balancer, u16) {
 /// The `X-Cache-Status` of a reply.
 pub fn cache_status(r: &Reply) -> &str {
     r.header("x-cache-status").unwrap_or("(none)")
+}
+
+// Development certificates.
+
+/// A development CA and a certificate it signed, as `balancer cert` writes them.
+pub struct Pki {
+    _dir: tempfile::TempDir,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Pki {
+    /// The certificate `balancer cert --self-signed` makes for `hosts`.
+    pub fn new(hosts: &[&str]) -> Pki {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = dir.path().to_str().expect("a UTF-8 temp dir").to_owned();
+        let mut args = vec!["cert", "--self-signed"];
+        for host in hosts {
+            args.extend(["--host", host]);
+        }
+        args.extend(["--out", &out]);
+        let (code, output) = run_balancer(&args);
+        assert_eq!(code, 0, "balancer cert {args:?} failed: {output}");
+        Pki {
+            ca: dir.path().join("ca.pem"),
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+            _dir: dir,
+        }
+    }
+
+    /// The leaf certificate (the first of cert.pem), as it goes over the wire.
+    pub fn leaf(&self) -> Vec<u8> {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::pem_file_iter(&self.cert)
+            .expect("a readable certificate file")
+            .next()
+            .expect("a certificate in the file")
+            .expect("a PEM certificate")
+            .to_vec()
+    }
+
+    /// Copies the certificate and key over `cert` and `key`: certificate first,
+    /// as a renewal that writes files in place does.
+    pub fn install(&self, cert: &Path, key: &Path) {
+        std::fs::copy(&self.cert, cert).expect("copy the certificate");
+        std::fs::copy(&self.key, key).expect("copy the key");
+    }
+}
+
+/// A TOML string for `path`.
+pub fn toml_path(path: &Path) -> String {
+    format!("{:?}", path.to_str().expect("a UTF-8 path"))
+}
+
+// A real browser.
+
+/// Headless Chromium with a home directory of its own. On Linux, Chromium
+/// trusts the CAs of the NSS database in `$HOME/.pki/nssdb` beyond its
+/// built-in ones: that database is where a test CA is made trusted, as a
+/// user's `certutil` would, with no flag that turns certificate checks off.
+pub struct Browser {
+    program: &'static str,
+    home: tempfile::TempDir,
+}
+
+/// What one page load printed: `out` (the DOM with `--dump-dom`) and `log`
+/// (Chromium's stderr, where a failed load says why, e.g. `net::ERR_CERT_AUTHORITY_INVALID`).
+pub struct Loaded {
+    pub out: String,
+    pub log: String,
+}
+
+impl Browser {
+    /// Chromium with an empty home: the NSS database it makes there trusts nothing more.
+    pub fn new() -> Browser {
+        let program = ["chromium", "chromium-browser", "google-chrome"]
+            .into_iter()
+            .find(|b| Command::new(b).arg("--version").output().is_ok_and(|o| o.status.success()))
+            .expect("a headless Chromium is needed for this test: apt-get install chromium (.ci/run installs it)");
+        Browser {
+            program,
+            home: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    /// Chromium whose NSS database, made here with `certutil`, trusts the
+    /// CAs in `cas` (PEM files) to identify websites, and nothing more.
+    pub fn trusting(cas: &[&Path]) -> Browser {
+        let browser = Browser::new();
+        let db = browser.home.path().join(".pki/nssdb");
+        std::fs::create_dir_all(&db).expect("the NSS database's directory");
+        let db = format!("sql:{}", db.display());
+        certutil(&["-N", "-d", &db, "--empty-password"]);
+        for (i, ca) in cas.iter().enumerate() {
+            let name = format!("test-ca-{i}");
+            let ca = ca.to_str().expect("a UTF-8 path");
+            // C,,: a CA trusted to issue server certificates (not e-mail or code signing ones).
+            certutil(&["-A", "-d", &db, "-n", &name, "-t", "C,,", "-i", ca]);
+        }
+        browser
+    }
+
+    /// Loads `url` in a fresh profile, with the flags `extra` (such as
+    /// `--dump-dom`), giving the page's scripts 3 s of virtual time.
+    pub fn load(&self, url: &str, extra: &[&str]) -> Loaded {
+        let profile = tempfile::tempdir().expect("temp dir");
+        let out = Command::new(self.program)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-quic",
+                "--virtual-time-budget=3000",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(extra)
+            .arg(url)
+            .env("HOME", self.home.path())
+            .output()
+            .expect("chromium runs");
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "chromium failed: {log}");
+        Loaded {
+            out: String::from_utf8_lossy(&out.stdout).into_owned(),
+            log,
+        }
+    }
+}
+
+/// Runs `certutil ARGS` (Debian's libnss3-tools), failing the test if it fails.
+fn certutil(args: &[&str]) {
+    let out = Command::new("certutil").args(args).output().expect(
+        "certutil is needed for this test: apt-get install libnss3-tools (.ci/run installs it)",
+    );
+    assert!(
+        out.status.success(),
+        "certutil {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
