@@ -1,25 +1,40 @@
 #!/usr/bin/env bash
-# A/B of two balancer builds, in one interleaved run: the earlier build, the
-# new build, and the new build with one route configured, each in front of
-# the same backend, with `wrk -t1 -c64` on / (proxied) and /cache-me (a cache
-# hit). Rounds alternate the targets so that drift of the machine hits all
-# of them alike; the report gives each target's median and range.
+# A/B of balancer builds and settings, in one interleaved run: each variant
+# runs in front of the same backend, and `wrk -t1 -c64` measures / (proxied)
+# and /cache-me (a cache hit) on each. Rounds alternate the variants so that
+# drift of the machine hits all of them alike; the report gives each
+# variant's median and range, and its ratio to the first variant.
 #
-#   bench/ab.sh OLD_BALANCER NEW_BALANCER [REPORT]
+#   bench/ab.sh [-o REPORT] VARIANT...
 #
-# OLD_BALANCER and NEW_BALANCER are release binaries (build the earlier one
-# from its commit in a worktree). The backend is the one beside NEW_BALANCER
-# (AB_BACKEND to name another).
-# Environment: AB_ROUNDS (5), AB_DURATION (5 s), AB_PORT_BASE (28200).
+# A VARIANT is NAME=BINARY[,OPTION...], where BINARY is a release build of
+# the balancer (build an earlier one from its commit in a worktree) and the
+# options are:
+#   route             one [[route]] sending / to the default upstream
+#   threads=N         worker threads (default 1)
+#   log=text|json     the access log on, in that format, to a file
+#                     (default: off, RUST_LOG=warn)
+#   config=FILE       more TOML, appended to the variant's configuration
+# For example:
+#   bench/ab.sh -o bench/results/ab.md old=/tmp/old/balancer \
+#       new=target/release/balancer new+route=target/release/balancer,route
+#
+# The backend is the one beside the first variant's binary (AB_BACKEND to
+# name another). Environment: AB_ROUNDS (5), AB_DURATION (5 s),
+# AB_PORT_BASE (28200), AB_PATHS ("/ /cache-me").
 set -euo pipefail
 
-OLD=${1:?usage: bench/ab.sh OLD_BALANCER NEW_BALANCER [REPORT]}
-NEW=${2:?usage: bench/ab.sh OLD_BALANCER NEW_BALANCER [REPORT]}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-REPORT=${3:-$ROOT/bench/results/ab.md}
+REPORT=$ROOT/bench/results/ab.md
+if [[ ${1:-} == -o ]]; then
+    REPORT=${2:?-o needs a file}
+    shift 2
+fi
+(($# > 0)) || { sed -n '2,25p' "$0" >&2; exit 2; }
 ROUNDS=${AB_ROUNDS:-5}
 DURATION=${AB_DURATION:-5}
 BASE=${AB_PORT_BASE:-28200}
+read -r -a PATHS <<<"${AB_PATHS:-/ /cache-me}"
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() {
@@ -29,42 +44,68 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"${AB_BACKEND:-$(dirname "$NEW")/backend}" --listen "127.0.0.1:$BASE" --workers 1 >"$WORK/backend.log" 2>&1 &
+NAMES=()
+declare -A BIN PORT THREADS LOG CONFIG
+for spec in "$@"; do
+    name=${spec%%=*}
+    IFS=, read -r -a fields <<<"${spec#*=}"
+    [[ $name != "$spec" && -x ${fields[0]:-} ]] || { echo "ab.sh: $spec: expected NAME=BINARY[,OPTION...] with an executable BINARY" >&2; exit 2; }
+    NAMES+=("$name")
+    BIN[$name]=${fields[0]}
+    PORT[$name]=$((BASE + ${#NAMES[@]}))
+    THREADS[$name]=1
+    LOG[$name]=
+    CONFIG[$name]=
+    for option in "${fields[@]:1}"; do
+        case $option in
+            route) CONFIG[$name]+=$'[[route]]\nname = "app"\npath = "/"\nupstream = "default"\n' ;;
+            threads=*) THREADS[$name]=${option#threads=} ;;
+            log=text | log=json) LOG[$name]=${option#log=} ;;
+            config=*) CONFIG[$name]+=$(cat "${option#config=}")$'\n' ;;
+            *) echo "ab.sh: $spec: unknown option $option" >&2; exit 2 ;;
+        esac
+    done
+done
+
+"${AB_BACKEND:-$(dirname "${BIN[${NAMES[0]}]}")/backend}" --listen "127.0.0.1:$BASE" --workers 1 >"$WORK/backend.log" 2>&1 &
 PIDS+=($!)
 
-# name, binary, port, extra configuration
-TARGETS=(old new new+route)
-declare -A BIN=([old]=$OLD [new]=$NEW [new+route]=$NEW)
-declare -A PORT=([old]=$((BASE + 1)) [new]=$((BASE + 2)) [new+route]=$((BASE + 3)))
-declare -A EXTRA=([old]="" [new]="" [new+route]=$'[[route]]\nname = "app"\npath = "/"\nupstream = "default"\n')
-
-for t in "${TARGETS[@]}"; do
-    cat >"$WORK/$t.toml" <<EOF
-listen = "127.0.0.1:${PORT[$t]}"
-threads = 1
-[upstream]
-servers = ["127.0.0.1:$BASE"]
-[cache]
-[[cache.rule]]
-path = "/cache-me"
-ttl = "300s"
-${EXTRA[$t]}
-EOF
-    RUST_LOG=warn "${BIN[$t]}" --config "$WORK/$t.toml" >"$WORK/$t.log" 2>&1 &
+# Each variant's configuration in a directory of its own, and its output
+# beside it: a file written in the watched directory would wake the
+# configuration watch on every line.
+mkdir -p "$WORK/logs"
+for t in "${NAMES[@]}"; do
+    mkdir -p "$WORK/$t"
+    {
+        echo "listen = \"127.0.0.1:${PORT[$t]}\""
+        echo "threads = ${THREADS[$t]}"
+        [[ -n ${LOG[$t]} ]] && echo "log_format = \"${LOG[$t]}\""
+        echo "[upstream]"
+        echo "servers = [\"127.0.0.1:$BASE\"]"
+        echo "[cache]"
+        echo "[[cache.rule]]"
+        echo "path = \"/cache-me\""
+        echo "ttl = \"300s\""
+        echo "${CONFIG[$t]}"
+    } >"$WORK/$t/balancer.toml"
+    level=warn
+    [[ -n ${LOG[$t]} ]] && level=info
+    RUST_LOG=$level "${BIN[$t]}" --config "$WORK/$t/balancer.toml" >"$WORK/logs/$t.log" 2>&1 &
     PIDS+=($!)
 done
-for t in "${TARGETS[@]}"; do
+for t in "${NAMES[@]}"; do
     for _ in $(seq 100); do
         curl -s -o /dev/null --max-time 1 "http://127.0.0.1:${PORT[$t]}/" && break
         sleep 0.1
     done
-    curl -s -o /dev/null --max-time 2 "http://127.0.0.1:${PORT[$t]}/cache-me"
+    status=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:${PORT[$t]}/cache-me")
+    [[ $status == 200 ]] || { echo "ab.sh: $t does not answer on port ${PORT[$t]}:" >&2; tail -n 20 "$WORK/logs/$t.log" >&2; exit 1; }
 done
 
 declare -A RESULTS
 for ((round = 1; round <= ROUNDS; round++)); do
-    for path in / /cache-me; do
-        for t in "${TARGETS[@]}"; do
+    for path in "${PATHS[@]}"; do
+        for t in "${NAMES[@]}"; do
             url="http://127.0.0.1:${PORT[$t]}$path"
             wrk -t1 -c64 -d1s "$url" >/dev/null 2>&1 || true
             rps=$(wrk -t1 -c64 -d"${DURATION}s" "$url" 2>/dev/null | awk '/Requests\/sec/ { print int($2) }')
@@ -76,18 +117,23 @@ done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 range() { tr ' ' '\n' | grep -v '^$' | sort -n | awk 'NR == 1 { lo = $1 } { hi = $1 } END { print lo "-" hi }'; }
+first=${NAMES[0]}
 {
-    echo "# A/B: $(basename "$OLD") vs $(basename "$NEW"), one interleaved run"
+    echo "# A/B: ${NAMES[*]}, one interleaved run"
     echo
-    echo "$ROUNDS rounds of wrk -t1 -c64 -d${DURATION}s per path and target, 1 proxy thread, 1 backend worker; $(nproc) cores; load before: $(cut -d' ' -f1-3 /proc/loadavg)."
+    echo "$ROUNDS rounds of wrk -t1 -c64 -d${DURATION}s per path and variant, 1 backend worker; $(nproc) cores; load before: $(cut -d' ' -f1-3 /proc/loadavg)."
     echo
-    echo "| path | target | median req/s | range | vs old |"
+    echo "| variant | binary and options |"
+    echo "|---|---|"
+    for spec in "$@"; do echo "| ${spec%%=*} | \`${spec#*=}\` |"; done
+    echo
+    echo "| path | variant | median req/s | range | vs $first |"
     echo "|---|---|---|---|---|"
-    for path in / /cache-me; do
-        old=$(echo "${RESULTS["old $path"]}" | median)
-        for t in "${TARGETS[@]}"; do
+    for path in "${PATHS[@]}"; do
+        reference=$(echo "${RESULTS["$first $path"]}" | median)
+        for t in "${NAMES[@]}"; do
             m=$(echo "${RESULTS["$t $path"]}" | median)
-            echo "| \`$path\` | $t | $m | $(echo "${RESULTS["$t $path"]}" | range) | $(awk -v a="$m" -v b="$old" 'BEGIN { printf "%.3f", a / b }') |"
+            echo "| \`$path\` | $t | $m | $(echo "${RESULTS["$t $path"]}" | range) | $(awk -v a="$m" -v b="$reference" 'BEGIN { printf "%.3f", a / b }') |"
         done
     done
 } >"$REPORT"

@@ -25,11 +25,12 @@ pub fn host_of(req: &RequestHeader) -> &str {
 
 /// The key of a request for `path_and_query` on `host`.
 pub fn cache_key(host: &str, path_and_query: &str) -> CacheKey {
-    let host = host.to_ascii_lowercase();
+    use std::io::Write as _;
     let mut primary = Vec::with_capacity(host.len() + path_and_query.len() + 8);
-    primary.extend_from_slice(host.len().to_string().as_bytes());
-    primary.push(b':');
+    let _ = write!(primary, "{}:", host.len());
+    let host_at = primary.len();
     primary.extend_from_slice(host.as_bytes());
+    primary[host_at..].make_ascii_lowercase();
     primary.extend_from_slice(path_and_query.as_bytes());
     CacheKey::new(primary, "")
 }

@@ -188,17 +188,51 @@ pub fn label_response(
     status: &'static str,
     client_max_age: Option<Duration>,
 ) -> pingora::Result<()> {
-    resp.insert_header("x-cache-status", status)?;
+    resp.insert_header(X_CACHE_STATUS.clone(), status)?;
+    tell_clients(resp, client_max_age)
+}
+
+/// `x-cache-status`, made once: a header name given as text is parsed on every use.
+pub static X_CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("x-cache-status");
+
+/// With `client_max_age`, tells clients how long to keep `resp`:
+/// `Cache-Control: max-age` and `Expires`.
+pub fn tell_clients(
+    resp: &mut ResponseHeader,
+    client_max_age: Option<Duration>,
+) -> pingora::Result<()> {
     if let Some(max_age) = client_max_age {
         if tells_clients_expiry(resp.status.as_u16()) {
-            resp.insert_header("cache-control", format!("max-age={}", max_age.as_secs()))?;
             resp.insert_header(
-                "expires",
-                httpdate::fmt_http_date(SystemTime::now() + max_age),
+                http::header::CACHE_CONTROL,
+                format!("max-age={}", max_age.as_secs()),
             )?;
+            resp.insert_header(http::header::EXPIRES, expires_in(max_age))?;
         }
     }
     Ok(())
+}
+
+/// The HTTP date `max_age` from now, formatted at most once a second per
+/// thread and `max_age` (the date has a resolution of one second).
+fn expires_in(max_age: Duration) -> http::HeaderValue {
+    use std::cell::RefCell;
+    thread_local! {
+        static LAST: RefCell<Option<(u64, Duration, http::HeaderValue)>> = const { RefCell::new(None) };
+    }
+    let now = SystemTime::now();
+    let second = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    LAST.with_borrow_mut(|last| match last {
+        Some((s, age, value)) if *s == second && *age == max_age => value.clone(),
+        _ => {
+            let value = http::HeaderValue::from_str(&httpdate::fmt_http_date(now + max_age))
+                .unwrap_or_else(|_| http::HeaderValue::from_static("0"));
+            *last = Some((second, max_age, value.clone()));
+            value
+        }
+    })
 }
 
 /// The `X-Cache-Status` value for a response in `phase`.

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use moka::notification::RemovalCause;
 use moka::policy::EvictionPolicy;
-use pingora::cache::key::CacheHashKey;
+use pingora::cache::key::{CacheHashKey, HashBinary};
 use pingora::cache::storage::{
     HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget,
     PurgeType,
@@ -40,6 +40,8 @@ struct Entry {
 
 /// What a fresh hit needs, decoded once when the entry is written.
 struct Ready {
+    /// The stored header as a hit sends it, but for `Age`: framed by
+    /// `Content-Length`, with `Accept-Ranges` and `X-Cache-Status: HIT`.
     header: ResponseHeader,
     fresh_until: SystemTime,
     /// Age is counted from here (the last revalidation, or the creation).
@@ -49,10 +51,22 @@ struct Ready {
 }
 
 impl Ready {
-    fn decode(meta: &(Vec<u8>, Vec<u8>)) -> Option<Ready> {
+    fn decode(meta: &(Vec<u8>, Vec<u8>), body_len: usize) -> Option<Ready> {
         let meta = CacheMeta::deserialize(&meta.0, &meta.1).ok()?;
+        let mut header = meta.response_header_copy();
+        header.set_version(http::Version::HTTP_11);
+        header.remove_header(&http::header::TRANSFER_ENCODING);
+        header
+            .insert_header(http::header::CONTENT_LENGTH, body_len)
+            .ok()?;
+        header
+            .insert_header(http::header::ACCEPT_RANGES, "bytes")
+            .ok()?;
+        header
+            .insert_header(super::X_CACHE_STATUS.clone(), "HIT")
+            .ok()?;
         Some(Ready {
-            header: meta.response_header_copy(),
+            header,
             fresh_until: meta.fresh_until(),
             epoch: meta.epoch(),
             varies: meta.variance().is_some(),
@@ -72,7 +86,7 @@ impl Entry {
     fn new(primary: Box<[u8]>, meta: (Vec<u8>, Vec<u8>), body: Bytes) -> Entry {
         Entry {
             primary,
-            ready: Ready::decode(&meta),
+            ready: Ready::decode(&meta, body.len()),
             meta,
             body,
         }
@@ -80,7 +94,7 @@ impl Entry {
 
     /// What the entry holds in memory: its key, the stored metadata and
     /// body, and the header decoded for the fast path, with their overhead.
-    fn weight(&self, key: &str) -> u32 {
+    fn weight(&self) -> u32 {
         let decoded = self.ready.as_ref().map_or(0, |ready| {
             ready
                 .header
@@ -91,7 +105,7 @@ impl Entry {
                 + std::mem::size_of::<Ready>()
         });
         let bytes = std::mem::size_of::<Entry>()
-            + key.len()
+            + std::mem::size_of::<HashBinary>()
             + self.primary.len()
             + self.meta.0.len()
             + self.meta.1.len()
@@ -111,9 +125,10 @@ pub struct StorageStats {
     pub evictions: AtomicU64,
 }
 
-/// A bounded in-memory response store.
+/// A bounded in-memory response store, keyed by the binary hash of the
+/// cache key and its variant (Pingora's `combined_bin`).
 pub struct MemoryStorage {
-    entries: moka::sync::Cache<String, Arc<Entry>>,
+    entries: moka::sync::Cache<HashBinary, Arc<Entry>>,
     max_object_size: usize,
     stats: Arc<StorageStats>,
 }
@@ -125,7 +140,7 @@ impl MemoryStorage {
         let counted = Arc::clone(&stats);
         let entries = moka::sync::Cache::builder()
             .max_capacity(max_size)
-            .weigher(|key: &String, entry: &Arc<Entry>| entry.weight(key))
+            .weigher(|_key: &HashBinary, entry: &Arc<Entry>| entry.weight())
             .eviction_policy(EvictionPolicy::lru())
             .eviction_listener(move |_key, _entry, cause| {
                 if cause == RemovalCause::Size {
@@ -172,14 +187,14 @@ impl MemoryStorage {
 
     /// Removes every entry whose primary key `doomed` picks; returns how many.
     fn remove_where(&self, doomed: impl Fn(&[u8]) -> bool) -> usize {
-        let keys: Vec<Arc<String>> = self
+        let keys: Vec<Arc<HashBinary>> = self
             .entries
             .iter()
             .filter(|(_, entry)| doomed(&entry.primary))
             .map(|(key, _)| key)
             .collect();
         for key in &keys {
-            self.entries.invalidate(key.as_str());
+            self.entries.invalidate(&**key);
         }
         self.entries.run_pending_tasks();
         keys.len()
@@ -204,13 +219,13 @@ impl MemoryStorage {
 
     /// Stores `entry` and evicts at once what no longer fits, so that
     /// `max_size` holds when this returns, not at the next housekeeping.
-    fn store(&self, key: String, entry: Entry) {
+    fn store(&self, key: HashBinary, entry: Entry) {
         self.entries.insert(key, Arc::new(entry));
         self.entries.run_pending_tasks();
     }
 
     fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
-        self.entries.get(&key.combined())
+        self.entries.get(&key.combined_bin())
     }
 }
 
@@ -249,7 +264,7 @@ impl Storage for MemoryStorage {
     ) -> Result<MissHandler> {
         Ok(Box::new(Miss {
             storage: self,
-            key: key.combined(),
+            key: key.combined_bin(),
             primary: key.primary_key().into(),
             meta: meta.serialize()?,
             body: Vec::new(),
@@ -263,7 +278,7 @@ impl Storage for MemoryStorage {
         _purge_type: PurgeType,
         _trace: &SpanHandle,
     ) -> Result<PurgeOutcome> {
-        let key = target.key().combined();
+        let key = target.key().combined_bin();
         Ok(match self.entries.remove(&key) {
             Some(_) => PurgeOutcome::Purged(None),
             None => PurgeOutcome::NotFound,
@@ -280,7 +295,7 @@ impl Storage for MemoryStorage {
             return Ok(false);
         };
         let updated = Entry::new(old.primary.clone(), meta.serialize()?, old.body.clone());
-        self.store(key.combined(), updated);
+        self.store(key.combined_bin(), updated);
         Ok(true)
     }
 
@@ -346,7 +361,7 @@ impl HandleHit for Hit {
 /// Collects a response body from the origin and stores it when it is complete.
 struct Miss {
     storage: &'static MemoryStorage,
-    key: String,
+    key: HashBinary,
     primary: Box<[u8]>,
     meta: (Vec<u8>, Vec<u8>),
     body: Vec<u8>,
@@ -487,7 +502,7 @@ mod tests {
         );
         let newest = storage.get(&key::cache_key("h", "/item/11")).unwrap();
         assert!(
-            newest.weight("k") as usize > 900 + newest.meta.0.len() + newest.meta.1.len(),
+            newest.weight() as usize > 900 + newest.meta.0.len() + newest.meta.1.len(),
             "the decoded header counts too"
         );
     }

@@ -929,12 +929,8 @@ impl Balancer {
             return Ok(false);
         };
         let mut header = hit.header;
-        header.set_version(http::Version::HTTP_11);
-        header.remove_header("transfer-encoding");
-        header.insert_header("content-length", hit.body.len())?;
-        header.insert_header("Age", hit.age.as_secs())?;
-        header.insert_header("Accept-Ranges", "bytes")?;
-        cache::label_response(&mut header, "HIT", client_max_age)?;
+        header.insert_header(http::header::AGE, hit.age.as_secs())?;
+        cache::tell_clients(&mut header, client_max_age)?;
         self.cache.stats.count("HIT");
         ctx.cache_status = Some("HIT");
         self.finish_response(session, ctx, &mut header).await?;
