@@ -440,7 +440,7 @@ fn the_status_page_over_https_renders_with_the_test_ca_trusted_and_not_without_i
     let (admin, tls) = (free_port(), free_port());
     let lb = start_balancer(&format!(
         "{}[upstreams.admin]\nservers = [\"127.0.0.1:{admin}\"]\n\
-         [[route]]\nname = \"status\"\nhost = \"status.localhost\"\nupstream = \"admin\"\n\
+         [[route]]\nname = \"status\"\nhost = \"status.localhost\"\nmethods = [\"GET\"]\nupstream = \"admin\"\n\
          [tls]\nlisten = \"127.0.0.1:{tls}\"\ncertificate = {}\nprivate_key = {}\n",
         config(admin, &[pa, dead], true),
         toml_path(&pki.cert),
@@ -483,7 +483,7 @@ fn the_status_page_over_https_renders_with_the_test_ca_trusted_and_not_without_i
     );
     assert_health_shown(&dom, &live, &dead);
     assert!(
-        dom.contains("<tr class=\"route\" data-route=\"status\"><td>status</td><td>status.localhost</td><td>/</td><td>any</td><td>upstream admin</td>"),
+        dom.contains("<tr class=\"route\" data-route=\"status\"><td>status</td><td>status.localhost</td><td>/</td><td>GET</td><td>upstream admin</td>"),
         "the route's row: {dom}"
     );
     // The admin listener, seen as a backend of the route, had a request in

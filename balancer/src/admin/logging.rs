@@ -31,7 +31,7 @@ pub fn level_for(target: &str, message: &str) -> Option<Level> {
     if !target.starts_with("pingora") {
         return None;
     }
-    const LOWERED: [(&str, Level); 6] = [
+    const LOWERED: [(&str, Level); 7] = [
         // A slowloris cut: the balancer counts it and logs it at info itself.
         ("(limits.client_header_timeout)", Level::Debug),
         // Only matters to users of Pingora's compression dictionaries.
@@ -43,6 +43,9 @@ pub fn level_for(target: &str, message: &str) -> Option<Level> {
         // A client that failed its TLS handshake (an old protocol, no SNI
         // match under min_version 1.3, a scanner).
         ("Downstream handshake error", Level::Debug),
+        // A client that closed its connection before its HTTP/2 preface (a
+        // browser drops the spare connection it opened in advance).
+        ("H2 handshake error", Level::Debug),
         // A client that closed or broke its connection while sending a head.
         ("Fail to proxy: Downstream", Level::Debug),
     ];
@@ -148,6 +151,13 @@ mod tests {
             level_for(
                 "pingora_core::services::listening",
                 "Downstream handshake error from 127.0.0.1:1: TLSHandshakeFailure"
+            ),
+            Some(Level::Debug)
+        );
+        assert_eq!(
+            level_for(
+                "pingora_core::apps",
+                "H2 handshake error Broken pipe (os error 32)"
             ),
             Some(Level::Debug)
         );
