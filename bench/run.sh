@@ -19,13 +19,8 @@
 #   BENCH_PORT_BASE (28100: backend, +1 balancer, +2 nginx, +3 haproxy),
 #   BENCH_NOTE (a line about the conditions, printed in results.md),
 #   BENCH_SKIP_BUILD=1 (use the binaries in target/release as they are).
+# Starting, stopping and reading the memory of the servers: bench/servers.sh.
 set -euo pipefail
-
-BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(dirname "$BENCH_DIR")
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-RESULTS=$BENCH_DIR/results
-RAW=$RESULTS/raw
 
 ROUNDS=${BENCH_ROUNDS:-3}
 DURATION=${BENCH_DURATION:-5}        # seconds per measured wrk run
@@ -37,45 +32,21 @@ RATE_CONNS=32
 RATE_DURATION=8
 RATE_ROUNDS=${BENCH_RATE_ROUNDS:-2}
 PORT_BASE=${BENCH_PORT_BASE:-28100}
+# shellcheck source=bench/servers.sh
+source "$(dirname "${BASH_SOURCE[0]}")/servers.sh"
+RESULTS=$BENCH_DIR/results
+RAW=$RESULTS/raw
 
 TARGETS=(balancer nginx haproxy direct)
 PATHS=(/ /cache-me /info)
-declare -A PORT=(
-    [direct]=$PORT_BASE
-    [balancer]=$((PORT_BASE + 1))
-    [nginx]=$((PORT_BASE + 2))
-    [haproxy]=$((PORT_BASE + 3))
-)
-BACKEND_PORT=${PORT[direct]}
-declare -A PID=()       # the process we started, per target (direct = the backend)
-declare -A WATCH=()     # the PIDs whose RSS counts for a target (nginx: master + worker)
-declare -A CHILDREN=()  # processes our processes started (nginx), stopped with them
-SAMPLER=""
-WORK=""
-PY=/usr/bin/python3
-[[ -x $PY ]] || PY=python3
-
-log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() {
-    log "error: $*"
-    exit 1
-}
 
 # ---------------------------------------------------------------- 1. tools
 
 install_tools() {
     local -a missing=()
-    command -v nginx >/dev/null || missing+=(nginx)
-    command -v haproxy >/dev/null || missing+=(haproxy)
     command -v wrk >/dev/null || missing+=(wrk)
-    command -v curl >/dev/null || missing+=(curl)
     "$PY" -c 'import matplotlib' 2>/dev/null || missing+=(python3-matplotlib)
-    if ((${#missing[@]})); then
-        log "installing ${missing[*]} (apt)"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-        PY=/usr/bin/python3
-    fi
+    install_missing "${missing[@]}"
     export PATH=$PATH:${CARGO_HOME:-${HOME:-/root}/.cargo}/bin
     if ! command -v oha >/dev/null; then
         log "installing oha (cargo install oha --locked)"
@@ -83,94 +54,13 @@ install_tools() {
     fi
 }
 
-raise_fd_limit() {
-    ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-    (($(ulimit -n) >= 4 * HELD_CONNS)) ||
-        die "open-file limit $(ulimit -n) is too low for $HELD_CONNS connections"
-}
-
-# ---------------------------------------------------------------- 2. build
-
-build() {
-    if [[ ${BENCH_SKIP_BUILD:-0} == 1 ]]; then
-        log "BENCH_SKIP_BUILD=1: using $TARGET_DIR/release as it is"
-    else
-        log "cargo build --release -p balancer -p backend"
-        (cd "$ROOT" && cargo build --release --quiet -p balancer -p backend)
-    fi
-    [[ -x $TARGET_DIR/release/balancer && -x $TARGET_DIR/release/backend ]] ||
-        die "no release binaries in $TARGET_DIR/release"
-}
-
-# ---------------------------------------------------------------- 3. servers
-
-# render TEMPLATE DIR PORT: writes DIR/<name of TEMPLATE> with the placeholders filled in.
-render() {
-    local template=$1 dir=$2 port=$3
-    sed -e "s|@DIR@|$dir|g" -e "s|@PORT@|$port|g" -e "s|@BACKEND_PORT@|$BACKEND_PORT|g" \
-        -e "s|@USER@|$(id -un)|g" -e "s|@GROUP@|$(id -gn)|g" \
-        "$template" >"$dir/$(basename "$template")"
-}
-
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-# wait_ready TARGET: until it answers on its port (at most 10 s).
-wait_ready() {
-    local target=$1 i
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "${PID[$target]}" 2>/dev/null || break
-        if curl -s -o /dev/null --max-time 1 "http://127.0.0.1:${PORT[$target]}/"; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    tail -n 20 "$WORK/$target/out.log" >&2 || true
-    die "$target did not start on 127.0.0.1:${PORT[$target]}"
-}
+# ---------------------------------------------------------------- 3. servers (bench/servers.sh)
 
 start_servers() {
     local target
-    for target in "${TARGETS[@]}"; do
-        ! port_in_use "${PORT[$target]}" ||
-            die "127.0.0.1:${PORT[$target]} is in use (set BENCH_PORT_BASE)"
-        mkdir -p "$WORK/$target"
-    done
-
-    log "starting backend on 127.0.0.1:$BACKEND_PORT"
-    "$TARGET_DIR/release/backend" --listen "127.0.0.1:$BACKEND_PORT" --workers 1 \
-        >"$WORK/direct/out.log" 2>&1 &
-    PID[direct]=$!
-    wait_ready direct
-
-    log "starting balancer on 127.0.0.1:${PORT[balancer]}"
-    render "$BENCH_DIR/balancer.toml" "$WORK/balancer" "${PORT[balancer]}"
-    RUST_LOG=warn "$TARGET_DIR/release/balancer" --config "$WORK/balancer/balancer.toml" \
-        >"$WORK/balancer/out.log" 2>&1 &
-    PID[balancer]=$!
-
-    log "starting nginx on 127.0.0.1:${PORT[nginx]}"
-    render "$BENCH_DIR/nginx.conf" "$WORK/nginx" "${PORT[nginx]}"
-    nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log" \
-        -g 'daemon off;' >"$WORK/nginx/out.log" 2>&1 &
-    PID[nginx]=$!
-
-    log "starting haproxy on 127.0.0.1:${PORT[haproxy]}"
-    render "$BENCH_DIR/haproxy.cfg" "$WORK/haproxy" "${PORT[haproxy]}"
-    haproxy -db -f "$WORK/haproxy/haproxy.cfg" >"$WORK/haproxy/out.log" 2>&1 &
-    PID[haproxy]=$!
-
+    start_backend
+    for target in balancer nginx haproxy; do start_proxy "$target"; done
     for target in balancer nginx haproxy; do wait_ready "$target"; done
-    for target in "${TARGETS[@]}"; do WATCH[$target]=${PID[$target]}; done
-    # nginx's master started a worker (whose RSS counts too), a cache manager
-    # and a cache loader (which do not).
-    local child
-    CHILDREN[nginx]=$(cat "/proc/${PID[nginx]}/task/${PID[nginx]}/children")
-    for child in ${CHILDREN[nginx]}; do
-        if grep -q 'worker process' "/proc/$child/cmdline" 2>/dev/null; then
-            WATCH[nginx]+=" $child"
-        fi
-    done
-    [[ ${WATCH[nginx]} == *' '* ]] || die "no nginx worker process found"
 }
 
 # check_targets: every path answers 200 everywhere; the caches answer HIT on a repeat.
@@ -193,66 +83,7 @@ check_targets() {
     sed 's/^/  /' "$out" >&2
 }
 
-# stop_all: TERM to everything we started (proxies first), KILL after 10 s.
-stop_all() {
-    local target pid i alive
-    local -a pids=()
-    for target in balancer nginx haproxy direct; do
-        [[ -n ${PID[$target]:-} ]] || continue
-        kill -TERM "${PID[$target]}" 2>/dev/null || true
-        # shellcheck disable=SC2206 # a list of PIDs
-        pids+=(${PID[$target]} ${CHILDREN[$target]:-})
-    done
-    for ((i = 0; i < 100; i++)); do
-        alive=0
-        for pid in "${pids[@]}"; do
-            if kill -0 "$pid" 2>/dev/null; then
-                alive=1
-                break
-            fi
-        done
-        ((alive)) || break
-        sleep 0.1
-    done
-    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    PID=()
-}
-
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    if [[ -n $SAMPLER ]]; then kill "$SAMPLER" 2>/dev/null || true; fi
-    stop_all
-    if [[ -n $WORK && -d $WORK ]]; then
-        # Keep what the servers said (errors only: access logs are off), briefly.
-        local f
-        for f in "$WORK"/*/out.log "$WORK"/nginx/error.log; do
-            [[ -s $f ]] || continue
-            mkdir -p "$RAW/logs"
-            tail -n 30 "$f" >"$RAW/logs/$(basename "$(dirname "$f")")-$(basename "$f")"
-        done
-        rm -rf "$WORK"
-    fi
-    exit "$rc"
-}
-
 # ---------------------------------------------------------------- 4-6. load
-
-# read_rss PID...: sets RSS_KB to the sum of their VmRSS (kB); no subshell.
-read_rss() {
-    local pid key value _
-    RSS_KB=0
-    for pid in "$@"; do
-        # (2>/dev/null first: the process may be gone by now)
-        while read -r key value _; do
-            if [[ $key == VmRSS: ]]; then
-                RSS_KB=$((RSS_KB + value))
-                break
-            fi
-        done 2>/dev/null <"/proc/$pid/status" || true
-    done
-}
 
 # rss_sampler OUT PID...: every 100 ms for at most 2 min, the peak summed VmRSS into OUT.
 rss_sampler() {
@@ -286,13 +117,13 @@ measure() {
     echo 0 >"$peak"
     # shellcheck disable=SC2086
     rss_sampler "$peak" ${WATCH[$target]} &
-    SAMPLER=$!
+    AUX_PIDS=($!)
     timeout --kill-after=5 $((DURATION + 60)) \
         wrk -t1 -c"$conns" -d"${DURATION}s" --latency "$url" >>"$out" 2>&1 ||
         echo "# wrk failed: exit $?" >>"$out"
-    kill "$SAMPLER" 2>/dev/null || true
-    wait "$SAMPLER" 2>/dev/null || true
-    SAMPLER=""
+    kill "${AUX_PIDS[0]}" 2>/dev/null || true
+    wait "${AUX_PIDS[0]}" 2>/dev/null || true
+    AUX_PIDS=()
     echo "# peak_rss_kb: $(cat "$peak")" >>"$out"
 }
 
@@ -355,27 +186,10 @@ fixed_rate_rounds() {
 # ---------------------------------------------------------------- 7. report
 
 describe_machine() {
-    local os cpu mem
-    os=$(awk -F= '$1 == "PRETTY_NAME" { gsub(/"/, "", $2); print $2 }' /etc/os-release)
-    cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
-    mem=$(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
     {
-        echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-        echo "nproc: $(nproc)"
-        echo "cpu: ${cpu:-unknown}"
-        echo "memory: $mem"
-        echo "kernel: $(uname -srm)"
-        echo "os: $os"
-        echo "nginx: $(nginx -v 2>&1 | sed 's/^nginx version: //')"
-        echo "haproxy: $(haproxy -v | head -n 1 | awk '{ print $3 }')"
+        machine_lines
         echo "wrk: $(wrk -v 2>&1 | head -n 1 | awk '{ print $2 }')"
         echo "oha: $(oha --version | awk '{ print $2 }')"
-        echo "rustc: $(rustc --version 2>/dev/null || echo unknown)"
-        echo "commit: $(git -C "$ROOT" --no-optional-locks rev-parse --short HEAD 2>/dev/null || echo unknown)$(
-            [[ -n $(git -C "$ROOT" --no-optional-locks status --porcelain -- balancer backend 2>/dev/null) ]] && echo ' (with uncommitted changes)'
-        )"
-        echo "open files limit: $(ulimit -n)"
-        echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
         echo "rounds: $ROUNDS throughput (${DURATION} s each, after ${WARMUP} s of warm-up), $ROUNDS with $HELD_CONNS connections, $RATE_ROUNDS at a fixed rate"
         echo "fixed rate: $RATE requests/s, $RATE_CONNS connections, ${RATE_DURATION} s"
         echo "note: ${BENCH_NOTE:-}"
@@ -390,14 +204,12 @@ report() {
 
 main() {
     install_tools
-    raise_fd_limit
+    raise_fd_limit $((4 * HELD_CONNS)) "$HELD_CONNS connections"
     build
     rm -rf "$RAW"
     mkdir -p "$RAW"
     rm -f "$RESULTS/results.md" "$RESULTS/chart.png"
-    WORK=$(mktemp -d /tmp/bench.XXXXXX)
-    trap cleanup EXIT
-    trap 'exit 130' INT TERM
+    open_work_dir
     describe_machine
     start_servers
     check_targets
