@@ -31,6 +31,24 @@ use tungstenite::{Message, WebSocket};
 
 use support::*;
 
+/// What the tests read of a certificate `Pki` made (kept here: the backend's
+/// tests share `support` and have no TLS library).
+trait Leaf {
+    /// The leaf certificate (the first of cert.pem), as it goes over the wire.
+    fn leaf(&self) -> Vec<u8>;
+}
+
+impl Leaf for Pki {
+    fn leaf(&self) -> Vec<u8> {
+        CertificateDer::pem_file_iter(&self.cert)
+            .expect("a readable certificate file")
+            .next()
+            .expect("a certificate in the file")
+            .expect("a PEM certificate")
+            .to_vec()
+    }
+}
+
 // A balancer with a TLS listener.
 
 /// A running balancer with its `[tls]` listener on `tls_port`.

@@ -23,7 +23,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::apps::ServerApp;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::{SslDigest, TlsRef};
 use pingora::protocols::{GetProxyDigest, GetSocketDigest, GetTimingDigest};
@@ -132,7 +133,7 @@ impl<A> Guarded<A> {
 }
 
 #[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
+impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
@@ -180,23 +181,87 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
             return None;
         };
         let http2 = stream.selected_alpn_proto() == Some(ALPN::H2);
+        let tls = stream.get_ssl_digest().is_some();
         let mut timed = Timed::new(stream, limits, slot);
         if http2 {
             timed.state = AtomicU8::new(UNTIMED);
         }
         let stream: Stream = Box::new(timed);
-        // An HTTP app serves every request of the connection in one call;
-        // any stream handed back is served here, still inside the slot.
-        let mut next = self.app.process_new(stream, shutdown).await;
+        let h2c = self.app.server_options().is_some_and(|o| o.h2c);
+        if !tls && !h2c {
+            self.serve_http1(stream, shutdown).await;
+            return None;
+        }
+        // TLS (ALPN) and h2c: Pingora tells the protocols apart and serves
+        // every request of the connection in one call; any stream handed
+        // back is served here, still inside the slot.
+        let mut next = ServerApp::process_new(&self.app, stream, shutdown).await;
         while let Some(stream) = next {
-            next = self.app.process_new(stream, shutdown).await;
+            next = ServerApp::process_new(&self.app, stream, shutdown).await;
         }
         None
     }
 
     async fn cleanup(&self) {
-        self.app.cleanup().await;
+        ServerApp::cleanup(&*self.app).await;
     }
+}
+
+impl<A: HttpServerApp + Send + Sync + 'static> Guarded<A> {
+    /// A plain HTTP/1.1 connection, one request after the other, as
+    /// Pingora's own loop serves it, but for the wait between two requests:
+    /// that happens here, holding the socket and nothing of Pingora's. (A
+    /// request's state in Pingora takes some 30 KiB, and Pingora keeps it
+    /// for as long as a kept-alive connection is idle.)
+    async fn serve_http1(&self, stream: Stream, shutdown: &ShutdownWatch) {
+        let mut session = ServerSession::new_http1(stream);
+        // Pingora's default; `early_request_filter` sets the configured one.
+        session.set_keepalive((!*shutdown.borrow()).then_some(60));
+        let mut reused = self.app.process_new_http(session, shutdown).await;
+        while let Some((mut stream, settings)) = reused.map(ReusedHttpStream::consume) {
+            let pipelined = settings.as_ref().is_some_and(|s| !nothing_pipelined(s));
+            if !pipelined && !self.next_request_comes(&mut stream, shutdown).await {
+                return;
+            }
+            let mut session = ServerSession::new_http1(stream);
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
+            reused = self.app.process_new_http(session, shutdown).await;
+        }
+    }
+
+    /// Waits until the client sends the first byte of its next request
+    /// (left unread), for at most `limits.keepalive_timeout`. `false`: the
+    /// client closed, stayed silent, or the server is stopping.
+    async fn next_request_comes(&self, stream: &mut Stream, shutdown: &ShutdownWatch) -> bool {
+        let idle = self.live.load().config.limits.keepalive_timeout.0;
+        let idle = idle.max(Duration::from_secs(1));
+        let mut stopping = shutdown.clone();
+        let mut first = [0u8; 1];
+        tokio::select! {
+            peeked = tokio::time::timeout(idle, stream.try_peek(&mut first)) => {
+                matches!(peeked, Ok(Ok(true)))
+            }
+            _ = stopping.wait_for(|stop| *stop) => false,
+        }
+    }
+}
+
+/// Whether Pingora holds no bytes of a next request read along with the last
+/// one (a pipelined request): only then may the wait for the next request
+/// watch the socket. Pingora 0.9 keeps those bytes in a private field of
+/// `HttpPersistentSettings`, readable only through its `Debug` form; any
+/// other form than the one expected counts as "maybe", and Pingora then
+/// waits as it would without this (the unit test below pins the form).
+fn nothing_pipelined(settings: &HttpPersistentSettings) -> bool {
+    use std::fmt::Write as _;
+    let mut form = String::with_capacity(192);
+    let _ = write!(form, "{settings:?}");
+    // The first mention is the field's name: the bytes, a client's, come after it.
+    const FIELD: &str = "pipelined_prefix: ";
+    form.find(FIELD)
+        .is_some_and(|at| form[at + FIELD.len()..].starts_with("None"))
 }
 
 /// Answers `status` with `body` and closes, reading (and discarding) what
@@ -589,5 +654,22 @@ impl GetSocketDigest for Timed {
 impl Peek for Timed {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
         self.inner.try_peek(buf).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pipelined_request_is_seen_in_the_persistent_settings() {
+        let session = ServerSession::new_http1(Box::new(io::Cursor::new(Vec::new())));
+        let mut settings = HttpPersistentSettings::for_session(&session);
+        settings.set_user_context(Box::new("pipelined_prefix: None"));
+        assert!(nothing_pipelined(&settings));
+        settings.set_pipelined_prefix(bytes::BytesMut::from(
+            &b"GET /?pipelined_prefix: None HTTP/1.1\r\n"[..],
+        ));
+        assert!(!nothing_pipelined(&settings));
     }
 }

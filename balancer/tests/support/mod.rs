@@ -736,17 +736,6 @@ impl Pki {
         }
     }
 
-    /// The leaf certificate (the first of cert.pem), as it goes over the wire.
-    pub fn leaf(&self) -> Vec<u8> {
-        use rustls::pki_types::pem::PemObject;
-        rustls::pki_types::CertificateDer::pem_file_iter(&self.cert)
-            .expect("a readable certificate file")
-            .next()
-            .expect("a certificate in the file")
-            .expect("a PEM certificate")
-            .to_vec()
-    }
-
     /// Copies the certificate and key over `cert` and `key`: certificate first,
     /// as a renewal that writes files in place does.
     pub fn install(&self, cert: &Path, key: &Path) {
