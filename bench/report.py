@@ -43,6 +43,8 @@ def parse_wrk(path):
         "p50": None,
         "p99": None,
         "errors": None,
+        "cpu_user_us": None,
+        "cpu_system_us": None,
     }
     rps = re.search(r"^Requests/sec:\s+([\d.]+)", text, re.M)
     if not rps:  # wrk failed or was cut short: the run counts as missing
@@ -58,6 +60,11 @@ def parse_wrk(path):
     if non2xx:
         errors += int(non2xx.group(1))
     run["errors"] = errors
+    requests = re.search(r"^\s*(\d+) requests in ", text, re.M)
+    if requests and int(requests.group(1)) and "cpu_user_seconds" in meta:
+        n = int(requests.group(1))
+        run["cpu_user_us"] = float(meta["cpu_user_seconds"]) * 1e6 / n
+        run["cpu_system_us"] = float(meta["cpu_system_seconds"]) * 1e6 / n
     return run
 
 
@@ -114,7 +121,7 @@ def figures(runs, target, path=None):
     """Medians (and spread) over the rounds of one target (and path)."""
     chosen = [r for r in runs if r["target"] == target and (path is None or r["path"] == path)]
     out = {"rounds": len(chosen), "measured": sum(r["rps"] is not None for r in chosen)}
-    for key in ("rps", "p50", "p99", "errors", "peak_rss_kb", "rss_before_kb"):
+    for key in ("rps", "p50", "p99", "errors", "peak_rss_kb", "rss_before_kb", "cpu_user_us", "cpu_system_us"):
         values = [r[key] for r in chosen if r.get(key) is not None]
         out[key] = statistics.median(values) if values else None
         out[key + "_min"] = min(values) if values else None
@@ -203,6 +210,37 @@ def throughput_section(runs):
              "peak RSS MB", "× nginx"],
             rows,
         ))
+    return out
+
+
+def fmt_us(v):
+    return "–" if v is None else f"{v:.1f}"
+
+
+def cpu_section(runs):
+    out = [
+        "## CPU per request: the same runs",
+        "",
+        "The user and system CPU time the proxy's processes (nginx: master + worker; *backend directly*: the "
+        "backend) used over each measured run (from `/proc/PID/stat`), divided by the requests wrk counted; "
+        "medians over the rounds, in microseconds. *CPU* is their sum as a share of one core over the run.",
+    ]
+    for path in PATHS:
+        ref = figures(runs, "nginx", path)
+        ref_total = None if ref["cpu_user_us"] is None else ref["cpu_user_us"] + ref["cpu_system_us"]
+        rows = []
+        for target in TARGETS:
+            f = figures(runs, target, path)
+            if not f["rounds"] or f["cpu_user_us"] is None:
+                continue
+            total = f["cpu_user_us"] + f["cpu_system_us"]
+            rows.append([
+                LABEL[target], fmt_us(f["cpu_user_us"]), fmt_us(f["cpu_system_us"]), fmt_us(total),
+                fmt_ratio(total, ref_total), "–" if f["rps"] is None else f"{total * f['rps'] / 1e4:.0f} %",
+            ])
+        if rows:
+            out += ["", f"### `{path}`", ""]
+            out.append(table(["target", "user µs", "system µs", "total µs", "× nginx", "CPU"], rows))
     return out
 
 
@@ -342,6 +380,7 @@ def main(results):
     if has_chart:
         out += ["![requests/s per path and target](chart.png)", ""]
     out += throughput_section(runs["wrk"]) + [""]
+    out += cpu_section(runs["wrk"]) + [""]
     out += held_section(runs["held"], held_conns) + [""]
     out += rate_section(runs["rate"], machine) + [""]
     out += machine_section(machine) + [""]

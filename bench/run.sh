@@ -117,14 +117,24 @@ measure() {
     echo 0 >"$peak"
     # shellcheck disable=SC2086
     rss_sampler "$peak" ${WATCH[$target]} &
+    # shellcheck disable=SC2086
+    cpu_ticks ${WATCH[$target]}
+    local user=$CPU_USER system=$CPU_SYSTEM
     AUX_PIDS=($!)
     timeout --kill-after=5 $((DURATION + 60)) \
         wrk -t1 -c"$conns" -d"${DURATION}s" --latency "$url" >>"$out" 2>&1 ||
         echo "# wrk failed: exit $?" >>"$out"
+    # shellcheck disable=SC2086
+    cpu_ticks ${WATCH[$target]}
     kill "${AUX_PIDS[0]}" 2>/dev/null || true
     wait "${AUX_PIDS[0]}" 2>/dev/null || true
     AUX_PIDS=()
-    echo "# peak_rss_kb: $(cat "$peak")" >>"$out"
+    {
+        echo "# peak_rss_kb: $(cat "$peak")"
+        # The CPU time the proxy's processes used over the measured run.
+        echo "# cpu_user_seconds: $(awk -v t=$((CPU_USER - user)) -v hz="$CLK_TCK" 'BEGIN { print t / hz }')"
+        echo "# cpu_system_seconds: $(awk -v t=$((CPU_SYSTEM - system)) -v hz="$CLK_TCK" 'BEGIN { print t / hz }')"
+    } >>"$out"
 }
 
 # The order of the targets turns by one each round, so none always goes first.
