@@ -41,6 +41,8 @@ REPORT=$RESULTS/tls.md
 CONNS=64          # wrk's and h2load's connections
 STREAMS=10        # h2load's streams at once on each
 HANDSHAKERS=32    # connections at once when each request has one of its own
+CLIENTS=$(nproc)  # ... over this many client processes (curl) or threads (h2load):
+                  # a TLS client's handshake costs more CPU than the server's
 
 TARGETS=(balancer nginx)
 STEPS=(h1 h2 full resumed)
@@ -90,19 +92,28 @@ start_servers() {
 
 # handshakes PORT PATH SECONDS: GET PATH for SECONDS, every request on a new
 # connection (Connection: close, which both servers honour by closing) with a
-# full TLS handshake (no session reuse), HANDSHAKERS at once; prints how many
-# requests ended with each status and count of connections opened for it
-# ("1234 200 1"). (h2load cannot: it resumes the session of a client's
-# previous connection; so does wrk.)
+# full TLS handshake (no session reuse), HANDSHAKERS at once over CLIENTS curl
+# processes; prints how many requests ended with each status and count of
+# connections opened for it ("1234 200 1"). (h2load cannot: it resumes the
+# session of a client's previous connection; so does wrk.)
 handshakes() {
-    local port=$1 path=$2 seconds=$3 rc=0
-    # The fragment #N only makes the URLs many: curl does not send it.
-    timeout -s INT "$seconds" curl -sk --no-progress-meter --http1.1 -H 'Connection: close' \
-        --no-sessionid --parallel --parallel-max "$HANDSHAKERS" --resolve "localhost:$port:127.0.0.1" \
-        -o /dev/null -w '%{stderr}%{http_code} %{num_connects}\n' \
-        "https://localhost:$port$path#[1-100000000]" 2>"$WORK/transfers" || rc=$?
-    ((rc == 124)) || echo "curl ended before the time was up: exit $rc"
-    grep -E '^[0-9]{3} [0-9]+$' "$WORK/transfers" | sort | uniq -c
+    local port=$1 path=$2 seconds=$3 rc=0 i
+    local -a pids=()
+    for ((i = 1; i <= CLIENTS; i++)); do
+        # The fragment #N only makes the URLs many: curl does not send it.
+        timeout -s INT "$seconds" curl -sk --no-progress-meter --http1.1 -H 'Connection: close' \
+            --no-sessionid --parallel --parallel-max $((HANDSHAKERS / CLIENTS)) \
+            --resolve "localhost:$port:127.0.0.1" -o /dev/null -w '%{stderr}%{http_code} %{num_connects}\n' \
+            "https://localhost:$port$path#[1-100000000]" 2>"$WORK/transfers.$i" &
+        pids+=($!)
+    done
+    for i in "${pids[@]}"; do
+        rc=0
+        wait "$i" || rc=$?
+        ((rc == 124)) || echo "curl ended before the time was up: exit $rc"
+    done
+    cat "$WORK"/transfers.* | grep -E '^[0-9]{3} [0-9]+$' | sort | uniq -c
+    rm -f "$WORK"/transfers.*
 }
 
 # resumptions PORT PATH SECONDS: about SECONDS of requests, each on a new
@@ -113,7 +124,7 @@ handshakes() {
 resumptions() {
     local port=$1 path=$2 seconds=$3 rc=0 pace
     local requests=$((${PACE[$port]:-1000} * seconds))
-    timeout -k 5 $((seconds * 10 + 60)) h2load --h1 -H 'Connection: close' -c"$HANDSHAKERS" \
+    timeout -k 5 $((seconds * 10 + 60)) h2load --h1 -H 'Connection: close' -c"$HANDSHAKERS" -t"$CLIENTS" \
         -n$((requests > 10 * HANDSHAKERS ? requests : 10 * HANDSHAKERS)) \
         --connect-to="127.0.0.1:$port" "https://localhost:$port$path" >"$WORK/h2load.out" 2>&1 || rc=$?
     pace=$(awk '/^finished in/ { printf "%d", $4 }' "$WORK/h2load.out")
@@ -386,7 +397,7 @@ report() {
         echo
         echo "## 3. A new connection and a full TLS 1.3 handshake per request"
         echo
-        echo "curl, $HANDSHAKERS transfers at once, HTTP/1.1 with \`Connection: close\`, \`--no-sessionid\`:"
+        echo "curl ($CLIENTS processes), $HANDSHAKERS transfers at once, HTTP/1.1 with \`Connection: close\`, \`--no-sessionid\`:"
         echo "requests/s here is handshakes/s. *connections per request* is curl's count of the"
         echo "connections it opened (\`%{num_connects}\`) over the requests."
         echo
@@ -394,7 +405,7 @@ report() {
         echo
         echo "## 4. A new connection per request, resuming a TLS 1.3 session"
         echo
-        echo "\`h2load --h1 -c$HANDSHAKERS\` with \`Connection: close\`: each client's connection resumes the TLS"
+        echo "\`h2load --h1 -c$HANDSHAKERS -t$CLIENTS\` with \`Connection: close\`: each client's connection resumes the TLS"
         echo "session of its previous one (PSK with a new X25519 exchange; no certificate sent or"
         echo "signed); requests/s here is resumed handshakes/s."
         echo
