@@ -140,7 +140,11 @@ pub fn write(format: LogFormat, r: &Record<'_>) {
         return;
     };
     let mut line = String::with_capacity(224);
-    push_opening(&mut line);
+    let _ = write!(
+        line,
+        "[{} INFO  access] ",
+        humantime::format_rfc3339_seconds(SystemTime::now())
+    );
     match format {
         LogFormat::Text => text(&mut line, r),
         LogFormat::Json => line.push_str(&json(r)),
@@ -154,31 +158,6 @@ pub fn write(format: LogFormat, r: &Record<'_>) {
             writer.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
-}
-
-/// Appends the line's opening, `[time INFO  access] `, formatted at most
-/// once a second per thread (the time has a resolution of one second).
-fn push_opening(line: &mut String) {
-    thread_local! {
-        static LAST: std::cell::RefCell<(u64, String)> =
-            const { std::cell::RefCell::new((u64::MAX, String::new())) };
-    }
-    let now = SystemTime::now();
-    let second = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    LAST.with_borrow_mut(|(formatted_at, opening)| {
-        if *formatted_at != second {
-            opening.clear();
-            let _ = write!(
-                opening,
-                "[{} INFO  access] ",
-                humantime::format_rfc3339_seconds(now)
-            );
-            *formatted_at = second;
-        }
-        line.push_str(opening);
-    });
 }
 
 /// Appends the text form of `r` to `line`.
@@ -285,22 +264,6 @@ mod tests {
             retries: 1,
             cache: Some("MISS"),
         }
-    }
-
-    #[test]
-    fn a_line_opens_with_its_time_to_the_second() {
-        let (mut first, mut second) = (String::new(), String::new());
-        push_opening(&mut first);
-        push_opening(&mut second);
-        let time = first
-            .strip_prefix('[')
-            .and_then(|rest| rest.strip_suffix(" INFO  access] "))
-            .expect("[time INFO  access] ");
-        let at = humantime::parse_rfc3339(time).expect("an RFC 3339 time");
-        let now = SystemTime::now();
-        assert!(at <= now && now.duration_since(at).unwrap() < Duration::from_secs(2));
-        // Within the same second, the same opening; a second later, the next.
-        assert!(first <= second, "{first} then {second}");
     }
 
     #[test]
