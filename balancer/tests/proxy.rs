@@ -349,3 +349,28 @@ fn bad_configs_are_rejected_with_file_line_and_key() {
     assert_eq!(code, 1);
     assert!(out.contains("/nonexistent/balancer.toml"), "{out}");
 }
+
+/// mimalloc would back its arenas with 2 MiB transparent huge pages, each
+/// resident once a byte of it is touched: the balancer turns them off for
+/// itself. (On a kernel with THP "never" this holds whatever the balancer does.)
+#[test]
+fn the_balancer_keeps_its_memory_in_small_pages() {
+    let port = free_port();
+    let _backend = start_backend("small-pages", port);
+    let lb = start_balancer(&upstream(&[port], ""));
+    wait_for_all(&lb, &["small-pages"]);
+    for _ in 0..200 {
+        assert_eq!(get(&lb.url("/")).unwrap().status, 200);
+    }
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", lb.proc.pid()))
+        .expect("the balancer's /proc/PID/smaps_rollup");
+    let huge = smaps
+        .lines()
+        .find(|l| l.starts_with("AnonHugePages:"))
+        .expect("an AnonHugePages line");
+    assert_eq!(
+        huge.split_whitespace().nth(1),
+        Some("0"),
+        "the balancer holds transparent huge pages: {huge}"
+    );
+}
