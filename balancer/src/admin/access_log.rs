@@ -3,21 +3,23 @@
 //! format (`[TIME INFO  access] ...`). `RUST_LOG` filters it as the `access`
 //! target (`RUST_LOG=info,access=off` turns it off).
 //!
-//! A request never waits for the log: its line goes into a bounded queue
-//! that one writer thread drains into a buffered stderr every
-//! [`DRAIN_EVERY`]. The writer is never woken by a request (a wake-up is a
-//! system call and a context switch per request, which cost more than the
-//! line itself), so lines reach the output in batches, at most that late.
-//! When the output stalls (a full disk, a slow pipe) and the queue is full,
+//! A request never waits for the log, and takes no lock another request
+//! holds: each thread formats its lines into a buffer of its own, and one
+//! writer thread swaps every buffer for an empty one every [`DRAIN_EVERY`]
+//! and writes what it took to standard error, a batch per thread. The writer
+//! is never woken by a request (a wake-up is a system call and a context
+//! switch per request, which cost more than the line itself), so lines reach
+//! the output in batches, at most that late, and the lines of different
+//! threads may be that much out of order. When the output stalls (a full
+//! disk, a slow pipe) and a thread's buffer reaches [`PENDING_MAX`], its new
 //! lines are dropped and counted (`balancer_access_log_dropped_total`), not
 //! waited for.
 
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, SyncSender, TryRecvError, TrySendError};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::thread::Thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::LogFormat;
@@ -46,17 +48,34 @@ pub struct Record<'a> {
     pub cache: Option<&'static str>,
 }
 
-/// Lines waiting for the writer; beyond this many, new ones are dropped.
-/// With [`DRAIN_EVERY`], room for 800,000 lines a second.
-const QUEUE: usize = 16 << 10;
-/// How often the writer drains the queue.
+/// The bytes of lines a thread may have waiting for the writer; beyond it,
+/// its new lines are dropped. With [`DRAIN_EVERY`], room for 250,000 lines
+/// of 200 bytes a second per thread.
+const PENDING_MAX: usize = 1 << 20;
+/// How often the writer drains the threads' buffers.
 const DRAIN_EVERY: Duration = Duration::from_millis(20);
 
-struct Writer {
-    queue: SyncSender<String>,
-    queued: AtomicU64,
-    written: AtomicU64,
+/// One thread's lines, waiting for the writer.
+type Pending = Arc<Mutex<Vec<u8>>>;
+
+/// What the request threads and the writer share.
+#[derive(Default)]
+struct Shared {
+    /// Every thread's buffer, added on the thread's first line.
+    threads: Mutex<Vec<Pending>>,
+    /// The writer's empty buffer, swapped for a thread's full one; locked
+    /// for the whole of a drain, so that drains do not overlap.
+    spare: Mutex<Vec<u8>>,
     dropped: AtomicU64,
+    /// Drains asked for by [`flush`], and the last one the writer began
+    /// after such a request.
+    flushes_asked: AtomicU64,
+    flushes_done: AtomicU64,
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    thread: Thread,
 }
 
 static WRITER: OnceLock<Option<Writer>> = OnceLock::new();
@@ -65,41 +84,20 @@ static WRITER: OnceLock<Option<Writer>> = OnceLock::new();
 fn writer() -> Option<&'static Writer> {
     WRITER
         .get_or_init(|| {
-            let (queue, lines) = mpsc::sync_channel::<String>(QUEUE);
+            let shared = Arc::new(Shared::default());
+            let drained = Arc::clone(&shared);
             let spawned = std::thread::Builder::new()
                 .name("access-log".to_owned())
-                .spawn(move || {
-                    let mut out = std::io::BufWriter::with_capacity(64 << 10, std::io::stderr());
-                    loop {
-                        let mut batch = 0;
-                        let open = loop {
-                            match lines.try_recv() {
-                                Ok(line) => {
-                                    let _ = out.write_all(line.as_bytes());
-                                    batch += 1;
-                                }
-                                Err(TryRecvError::Empty) => break true,
-                                Err(TryRecvError::Disconnected) => break false,
-                            }
-                        };
-                        if batch > 0 {
-                            let _ = out.flush();
-                            if let Some(w) = WRITER.get().and_then(Option::as_ref) {
-                                w.written.fetch_add(batch, Ordering::Release);
-                            }
-                        }
-                        if !open {
-                            return;
-                        }
-                        std::thread::sleep(DRAIN_EVERY);
-                    }
+                .spawn(move || loop {
+                    std::thread::park_timeout(DRAIN_EVERY);
+                    let asked = drained.flushes_asked.load(Ordering::Acquire);
+                    drain(&drained, &mut std::io::stderr());
+                    drained.flushes_done.store(asked, Ordering::Release);
                 });
             match spawned {
-                Ok(_) => Some(Writer {
-                    queue,
-                    queued: AtomicU64::new(0),
-                    written: AtomicU64::new(0),
-                    dropped: AtomicU64::new(0),
+                Ok(handle) => Some(Writer {
+                    shared,
+                    thread: handle.thread().clone(),
                 }),
                 Err(e) => {
                     log::error!("cannot start the access-log writer: {e}; the access log is off");
@@ -110,28 +108,69 @@ fn writer() -> Option<&'static Writer> {
         .as_ref()
 }
 
+/// Writes out every thread's waiting lines, a thread's at a time.
+fn drain(shared: &Shared, out: &mut impl std::io::Write) {
+    let mut spare = shared.spare.lock().unwrap_or_else(PoisonError::into_inner);
+    let threads = shared
+        .threads
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    for pending in threads {
+        {
+            let mut lines = pending.lock().unwrap_or_else(PoisonError::into_inner);
+            if lines.is_empty() {
+                continue;
+            }
+            std::mem::swap(&mut *lines, &mut *spare);
+        }
+        let _ = out.write_all(&spare);
+        spare.clear();
+        // What a stalled output made grow is not kept for ever after.
+        spare.shrink_to(PENDING_MAX / 4);
+    }
+    let _ = out.flush();
+}
+
+thread_local! {
+    /// This thread's buffer, registered with the writer.
+    static PENDING: Pending = {
+        let pending = Pending::default();
+        if let Some(w) = writer() {
+            w.shared
+                .threads
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(Arc::clone(&pending));
+        }
+        pending
+    };
+}
+
 /// Lines dropped because the output could not keep up.
 pub fn dropped() -> u64 {
     WRITER
         .get()
         .and_then(Option::as_ref)
-        .map_or(0, |w| w.dropped.load(Ordering::Relaxed))
+        .map_or(0, |w| w.shared.dropped.load(Ordering::Relaxed))
 }
 
-/// Waits (at most `within`) until every queued line is written: at exit.
+/// Has the writer write every waiting line now, and waits (at most
+/// `within`) until it has: at exit.
 pub fn flush(within: Duration) {
     let Some(w) = WRITER.get().and_then(Option::as_ref) else {
         return;
     };
+    let asked = w.shared.flushes_asked.fetch_add(1, Ordering::AcqRel) + 1;
+    w.thread.unpark();
     let deadline = Instant::now() + within;
-    while w.written.load(Ordering::Acquire) < w.queued.load(Ordering::Relaxed)
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(5));
+    while w.shared.flushes_done.load(Ordering::Acquire) < asked && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
-/// Queues the line for `r`, unless the `access` target is filtered out.
+/// Adds the line for `r` to this thread's waiting lines, unless the
+/// `access` target is filtered out.
 pub fn write(format: LogFormat, r: &Record<'_>) {
     if !log::log_enabled!(target: "access", log::Level::Info) {
         return;
@@ -139,34 +178,40 @@ pub fn write(format: LogFormat, r: &Record<'_>) {
     let Some(writer) = writer() else {
         return;
     };
-    let mut line = String::with_capacity(224);
+    PENDING.with(|pending| {
+        let mut lines = pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if !append_line(&mut lines, format, r) {
+            writer.shared.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+}
+
+/// Appends the whole line for `r` to `lines`; `false` (and nothing
+/// appended) when they already hold [`PENDING_MAX`] bytes.
+fn append_line(lines: &mut Vec<u8>, format: LogFormat, r: &Record<'_>) -> bool {
+    if lines.len() >= PENDING_MAX {
+        return false;
+    }
     let _ = write!(
-        line,
+        lines,
         "[{} INFO  access] ",
         humantime::format_rfc3339_seconds(SystemTime::now())
     );
     match format {
-        LogFormat::Text => text(&mut line, r),
-        LogFormat::Json => line.push_str(&json(r)),
+        LogFormat::Text => text(lines, r),
+        LogFormat::Json => json(lines, r),
     }
-    line.push('\n');
-    match writer.queue.try_send(line) {
-        Ok(()) => {
-            writer.queued.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-            writer.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-    }
+    lines.push(b'\n');
+    true
 }
 
 /// Appends the text form of `r` to `line`.
-fn text(line: &mut String, r: &Record<'_>) {
+fn text(line: &mut Vec<u8>, r: &Record<'_>) {
     match r.client {
         Some(ip) => {
             let _ = write!(line, "{ip}");
         }
-        None => line.push('-'),
+        None => line.push(b'-'),
     }
     let _ = write!(
         line,
@@ -181,7 +226,7 @@ fn text(line: &mut String, r: &Record<'_>) {
         Some(d) => {
             let _ = write!(line, "{:.3}", d.as_secs_f64());
         }
-        None => line.push('-'),
+        None => line.push(b'-'),
     }
     let _ = write!(
         line,
@@ -223,10 +268,10 @@ struct JsonLine<'a> {
     uri: &'a str,
 }
 
-/// The JSON form of `r`, written straight from its fields (no document
-/// built first: this runs for every request).
-fn json(r: &Record<'_>) -> String {
-    let line = JsonLine {
+/// Appends the JSON form of `r` to `line`, written straight from its fields
+/// (no document built first: this runs for every request).
+fn json(line: &mut Vec<u8>, r: &Record<'_>) {
+    let fields = JsonLine {
         cache: r.cache,
         client: r.client,
         group: r.group,
@@ -241,7 +286,7 @@ fn json(r: &Record<'_>) -> String {
         upstream_time: r.upstream_time.map(|d| d.as_secs_f64()),
         uri: origin_form(r.uri),
     };
-    serde_json::to_string(&line).unwrap_or_default()
+    let _ = serde_json::to_writer(line, &fields);
 }
 
 #[cfg(test)]
@@ -273,9 +318,14 @@ mod tests {
             .unwrap_or_else(|_| "/cache-me".parse().unwrap());
         let r = record(&uri);
         let text = |r: &Record<'_>| {
-            let mut line = String::new();
+            let mut line = Vec::new();
             text(&mut line, r);
-            line
+            String::from_utf8(line).unwrap()
+        };
+        let json = |r: &Record<'_>| {
+            let mut line = Vec::new();
+            json(&mut line, r);
+            String::from_utf8(line).unwrap()
         };
         assert_eq!(
             text(&r),
@@ -311,5 +361,40 @@ mod tests {
                 && text(&none).ends_with("cache=- route=- group=- request_id=-")
         );
         assert!(json(&none).contains("\"upstream\":null"));
+    }
+
+    #[test]
+    fn a_full_buffer_drops_whole_lines_and_a_drain_writes_every_threads_lines() {
+        let uri: http::Uri = "/x".parse().unwrap();
+        let r = record(&uri);
+        let mut lines = Vec::new();
+        assert!(append_line(&mut lines, LogFormat::Text, &r));
+        assert!(lines.ends_with(b" request_id=abc\n"), "{lines:?}");
+        lines.resize(PENDING_MAX, b'.');
+        assert!(!append_line(&mut lines, LogFormat::Json, &r));
+        assert_eq!(
+            lines.len(),
+            PENDING_MAX,
+            "nothing of a dropped line is kept"
+        );
+
+        let shared = Shared::default();
+        for n in 0..3 {
+            let pending = Pending::default();
+            pending
+                .lock()
+                .unwrap()
+                .extend_from_slice(format!("line {n}\n").as_bytes());
+            shared.threads.lock().unwrap().push(pending);
+        }
+        let mut out = Vec::new();
+        drain(&shared, &mut out);
+        assert_eq!(out, b"line 0\nline 1\nline 2\n");
+        let threads = shared.threads.lock().unwrap();
+        assert!(threads.iter().all(|p| p.lock().unwrap().is_empty()));
+        drop(threads);
+        let mut again = Vec::new();
+        drain(&shared, &mut again);
+        assert!(again.is_empty(), "a line is written once");
     }
 }

@@ -718,7 +718,7 @@ impl ProxyHttp for Balancer {
                     .apply_request(upstream_request, &vars)?;
             }
         }
-        upstream_request.insert_header(request_id::HEADER.clone(), ctx.request_id.as_str())?;
+        upstream_request.insert_header(request_id::NAME, ctx.request_id.as_str())?;
         if !upstream_request.headers.contains_key(http::header::HOST) {
             // An HTTP/1.0 client need not send one; the upstream request is
             // HTTP/1.1, which must: name the address the client reached.
@@ -963,7 +963,7 @@ fn route_response_edits(
         };
         route.response_headers.apply_response(resp, &vars)?;
     }
-    resp.insert_header(request_id::HEADER.clone(), ctx.request_id.as_str())?;
+    resp.insert_header(request_id::NAME, ctx.request_id.as_str())?;
     Ok(())
 }
 
@@ -1064,7 +1064,7 @@ async fn respond_error_text(
     let body = Bytes::from(format!("{code} {}\n", reason_for(code, e)));
     let mut header = text_header(code, body.len())?;
     if !request_id.is_empty() {
-        header.insert_header(request_id::HEADER.clone(), request_id)?;
+        header.insert_header(request_id::NAME, request_id)?;
     }
     if code == 405 {
         header.insert_header("allow", "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS")?;

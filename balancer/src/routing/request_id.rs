@@ -6,8 +6,13 @@
 use http::HeaderName;
 use pingora::http::RequestHeader;
 
-/// `x-request-id`, made once: a header name given as text is parsed on every use.
+/// `x-request-id`, made once, for looking the header up: a name given as
+/// text is parsed on every lookup.
 pub static HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The name as written, for adding the header: Pingora parses the name it is
+/// given either way, and makes a title-cased copy of a `HeaderName` first.
+pub const NAME: &str = "X-Request-Id";
 
 /// The request's id: the client's when well-formed, else a new random one.
 pub fn for_request(req: &RequestHeader) -> String {
