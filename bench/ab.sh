@@ -3,7 +3,10 @@
 # runs in front of the same backend, and `wrk -t1 -c64` measures / (proxied)
 # and /cache-me (a cache hit) on each. Rounds alternate the variants so that
 # drift of the machine hits all of them alike; the report gives each
-# variant's median and range, and its ratio to the first variant.
+# variant's median and range of requests/s, and of the CPU time (user +
+# system) its process used per request, each with its ratio to the first
+# variant. CPU per request is the steadier figure on a shared machine: time
+# other tenants take from the cores lowers requests/s, not it.
 #
 #   bench/ab.sh [-o REPORT] VARIANT...
 #
@@ -25,6 +28,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/cpu.sh
+source "$ROOT/bench/cpu.sh"
 REPORT=$ROOT/bench/results/ab.md
 if [[ ${1:-} == -o ]]; then
     REPORT=${2:?-o needs a file}
@@ -45,7 +50,7 @@ cleanup() {
 trap cleanup EXIT
 
 NAMES=()
-declare -A BIN PORT THREADS LOG CONFIG
+declare -A BIN PORT THREADS LOG CONFIG VPID
 for spec in "$@"; do
     name=${spec%%=*}
     IFS=, read -r -a fields <<<"${spec#*=}"
@@ -92,6 +97,7 @@ for t in "${NAMES[@]}"; do
     [[ -n ${LOG[$t]} ]] && level=info
     RUST_LOG=$level "${BIN[$t]}" --config "$WORK/$t/balancer.toml" >"$WORK/logs/$t.log" 2>&1 &
     PIDS+=($!)
+    VPID[$t]=$!
 done
 for t in "${NAMES[@]}"; do
     for _ in $(seq 100); do
@@ -102,21 +108,30 @@ for t in "${NAMES[@]}"; do
     [[ $status == 200 ]] || { echo "ab.sh: $t does not answer on port ${PORT[$t]}:" >&2; tail -n 20 "$WORK/logs/$t.log" >&2; exit 1; }
 done
 
-declare -A RESULTS
+declare -A RESULTS CPU
 for ((round = 1; round <= ROUNDS; round++)); do
     for path in "${PATHS[@]}"; do
         for t in "${NAMES[@]}"; do
             url="http://127.0.0.1:${PORT[$t]}$path"
             wrk -t1 -c64 -d1s "$url" >/dev/null 2>&1 || true
-            rps=$(wrk -t1 -c64 -d"${DURATION}s" "$url" 2>/dev/null | awk '/Requests\/sec/ { print int($2) }')
+            cpu_ticks "${VPID[$t]}"
+            ticks=$((CPU_USER + CPU_SYSTEM))
+            out=$(wrk -t1 -c64 -d"${DURATION}s" "$url" 2>/dev/null || true)
+            cpu_ticks "${VPID[$t]}"
+            ticks=$((CPU_USER + CPU_SYSTEM - ticks))
+            rps=$(awk '/Requests\/sec/ { print int($2) }' <<<"$out")
+            requests=$(awk '/requests in/ { print $1 }' <<<"$out")
+            us=$(awk -v t="$ticks" -v hz="$CLK_TCK" -v n="${requests:-0}" 'BEGIN { printf "%.2f", (n > 0 ? t / hz / n * 1e6 : 0) }')
             RESULTS["$t $path"]+="${rps:-0} "
-            echo "round $round $path $t: ${rps:-0} req/s"
+            CPU["$t $path"]+="$us "
+            echo "round $round $path $t: ${rps:-0} req/s, $us µs of CPU per request"
         done
     done
 done
 
-median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
-range() { tr ' ' '\n' | grep -v '^$' | sort -n | awk 'NR == 1 { lo = $1 } { hi = $1 } END { print lo "-" hi }'; }
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+range() { tr ' ' '\n' | grep -v '^$' | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { print lo "-" hi }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", (b > 0 ? a / b : 0) }'; }
 first=${NAMES[0]}
 {
     echo "# A/B: ${NAMES[*]}, one interleaved run"
@@ -127,13 +142,15 @@ first=${NAMES[0]}
     echo "|---|---|"
     for spec in "$@"; do echo "| ${spec%%=*} | \`${spec#*=}\` |"; done
     echo
-    echo "| path | variant | median req/s | range | vs $first |"
-    echo "|---|---|---|---|---|"
+    echo "| path | variant | median req/s | range | vs $first | CPU µs per request | range | vs $first |"
+    echo "|---|---|---|---|---|---|---|---|"
     for path in "${PATHS[@]}"; do
         reference=$(echo "${RESULTS["$first $path"]}" | median)
+        cpu_reference=$(echo "${CPU["$first $path"]}" | median)
         for t in "${NAMES[@]}"; do
             m=$(echo "${RESULTS["$t $path"]}" | median)
-            echo "| \`$path\` | $t | $m | $(echo "${RESULTS["$t $path"]}" | range) | $(awk -v a="$m" -v b="$reference" 'BEGIN { printf "%.3f", a / b }') |"
+            c=$(echo "${CPU["$t $path"]}" | median)
+            echo "| \`$path\` | $t | $m | $(echo "${RESULTS["$t $path"]}" | range) | $(ratio "$m" "$reference") | $c | $(echo "${CPU["$t $path"]}" | range) | $(ratio "$c" "$cpu_reference") |"
         done
     done
 } >"$REPORT"
