@@ -18,8 +18,9 @@ fn main() -> ExitCode {
 /// transparent huge pages on its arenas (built here without that request,
 /// Cargo feature `no_thp`), and a kernel with THP "always" hands them out
 /// unasked: a 2 MiB page is resident as soon as one byte of it is touched.
-/// That doubled an idle balancer's memory (18 MB against 9.5 MB) and added
-/// as much under load, for no measurable throughput (bench/README.md).
+/// That doubled an idle balancer's memory (18.3 MB against 9.3 MB) and added
+/// about 8 MB to the peak under load, for no measurable throughput
+/// (bench/README.md).
 fn no_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
     // SAFETY: PR_SET_THP_DISABLE takes integers and touches no memory of ours;
