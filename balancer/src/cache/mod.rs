@@ -99,24 +99,45 @@ fn same_host_target<'a>(uri: &'a str, host: &str) -> Option<&'a str> {
     authority.eq_ignore_ascii_case(host).then_some(path)
 }
 
-/// The stored header `stored` revalidated by the 304 `not_modified`: each
-/// field of the 304 replaces the stored one (RFC 9111, section 4.3.4) but
-/// `Content-Length`, which describes the 304's empty body, and the fields
-/// never stored. Pingora's own merge takes only the caching fields.
-pub fn merge_not_modified(
-    stored: &ResponseHeader,
+/// Fields a `304` never changes in a stored response: those describing the
+/// stored body as it was received (its length, coding, range and digest) and
+/// the validator it was validated with (RFC 9111, sections 3.2 and 4.3.4).
+/// A `304` has no body of its own, so its `Content-Length` is not the body's.
+static KEPT_FROM_STORED: [http::HeaderName; 5] = [
+    http::header::CONTENT_LENGTH,
+    http::header::CONTENT_ENCODING,
+    http::header::CONTENT_RANGE,
+    http::HeaderName::from_static("content-md5"),
+    http::header::ETAG,
+];
+
+/// Removes from a `304` the fields that never update a stored response
+/// ([`KEPT_FROM_STORED`]), so that no merge of it can take them.
+pub fn remove_kept_fields(not_modified: &mut ResponseHeader) {
+    for name in &KEPT_FROM_STORED {
+        not_modified.remove_header(name);
+    }
+}
+
+/// Updates `header`, a stored response (or one being sent from it), with
+/// the `304` that revalidated it: each field of the `304` replaces the one
+/// of that name (RFC 9111, section 4.3.4), but the fields never stored
+/// ([`strip_unstorable`]) and those the stored body depends on
+/// ([`KEPT_FROM_STORED`]). Pingora's own merge takes only the caching fields.
+pub fn update_from_304(
+    header: &mut ResponseHeader,
     not_modified: &ResponseHeader,
-) -> pingora::Result<ResponseHeader> {
+) -> pingora::Result<()> {
     let mut fields = not_modified.clone();
-    fields.remove_header("content-length");
-    let mut merged = stored.clone();
+    strip_unstorable(&mut fields);
+    remove_kept_fields(&mut fields);
     for name in fields.headers.keys() {
-        merged.remove_header(name);
+        header.remove_header(name);
     }
     for (name, value) in fields.headers.iter() {
-        merged.append_header(name.clone(), value.clone())?;
+        header.append_header(name.clone(), value.clone())?;
     }
-    Ok(merged)
+    Ok(())
 }
 
 /// Counters of what the cache did, for metrics and status.
@@ -261,10 +282,13 @@ pub fn shareable_with_authorization(cc: Option<&CacheControl>) -> bool {
 /// `Cache-Control` and `Expires` win; the rule's `ttl` applies only to a 200
 /// that says nothing about its freshness; without a `ttl`, `Last-Modified`
 /// may give a heuristic lifetime. The rule's stale windows apply only to
-/// responses that allow serving stale.
+/// responses that allow serving stale. A response with `Set-Cookie` is
+/// stored only when the rule says `store_set_cookie`.
 pub fn cacheability(rule: &CacheRule, resp: &ResponseHeader, authorization: bool) -> RespCacheable {
     let refuse = RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
-    if resp.headers.contains_key("set-cookie") || vary_names(resp).any(|name| name == "*") {
+    let cookie_refused =
+        !rule.store_set_cookie && resp.headers.contains_key(http::header::SET_COOKIE);
+    if cookie_refused || vary_names(resp).any(|name| name == "*") {
         return refuse;
     }
     let cc = CacheControl::from_resp_headers(resp);
