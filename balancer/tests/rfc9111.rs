@@ -290,6 +290,43 @@ fn an_age_beyond_the_lifetime_or_whose_first_member_is_unreadable_is_stale() {
     }
 }
 
+// Issue 28, 3: an Age list counts by its first member.
+
+#[test]
+fn an_age_list_counts_by_its_first_member() {
+    let origin = Origin::start();
+    let with_ages = |ages: &[&'static str]| {
+        let mut headers = vec![("cache-control", "max-age=3600")];
+        headers.extend(ages.iter().map(|a| ("age", *a)));
+        Act::With(200, headers, "v{n}")
+    };
+    origin.on("/c/age/young-first/", with_ages(&["0,7200"]));
+    origin.on("/c/age/young-first-line/", with_ages(&["0", "7200"]));
+    origin.on("/c/age/old-first/", with_ages(&["7200, 0"]));
+    let (lb, _) = cached_with(&origin, H2C, "", "");
+    for proto in PROTOS {
+        for young in ["young-first", "young-first-line"] {
+            let path = format!("/c/age/{young}/{}", proto.tag());
+            let first = proto.get(&lb, &path, &[]);
+            for headers in [&[][..], &[FULL_PATH]] {
+                let hit = proto.get(&lb, &path, headers);
+                assert_eq!(
+                    (cache_status(&hit), &hit.body),
+                    ("HIT", &first.body),
+                    "{proto:?} {path} {headers:?}: Age 0 is fresh for max-age=3600"
+                );
+                assert!(age(&hit) < 60, "{proto:?} {path}: counted from 0: {hit:?}");
+            }
+        }
+        // 7200 first: older than max-age=3600 on arrival.
+        let path = format!("/c/age/old-first/{}", proto.tag());
+        proto.get(&lb, &path, &[]);
+        let again = proto.get(&lb, &path, &[]);
+        assert_ne!(cache_status(&again), "HIT", "{proto:?}: {again:?}");
+        assert_eq!(origin.hits(&path), 2, "{proto:?}: both reached the origin");
+    }
+}
+
 // 5. Stale copies only where the origin allows them (and issue 28, 1).
 
 #[test]
@@ -675,6 +712,198 @@ fn a_304_replaces_the_stored_fields() {
             assert_eq!(
                 length, body_length,
                 "{way}: the 304's length is not the body's"
+            );
+        }
+    }
+}
+
+// Issue 28, 2: what a 304 may not change, and Set-Cookie in it.
+
+#[test]
+fn a_304_leaves_what_the_body_depends_on_and_brings_set_cookie() {
+    let origin = Origin::start();
+    // Two rules: /c does not store Set-Cookie (the default), /c/keep does.
+    let (lb, _) = cached_with(
+        &origin,
+        H2C,
+        "ttl = \"1h\"\n[[cache.rule]]\npath = \"/c/keep\"\nttl = \"1h\"\nstore_set_cookie = true",
+        "",
+    );
+    let stored_200 = Act::Exact(
+        200,
+        vec![
+            ("content-type", "text/plain"),
+            ("content-encoding", "gzip"),
+            ("content-md5", "c3RvcmVk"),
+            ("etag", "\"v1\""),
+            ("cache-control", "max-age=1"),
+        ],
+        "body-{n}",
+    );
+    let not_modified = |cookie: bool, mark: &'static str| {
+        let mut headers = vec![
+            ("content-encoding", "br"),
+            ("content-range", "bytes 0-1/2"),
+            ("content-md5", "bmV3"),
+            ("etag", "\"v2\""),
+            ("cache-control", "max-age=600"),
+            ("x-mark", mark),
+        ];
+        if cookie {
+            headers.push(("set-cookie", "seen=yes; Path=/"));
+        }
+        Act::Exact(304, headers, "")
+    };
+    for proto in PROTOS {
+        for rule in ["keep", "plain"] {
+            let path = format!("/c/{rule}/{}", proto.tag());
+            origin.on(&path, stored_200.clone());
+            let first = proto.get(&lb, &path, &[]);
+            assert_eq!(cache_status(&first), "MISS", "{proto:?} {path}: {first:?}");
+            // Expiry is what is tested: nothing to poll for.
+            std::thread::sleep(Duration::from_millis(1200));
+            origin.on(&path, not_modified(true, "first"));
+            let revalidated = proto.get(&lb, &path, &[]);
+            let seen = origin.seen();
+            let asked = seen.iter().rev().find(|s| s.path == path).unwrap();
+            assert_eq!(asked.header("if-none-match"), Some("\"v1\""), "{asked:?}");
+            assert_eq!(
+                (cache_status(&revalidated), &revalidated.body),
+                ("REVALIDATED", &first.body),
+                "{proto:?} {path}"
+            );
+            let later: Vec<Reply> = if rule == "keep" {
+                vec![
+                    proto.get(&lb, &path, &[]),
+                    proto.get(&lb, &path, &[FULL_PATH]),
+                ]
+            } else {
+                Vec::new()
+            };
+            for reply in std::iter::once(&revalidated).chain(&later) {
+                let what = format!("{proto:?} {path}: {reply:?}");
+                assert_eq!(reply.header("x-mark"), Some("first"), "{what}");
+                assert_eq!(reply.header("cache-control"), Some("max-age=600"), "{what}");
+                assert_eq!(
+                    reply.header("set-cookie"),
+                    Some("seen=yes; Path=/"),
+                    "{what}"
+                );
+                // What the stored body depends on stays as stored.
+                assert_eq!(reply.header("content-encoding"), Some("gzip"), "{what}");
+                assert_eq!(reply.header("content-md5"), Some("c3RvcmVk"), "{what}");
+                assert_eq!(reply.header("etag"), Some("\"v1\""), "{what}");
+                assert_eq!(reply.header("content-range"), None, "{what}");
+                assert_eq!(reply.status, 200, "{what}");
+                assert_eq!(reply.body, first.body, "{what}");
+                if let Some(length) = reply.header("content-length") {
+                    assert_eq!(length, first.body.len().to_string(), "{what}");
+                }
+            }
+            for hit in &later {
+                assert_eq!(cache_status(hit), "HIT", "{proto:?} {path}: {hit:?}");
+            }
+            if rule == "plain" {
+                // The 304 with a cookie was passed on, not stored: the copy
+                // is still the expired one, revalidated again.
+                origin.on(&path, not_modified(false, "second"));
+                let again = proto.get(&lb, &path, &[]);
+                assert_eq!(
+                    (cache_status(&again), again.header("set-cookie")),
+                    ("REVALIDATED", None),
+                    "{proto:?} {path}: {again:?}"
+                );
+                assert_eq!(again.header("x-mark"), Some("second"), "{again:?}");
+                assert_eq!(origin.hits(&path), 3, "{proto:?} {path}");
+                for hit in [
+                    proto.get(&lb, &path, &[]),
+                    proto.get(&lb, &path, &[FULL_PATH]),
+                ] {
+                    assert_eq!(
+                        (
+                            cache_status(&hit),
+                            hit.header("set-cookie"),
+                            hit.header("x-mark")
+                        ),
+                        ("HIT", None, Some("second")),
+                        "{proto:?} {path}: {hit:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+// Issue 28, 4: Set-Cookie is stored only where a rule says so.
+
+#[test]
+fn set_cookie_is_stored_only_under_store_set_cookie() {
+    let origin = Origin::start();
+    let cookie = "theme=dark; Path=/";
+    origin.on(
+        "/c/",
+        Act::With(
+            200,
+            vec![("cache-control", "max-age=600"), ("set-cookie", cookie)],
+            "v{n}",
+        ),
+    );
+    origin.on(
+        "/c/keep/private/",
+        Act::With(
+            200,
+            vec![
+                ("cache-control", "max-age=600, private=\"set-cookie\""),
+                ("set-cookie", cookie),
+            ],
+            "v{n}",
+        ),
+    );
+    let (lb, _) = cached_with(
+        &origin,
+        H2C,
+        "ttl = \"1h\"\n[[cache.rule]]\npath = \"/c/keep\"\nttl = \"1h\"\nstore_set_cookie = true",
+        "",
+    );
+    for proto in PROTOS {
+        // The default: never stored, the cookie reaches each client.
+        let path = format!("/c/plain/{}", proto.tag());
+        for headers in [&[][..], &[], &[FULL_PATH]] {
+            let reply = proto.get(&lb, &path, headers);
+            assert_ne!(cache_status(&reply), "HIT", "{proto:?} {path}: {reply:?}");
+            assert_eq!(reply.header("set-cookie"), Some(cookie), "{reply:?}");
+        }
+        assert_eq!(
+            origin.hits(&path),
+            3,
+            "{proto:?}: every request reached the origin"
+        );
+        // store_set_cookie: stored with the cookie, which every hit carries.
+        let path = format!("/c/keep/{}", proto.tag());
+        let first = proto.get(&lb, &path, &[]);
+        assert_eq!(
+            (cache_status(&first), first.header("set-cookie")),
+            ("MISS", Some(cookie)),
+            "{proto:?}: {first:?}"
+        );
+        for headers in [&[][..], &[FULL_PATH]] {
+            let hit = proto.get(&lb, &path, headers);
+            assert_eq!(
+                (cache_status(&hit), hit.header("set-cookie"), &hit.body),
+                ("HIT", Some(cookie), &first.body),
+                "{proto:?} {headers:?}: {hit:?}"
+            );
+        }
+        // ... unless the origin keeps the cookie out: private="set-cookie".
+        let path = format!("/c/keep/private/{}", proto.tag());
+        let first = proto.get(&lb, &path, &[]);
+        assert_eq!(first.header("set-cookie"), Some(cookie), "{first:?}");
+        for headers in [&[][..], &[FULL_PATH]] {
+            let hit = proto.get(&lb, &path, headers);
+            assert_eq!(
+                (cache_status(&hit), hit.header("set-cookie")),
+                ("HIT", None),
+                "{proto:?} {headers:?}: {hit:?}"
             );
         }
     }

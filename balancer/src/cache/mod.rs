@@ -528,6 +528,92 @@ mod tests {
     }
 
     #[test]
+    fn set_cookie_is_stored_only_when_the_rule_says_so() {
+        let cookie = resp(
+            200,
+            &[("set-cookie", "a=b"), ("cache-control", "max-age=9")],
+        );
+        assert_eq!(fresh_for(cacheability(&rule("/"), &cookie, false)), None);
+        let mut keep = rule("/");
+        keep.store_set_cookie = true;
+        match cacheability(&keep, &cookie, false) {
+            RespCacheable::Cacheable(meta) => assert_eq!(
+                meta.response_header().headers.get("set-cookie").unwrap(),
+                "a=b"
+            ),
+            RespCacheable::Uncacheable(why) => panic!("not stored: {why:?}"),
+        }
+        // The origin may still keep the cookie out of the stored copy.
+        let private = resp(
+            200,
+            &[
+                ("set-cookie", "a=b"),
+                ("cache-control", "max-age=9, private=\"set-cookie\""),
+            ],
+        );
+        match cacheability(&keep, &private, false) {
+            RespCacheable::Cacheable(meta) => {
+                assert!(!meta.response_header().headers.contains_key("set-cookie"))
+            }
+            RespCacheable::Uncacheable(why) => panic!("not stored: {why:?}"),
+        }
+    }
+
+    #[test]
+    fn a_304_updates_all_but_what_the_stored_body_depends_on() {
+        let mut stored = resp(
+            200,
+            &[
+                ("content-length", "5"),
+                ("content-encoding", "gzip"),
+                ("content-md5", "old"),
+                ("etag", "\"v1\""),
+                ("cache-control", "max-age=1"),
+                ("x-a", "old"),
+                ("x-b", "kept"),
+                ("set-cookie", "old=1"),
+            ],
+        );
+        let not_modified = resp(
+            304,
+            &[
+                ("content-length", "0"),
+                ("content-encoding", "br"),
+                ("content-range", "bytes 0-1/2"),
+                ("content-md5", "new"),
+                ("etag", "\"v2\""),
+                ("cache-control", "max-age=60"),
+                ("x-a", "new"),
+                ("set-cookie", "new=1"),
+                ("set-cookie", "new=2"),
+                ("age", "7"),
+                ("connection", "x-hop"),
+                ("x-hop", "1"),
+            ],
+        );
+        update_from_304(&mut stored, &not_modified).unwrap();
+        let field = |name: &str| -> Vec<&str> {
+            let values = stored.headers.get_all(name).iter();
+            values.map(|v| v.to_str().unwrap()).collect()
+        };
+        for (name, expected) in [
+            ("content-length", vec!["5"]),
+            ("content-encoding", vec!["gzip"]),
+            ("content-md5", vec!["old"]),
+            ("etag", vec!["\"v1\""]),
+            ("content-range", vec![]),
+            ("cache-control", vec!["max-age=60"]),
+            ("x-a", vec!["new"]),
+            ("x-b", vec!["kept"]),
+            ("set-cookie", vec!["new=1", "new=2"]),
+            ("age", vec![]),
+            ("x-hop", vec![]),
+        ] {
+            assert_eq!(field(name), expected, "{name}");
+        }
+    }
+
+    #[test]
     fn authorization_needs_the_response_to_allow_sharing() {
         let r = rule("/");
         assert_eq!(fresh_for(cacheability(&r, &resp(200, &[]), true)), None);
