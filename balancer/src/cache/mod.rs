@@ -544,18 +544,24 @@ mod tests {
             RespCacheable::Uncacheable(why) => panic!("not stored: {why:?}"),
         }
         // The origin may still keep the cookie out of the stored copy.
-        let private = resp(
-            200,
-            &[
-                ("set-cookie", "a=b"),
-                ("cache-control", "max-age=9, private=\"set-cookie\""),
-            ],
-        );
-        match cacheability(&keep, &private, false) {
-            RespCacheable::Cacheable(meta) => {
-                assert!(!meta.response_header().headers.contains_key("set-cookie"))
+        for cc in [
+            "max-age=9, private=\"set-cookie\"",
+            "max-age=9, no-cache=\"Set-Cookie\"",
+        ] {
+            let kept_out = resp(200, &[("set-cookie", "a=b"), ("cache-control", cc)]);
+            match cacheability(&keep, &kept_out, false) {
+                RespCacheable::Cacheable(meta) => {
+                    assert!(
+                        !meta.response_header().headers.contains_key("set-cookie"),
+                        "{cc}"
+                    );
+                    assert_eq!(
+                        fresh_for(RespCacheable::Cacheable(meta)),
+                        Some(Duration::from_secs(9))
+                    );
+                }
+                RespCacheable::Uncacheable(why) => panic!("{cc}: not stored: {why:?}"),
             }
-            RespCacheable::Uncacheable(why) => panic!("not stored: {why:?}"),
         }
     }
 
