@@ -366,7 +366,8 @@ fn revalidation_directives_forbid_serving_stale_whatever_the_failure() {
     }
     // Expiry is what is tested: nothing to poll for.
     std::thread::sleep(Duration::from_millis(1200));
-    let failures: [(&str, Option<Act>, u16); 3] = [
+    let failures: [(&str, Option<Act>, u16); 4] = [
+        ("answers 500", Some(Act::Answer(500, "failed")), 500),
         ("closes the connection unanswered", Some(Act::Drop), 504),
         ("answers bytes that are not HTTP", Some(Act::Garbage), 502),
         ("cannot be reached", None, 504),
