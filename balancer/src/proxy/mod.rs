@@ -1089,7 +1089,7 @@ fn reason_for(code: u16, e: &Error) -> &'static str {
             "gateway timeout: could not connect to the upstream server within connect_timeout"
         }
         (504, etype) if unanswered(etype) => {
-            "gateway timeout: the upstream server could not be reached, and the cached copy has expired and may not be served stale"
+            "gateway timeout: the upstream server could not be reached or closed the connection unanswered, and the cached copy has expired and may not be served stale"
         }
         (504, _) => "gateway timeout: the upstream server did not answer within read_timeout",
         _ => "the request could not be proxied",
