@@ -334,10 +334,9 @@ pub fn cacheability(rule: &CacheRule, resp: &ResponseHeader, authorization: bool
 /// serving stale at all (RFC 9111, sections 4.2.4 and 5.2.2).
 fn stale_windows(rule: &CacheRule, cc: Option<&CacheControl>) -> (u32, u32) {
     if cc.is_some_and(|cc| {
-        cc.must_revalidate()
-            || cc.proxy_revalidate()
-            || cc.no_cache()
-            || cc.s_maxage().ok().flatten().is_some()
+        // s-maxage forbids it even with a value that cannot be read: it
+        // still says that shared caches must revalidate (section 5.2.2.10).
+        cc.must_revalidate() || cc.proxy_revalidate() || cc.no_cache() || cc.has_key("s-maxage")
     }) {
         return (0, 0);
     }
@@ -525,6 +524,37 @@ mod tests {
                 "{headers:?}"
             );
         }
+    }
+
+    #[test]
+    fn revalidation_directives_close_the_stale_windows() {
+        let r = rule("/");
+        let after_expiry =
+            |cc: &str| match cacheability(&r, &resp(200, &[("cache-control", cc)]), false) {
+                RespCacheable::Cacheable(meta) => {
+                    let later = meta.fresh_until() + Duration::from_secs(1);
+                    (
+                        meta.serve_stale_while_revalidate(later),
+                        meta.serve_stale_if_error(later),
+                    )
+                }
+                RespCacheable::Uncacheable(why) => panic!("{cc}: not stored: {why:?}"),
+            };
+        for cc in [
+            "max-age=5, must-revalidate",
+            "max-age=5, proxy-revalidate",
+            "no-cache",
+            "s-maxage=5",
+            "s-maxage=abc, max-age=5",
+            "max-age=5, stale-if-error=60, must-revalidate",
+        ] {
+            assert_eq!(after_expiry(cc), (false, false), "{cc}");
+        }
+        assert_eq!(
+            after_expiry("max-age=5"),
+            (true, true),
+            "the rule's windows"
+        );
     }
 
     #[test]
