@@ -24,7 +24,7 @@
 #
 # The backend is the one beside the first variant's binary (AB_BACKEND to
 # name another). Environment: AB_ROUNDS (5), AB_DURATION (5 s),
-# AB_PORT_BASE (28200), AB_PATHS ("/ /cache-me").
+# AB_PORT_BASE (19200), AB_PATHS ("/ /cache-me").
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -38,7 +38,7 @@ fi
 (($# > 0)) || { sed -n '2,25p' "$0" >&2; exit 2; }
 ROUNDS=${AB_ROUNDS:-5}
 DURATION=${AB_DURATION:-5}
-BASE=${AB_PORT_BASE:-28200}
+BASE=${AB_PORT_BASE:-19200}
 read -r -a PATHS <<<"${AB_PATHS:-/ /cache-me}"
 WORK=$(mktemp -d)
 PIDS=()

@@ -14,13 +14,13 @@
 #
 # Writes bench/results/idle.md and bench/results/idle/ (raw). Every process it
 # starts is stopped on exit. Settings (environment):
-#   IDLE_COUNTS ("1000 10000"), BENCH_PORT_BASE (28300: backend, +1 balancer,
+#   IDLE_COUNTS ("1000 10000"), BENCH_PORT_BASE (19300: backend, +1 balancer,
 #   +2 nginx, +3 haproxy), BENCH_SKIP_BUILD=1 (use target/release as it is),
 #   BENCH_NOTE (a line about the conditions, printed in idle.md).
 set -euo pipefail
 
 read -ra COUNTS <<<"${IDLE_COUNTS:-1000 10000}"
-PORT_BASE=${BENCH_PORT_BASE:-28300}
+PORT_BASE=${BENCH_PORT_BASE:-19300}
 # shellcheck source=bench/servers.sh
 source "$(dirname "${BASH_SOURCE[0]}")/servers.sh"
 RESULTS=$BENCH_DIR/results

@@ -16,7 +16,7 @@
 #
 # Every process it starts is stopped on exit. Settings (environment):
 #   BENCH_ROUNDS (3), BENCH_DURATION (5, seconds), BENCH_RATE_ROUNDS (2),
-#   BENCH_PORT_BASE (28100: backend, +1 balancer, +2 nginx, +3 haproxy),
+#   BENCH_PORT_BASE (19100: backend, +1 balancer, +2 nginx, +3 haproxy),
 #   BENCH_NOTE (a line about the conditions, printed in results.md),
 #   BENCH_SKIP_BUILD=1 (use the binaries in target/release as they are).
 # Starting, stopping and reading the memory of the servers: bench/servers.sh.
@@ -31,7 +31,7 @@ RATE=5000                            # requests/s of the fixed-rate run
 RATE_CONNS=32
 RATE_DURATION=8
 RATE_ROUNDS=${BENCH_RATE_ROUNDS:-2}
-PORT_BASE=${BENCH_PORT_BASE:-28100}
+PORT_BASE=${BENCH_PORT_BASE:-19100}
 # shellcheck source=bench/servers.sh
 source "$(dirname "${BASH_SOURCE[0]}")/servers.sh"
 RESULTS=$BENCH_DIR/results

@@ -20,7 +20,7 @@
 # bench/results/tls.md and bench/results/raw-tls/; every process it starts is
 # stopped on exit. Settings (environment):
 #   BENCH_ROUNDS (5), BENCH_DURATION (5, seconds of each measured run),
-#   BENCH_PORT_BASE (28400: the backend; +1 the balancer and +2 nginx over
+#   BENCH_PORT_BASE (19400: the backend; +1 the balancer and +2 nginx over
 #   plain HTTP, +11 and +12 over HTTPS, +13 nginx's check listener),
 #   BENCH_NOTE (a line about the conditions, printed in tls.md),
 #   BENCH_SKIP_BUILD=1 (use the binaries in target/release as they are).
@@ -31,7 +31,7 @@ export LC_ALL=C
 ROUNDS=${BENCH_ROUNDS:-5}
 DURATION=${BENCH_DURATION:-5}
 WARMUP=1
-PORT_BASE=${BENCH_PORT_BASE:-28400}
+PORT_BASE=${BENCH_PORT_BASE:-19400}
 # shellcheck source=bench/servers.sh
 source "$(dirname "${BASH_SOURCE[0]}")/servers.sh"
 RESULTS=$BENCH_DIR/results

@@ -12,6 +12,12 @@
 # status is 0 only when every step passed. A failed step ends the run (the
 # later ones build on it) after printing the state of the stack.
 #
+# The test never writes into the checkout: the balancer's configuration and
+# certificates are a copy of deploy/'s TOML files in a temporary directory,
+# mounted over /etc/balancer by an override file of the test's own, so that
+# the user's deploy/ (their certificates in deploy/tls/ included) is left
+# exactly as it was.
+#
 # Environment:
 #   E2E_PROJECT   compose project name (default pingora-lb-e2e)
 #   E2E_URL       where the balancer answers (default http://localhost)
@@ -31,9 +37,23 @@ if docker compose version >/dev/null 2>&1; then
 else
     COMPOSE_CMD=(docker-compose)
 fi
-COMPOSE=("${COMPOSE_CMD[@]}" -f "$REPO/compose.yaml" -p "$PROJECT")
-
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/pingora-lb-e2e.XXXXXX")
+# What the containers mount on /etc/balancer: the shipped TOML files, copied.
+# The balancer runs as a non-root user, so the copy is world-readable.
+CONFIG_DIR=$WORK/etc-balancer
+mkdir -p "$CONFIG_DIR/tls"
+cp "$REPO"/deploy/*.toml "$CONFIG_DIR/"
+chmod 755 "$WORK" "$CONFIG_DIR" "$CONFIG_DIR/tls"
+chmod 644 "$CONFIG_DIR"/*.toml
+# Compose merges volumes by their path in the container: this one replaces
+# compose.yaml's ./deploy mount, in v2 and in 1.29 alike.
+cat >"$WORK/compose.e2e.yaml" <<YAML
+services:
+  balancer:
+    volumes:
+      - $CONFIG_DIR:/etc/balancer:ro
+YAML
+COMPOSE=("${COMPOSE_CMD[@]}" -f "$REPO/compose.yaml" -f "$WORK/compose.e2e.yaml" -p "$PROJECT")
 PASSED=0
 FAILED=0
 STARTED_ANYTHING=0
@@ -51,8 +71,6 @@ cleanup() {
         compose down -v --remove-orphans --timeout 10 >"$WORK/cleanup.log" 2>&1 ||
             cat "$WORK/cleanup.log" >&2
     fi
-    restore_config
-    rm -f "$REPO"/deploy/tls/*.pem
     rm -rf "$WORK"
     exit "$rc"
 }
@@ -307,16 +325,16 @@ step_cache() {
     say "same body twice: $(cat "$WORK/b1")"
 }
 
-# Edits deploy/balancer.toml on the host the way editors do (a new file
+# Edits the mounted balancer.toml on the host the way editors do (a new file
 # renamed over the old): the running balancer must follow, without a restart.
 step_live_edit() {
-    local before after config=$REPO/deploy/balancer.toml
+    local before after config=$CONFIG_DIR/balancer.toml
     before=$(balancer_identity)
-    # A file, not a variable: steps run in subshells, and cleanup must see it.
     cp "$config" "$WORK/balancer.toml.orig"
     sed 's|^\[\[cache.rule\]\]$|[[cache.rule]]\npath = "/info"\nttl = "5s"\n\n[[cache.rule]]|' \
         "$WORK/balancer.toml.orig" > "$config.edit"
     grep -q '^path = "/info"' "$config.edit" || fail "the edit did not apply"
+    chmod 644 "$config.edit"
     mv "$config.edit" "$config"
     wait_header /info x-cache-status 30 || fail "the edited config (a cache rule for /info) did not take effect"
     say "after the edit, /info carries X-Cache-Status"
@@ -328,11 +346,8 @@ step_live_edit() {
 }
 
 restore_config() {
-    if [ -f "$WORK/balancer.toml.orig" ]; then
-        cp "$WORK/balancer.toml.orig" "$REPO/deploy/balancer.toml.edit"
-        mv "$REPO/deploy/balancer.toml.edit" "$REPO/deploy/balancer.toml"
-        rm -f "$WORK/balancer.toml.orig"
-    fi
+    cp "$WORK/balancer.toml.orig" "$CONFIG_DIR/balancer.toml.edit"
+    mv "$CONFIG_DIR/balancer.toml.edit" "$CONFIG_DIR/balancer.toml"
 }
 
 has_header() {
@@ -457,19 +472,19 @@ step_stop_backend_under_load() {
 # HTTPS with the override file: a development certificate made by the
 # balancer's own image, HTTP/2 to curl, and a WebSocket echoed over wss.
 step_tls() {
-    local tls=$REPO/deploy/tls out version
-    rm -f "$tls"/*.pem
+    local tls=$CONFIG_DIR/tls out version
     compose run --rm --no-deps --user 0 -v "$tls:/out" balancer \
         cert --self-signed --host localhost --out /out
     [ -s "$tls/cert.pem" ] && [ -s "$tls/key.pem" ] && [ -s "$tls/ca.pem" ] || fail "balancer cert wrote no certificate"
-    "${COMPOSE_CMD[@]}" -f "$REPO/compose.yaml" -f "$REPO/compose.tls.yaml" -p "$PROJECT" up -d
+    "${COMPOSE_CMD[@]}" -f "$REPO/compose.yaml" -f "$REPO/compose.tls.yaml" -f "$WORK/compose.e2e.yaml" \
+        -p "$PROJECT" up -d
     local deadline=$((SECONDS + 60))
     until out=$(curl -s --http2 --cacert "$tls/ca.pem" -w ' %{http_version}' --max-time 5 https://localhost/ 2>/dev/null) &&
         [ "$out" = "Hello World! 2" ]; do
         [ $SECONDS -lt $deadline ] || fail "https://localhost/ over HTTP/2 answered '${out:-nothing}'"
         sleep 1
     done
-    say "curl --http2 --cacert deploy/tls/ca.pem https://localhost/ -> $out"
+    say "curl --http2 --cacert ca.pem https://localhost/ -> $out"
     /usr/bin/python3 - "$tls/ca.pem" <<'PY' || fail "the WebSocket echo over wss failed"
 import sys, websocket
 # Pingora 0.9.1 may end a tunnel right after the 101 (cloudflare/pingora#946):

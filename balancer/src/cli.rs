@@ -24,7 +24,7 @@ use crate::{admin, proxy, server, tls};
 )]
 struct Cli {
     /// The TOML configuration file.
-    #[arg(long, short = 'c', global = true, value_name = "FILE")]
+    #[arg(long, short = 'c', value_name = "FILE")]
     config: Option<PathBuf>,
     /// Validate the configuration file and exit: 0 when it is valid, 1 otherwise.
     #[arg(long)]
@@ -36,7 +36,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Probe the running balancer's /health-check and exit 0 when it answers 200, else 1.
-    Healthcheck,
+    Healthcheck {
+        /// The running balancer's TOML configuration file (where it listens).
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Write a development certificate: a CA (ca.pem) and, signed by it, a
     /// certificate (cert.pem, with the CA) and its key (key.pem) for --host.
     Cert {
@@ -65,7 +69,13 @@ pub fn main_with(extensions: Vec<Arc<dyn Extension>>) -> ExitCode {
 pub fn main_with_setup(
     setup: impl FnOnce(&Config) -> Result<Vec<Arc<dyn Extension>>, String>,
 ) -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // `balancer healthcheck --config FILE` and `balancer --config FILE healthcheck` alike.
+    if let Some(Command::Healthcheck { config }) = &mut cli.command {
+        if let Some(path) = config.take() {
+            cli.config = Some(path);
+        }
+    }
     if let Some(Command::Cert { hosts, out, .. }) = &cli.command {
         return match tls::self_signed::write(hosts, out) {
             Ok(files) => {
@@ -92,7 +102,7 @@ pub fn main_with_setup(
         }
     };
     match cli.command {
-        Some(Command::Healthcheck) => {
+        Some(Command::Healthcheck { .. }) => {
             match probe::get_ok(
                 config.listen,
                 proxy::HEALTH_CHECK_PATH,

@@ -135,6 +135,82 @@ fn the_balancer_answers_its_own_health_check() {
 }
 
 #[test]
+fn the_config_option_is_offered_only_where_it_is_read() {
+    for (args, offers) in [
+        (&["--help"][..], true),
+        (&["healthcheck", "--help"][..], true),
+        (&["cert", "--help"][..], false),
+    ] {
+        let (code, out) = run_balancer(args);
+        assert_eq!(code, 0, "{args:?}: {out}");
+        assert_eq!(
+            out.contains("--config"),
+            offers,
+            "balancer {args:?}:\n{out}"
+        );
+    }
+    // Both orders of `healthcheck` and `--config` work (compose.yaml and the
+    // Kubernetes manifests use the first).
+    let lb = start_balancer(&upstream(&[free_port()], ""));
+    let config = lb.config.to_str().unwrap();
+    assert_eq!(run_balancer(&["healthcheck", "--config", config]).0, 0);
+    assert_eq!(run_balancer(&["--config", config, "healthcheck"]).0, 0);
+}
+
+/// At the default level, the log says each thing once: no Pingora start-up
+/// chatter, one line for a backend that is added healthy, one line per
+/// reload, and a name that never resolved has "no address yet".
+#[test]
+fn the_info_log_says_each_thing_once() {
+    let port = free_port();
+    let _backend = start_backend("quiet", port);
+    let lb = start_balancer(&upstream(&[port], CHECKS));
+    wait_for_all(&lb, &["quiet"]);
+    let start = lb.proc.log_text();
+    for chatter in [
+        "Bootstrap starting",
+        "Starting services in dependency order",
+        "waiting on dependencies",
+        "Server starting",
+    ] {
+        assert!(!start.contains(chatter), "{chatter:?} at info:\n{start}");
+    }
+    let about_backend: Vec<&str> = start
+        .lines()
+        .filter(|l| l.contains(&format!("127.0.0.1:{port}")) && l.contains("upstream default"))
+        .collect();
+    assert_eq!(
+        about_backend.len(),
+        1,
+        "one line for a backend added healthy: {about_backend:?}"
+    );
+    assert!(about_backend[0].contains("address added") && about_backend[0].ends_with("healthy"));
+
+    lb.rewrite(&format!(
+        "{}\n[[route]]\nname = \"api\"\npath = \"/api/\"\nstrip_prefix = \"/api\"\nupstream = \"default\"\n\
+         [upstreams.nowhere]\nservers = [\"no-such-host.invalid:80\"]\n",
+        upstream(&[port], CHECKS)
+    ));
+    let line = lb.wait_for_log("config reloaded");
+    assert!(
+        line.contains("route[0] added") && line.contains("upstreams.nowhere added"),
+        "{line}"
+    );
+    let warning = lb.wait_for_log("cannot resolve upstream no-such-host.invalid:80");
+    assert!(warning.ends_with("no address yet"), "{warning}");
+    let log = lb.proc.log_text();
+    assert_eq!(
+        log.matches("config reloaded").count(),
+        1,
+        "one line per reload:\n{log}"
+    );
+    assert!(
+        !log.contains("route[0].path"),
+        "no line per key of a new route:\n{log}"
+    );
+}
+
+#[test]
 fn a_killed_backend_fails_no_request_and_returns_after_its_checks_pass() {
     let ports = [free_port(), free_port(), free_port()];
     let mut backends: Vec<Proc> = ["k1", "k2", "k3"]

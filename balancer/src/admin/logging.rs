@@ -5,7 +5,10 @@
 //! louder than that: a client that was too slow to send its request head, a
 //! header compression dictionary nobody configures, the length of a grace
 //! period that the balancer does not use (it drains by itself, see `drain`).
-//! Those lines are lowered here; the balancer writes its own words for them
+//! And all of its `INFO` lines (`Bootstrap starting`, `Starting services in
+//! dependency order`, `spent 5ms waiting on dependencies`...) are start-up and
+//! shutdown chatter: the balancer says its own start and stop. Those lines are
+//! lowered to `DEBUG` here; the balancer writes its own words for them
 //! where they matter. Also here: [`Throttle`], which keeps a flood of one kind
 //! of event from flooding the log.
 
@@ -25,11 +28,14 @@ pub fn init() {
     }
 }
 
-/// The level a Pingora log line should have here, when it is not its own.
-/// `None`: leave it as it is.
-pub fn level_for(target: &str, message: &str) -> Option<Level> {
+/// The level a Pingora log line of `level` should have here, when it is not
+/// its own. `None`: leave it as it is.
+pub fn level_for(target: &str, level: Level, message: &str) -> Option<Level> {
     if !target.starts_with("pingora") {
         return None;
+    }
+    if level == Level::Info {
+        return Some(Level::Debug);
     }
     const LOWERED: [(&str, Level); 7] = [
         // A slowloris cut: the balancer counts it and logs it at info itself.
@@ -65,12 +71,12 @@ impl Log for Levels {
     }
 
     fn log(&self, record: &Record<'_>) {
-        // Only Pingora's warnings and errors, and its server's few lines at
-        // start and stop, are worth the formatting it takes to look.
+        // Only Pingora's lines at INFO and above can change level; its
+        // warnings and errors are worth the formatting it takes to look.
         let pingora = record.target().starts_with("pingora");
-        if pingora && (record.level() <= Level::Warn || record.target() == "pingora_core::server") {
+        if pingora && record.level() <= Level::Info && self.inner.matches(record) {
             let message = record.args().to_string();
-            if let Some(level) = level_for(record.target(), &message) {
+            if let Some(level) = level_for(record.target(), record.level(), &message) {
                 let metadata = Metadata::builder()
                     .level(level)
                     .target(record.target())
@@ -136,6 +142,7 @@ mod tests {
         assert_eq!(
             level_for(
                 "pingora_proxy",
+                Level::Error,
                 "Fail to proxy: no complete request head within 1s (limits.client_header_timeout)"
             ),
             Some(Level::Debug)
@@ -143,6 +150,7 @@ mod tests {
         assert_eq!(
             level_for(
                 "pingora_cache::meta",
+                Level::Warn,
                 "no header compression dictionary loaded"
             ),
             Some(Level::Debug)
@@ -150,6 +158,7 @@ mod tests {
         assert_eq!(
             level_for(
                 "pingora_core::services::listening",
+                Level::Error,
                 "Downstream handshake error from 127.0.0.1:1: TLSHandshakeFailure"
             ),
             Some(Level::Debug)
@@ -157,20 +166,39 @@ mod tests {
         assert_eq!(
             level_for(
                 "pingora_core::apps",
+                Level::Error,
                 "H2 handshake error Broken pipe (os error 32)"
             ),
             Some(Level::Debug)
         );
         assert_eq!(
-            level_for("pingora_proxy", "Fail to proxy: Upstream ConnectRefused"),
+            level_for(
+                "pingora_proxy",
+                Level::Error,
+                "Fail to proxy: Upstream ConnectRefused"
+            ),
             None,
             "a failing backend stays an error"
         );
         assert_eq!(
-            level_for("balancer::proxy", "(limits.client_header_timeout)"),
+            level_for(
+                "balancer::proxy",
+                Level::Info,
+                "(limits.client_header_timeout)"
+            ),
             None,
             "the balancer's own lines keep their level"
         );
+        for chatter in [
+            "Bootstrap starting",
+            "Starting services in dependency order: [\"proxy\"]",
+        ] {
+            assert_eq!(
+                level_for("pingora_core::server", Level::Info, chatter),
+                Some(Level::Debug),
+                "{chatter}"
+            );
+        }
     }
 
     #[test]

@@ -24,14 +24,29 @@ pub const RESTART_ONLY: [&str; 8] = [
 /// starts with the process).
 const RESTART_ONLY_SECTIONS: [&str; 1] = ["tls"];
 
-/// One line per changed key: `KEY OLD -> NEW`, with `(absent)` for a key
-/// that is not written; a list of plain values reports what was added to it
-/// and removed from it instead.
+/// One entry per change: `KEY OLD -> NEW`, with `(absent)` for a key that is
+/// not written; a list of plain values reports what was added to it and
+/// removed from it instead; a whole table that appears or goes away (a new
+/// `[[route]]`, an `[upstreams.NAME]` removed) is one entry, `route[2] added`,
+/// not one per key in it.
 pub fn changes(old: &Table, new: &Table) -> Vec<String> {
+    let (old_tables, new_tables) = (tables(old), tables(new));
+    let added = topmost(&new_tables, &old_tables);
+    let removed = topmost(&old_tables, &new_tables);
+    let mut lines: Vec<String> = added
+        .iter()
+        .map(|p| format!("{p} added"))
+        .chain(removed.iter().map(|p| format!("{p} removed")))
+        .collect();
+    let inside = |key: &str| {
+        added.iter().chain(&removed).any(|p| {
+            key.strip_prefix(p.as_str())
+                .is_some_and(|rest| rest.starts_with(['.', '[']))
+        })
+    };
     let (old, new) = (flatten(old), flatten(new));
-    let mut lines = Vec::new();
     let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
-    for key in keys {
+    for key in keys.into_iter().filter(|key| !inside(key)) {
         match (old.get(key), new.get(key)) {
             (Some(Leaf::List(a)), Some(Leaf::List(b))) => {
                 lines.extend(
@@ -50,6 +65,61 @@ pub fn changes(old: &Table, new: &Table) -> Vec<String> {
         }
     }
     lines
+}
+
+/// The dotted path of every table in `table` (`upstreams.api`, `route[2]`),
+/// the top one excluded, and so is a table that only names others
+/// (`upstreams`): its tables are what appears or goes away.
+fn tables(table: &Table) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    collect_tables("", table, &mut out);
+    out
+}
+
+fn collect_tables(prefix: &str, table: &Table, out: &mut std::collections::BTreeSet<String>) {
+    for (key, value) in table {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match value {
+            Value::Table(inner) => {
+                collect_tables(&path, inner, out);
+                if inner.is_empty() || !inner.values().all(Value::is_table) {
+                    out.insert(path);
+                }
+            }
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    if let Value::Table(inner) = item {
+                        let path = format!("{path}[{i}]");
+                        collect_tables(&path, inner, out);
+                        out.insert(path);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The tables of `these` that `those` lacks, without the ones inside another such table.
+fn topmost(
+    these: &std::collections::BTreeSet<String>,
+    those: &std::collections::BTreeSet<String>,
+) -> Vec<String> {
+    let only: Vec<&String> = these.iter().filter(|p| !those.contains(*p)).collect();
+    only.iter()
+        .filter(|p| {
+            !only.iter().any(|outer| {
+                outer.len() < p.len()
+                    && p.starts_with(outer.as_str())
+                    && p[outer.len()..].starts_with(['.', '['])
+            })
+        })
+        .map(|p| (*p).clone())
+        .collect()
 }
 
 /// Puts back into `new` the old value (or absence) of every restart-only key
@@ -207,6 +277,23 @@ mod tests {
         }
         assert_eq!(lines.len(), 5, "{lines:?}");
         assert!(changes(&old, &old).is_empty());
+    }
+
+    #[test]
+    fn a_table_that_appears_or_goes_is_one_change() {
+        let old = table("[upstreams.old]\nservers = [\"a:1\"]\n[upstreams.old.health_check]\npath = \"/h\"\n[[route]]\npath = \"/a\"\nupstream = \"old\"\n");
+        let new = table("[upstreams.new]\nservers = [\"b:1\"]\n[[route]]\npath = \"/a\"\nupstream = \"new\"\n[[route]]\npath = \"/b\"\nupstream = \"new\"\nmethods = [\"GET\"]\n");
+        let mut lines = changes(&old, &new);
+        lines.sort();
+        assert_eq!(
+            lines,
+            [
+                "route[0].upstream old -> new",
+                "route[1] added",
+                "upstreams.new added",
+                "upstreams.old removed",
+            ]
+        );
     }
 
     #[test]

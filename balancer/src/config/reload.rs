@@ -103,9 +103,8 @@ impl Reloader {
                 *lock(&self.stats.last_error) = None;
                 if changes.is_empty() {
                     log::info!("config reloaded from {}: no change", self.path.display());
-                }
-                for change in changes {
-                    log::info!("config reloaded: {change}");
+                } else {
+                    log::info!("config reloaded: {}", changes.join("; "));
                 }
                 self.reloaded.notify_one();
             }

@@ -81,9 +81,13 @@ impl Resolver {
             }
             Err(why) => {
                 let kept = last_good.get(server).cloned().unwrap_or_default();
-                log::warn!(
-                    "cannot resolve upstream {server}: {why}; keeping its last good addresses {kept:?}"
-                );
+                if kept.is_empty() {
+                    log::warn!("cannot resolve upstream {server}: {why}; no address yet");
+                } else {
+                    log::warn!(
+                        "cannot resolve upstream {server}: {why}; keeping its last good addresses {kept:?}"
+                    );
+                }
                 kept
             }
         }

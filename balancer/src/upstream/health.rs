@@ -41,7 +41,8 @@ pub async fn refresh_membership(group: &Group) {
     let checks = settings.health_check.as_ref();
     let (members, change) = pool.plan(&found, checks.is_none());
     if let Some(hc) = checks {
-        check_all(group, &change.added, hc).await;
+        // Their health goes on the "address added" line below, not on a line of its own.
+        check_all(group, &change.added, hc, false).await;
     } else {
         pool.trust_all();
     }
@@ -67,11 +68,15 @@ pub async fn refresh_membership(group: &Group) {
     }
 }
 
-/// Probes every backend in `backends` once, all at the same time.
-async fn check_all(group: &Group, backends: &[Arc<Backend>], hc: &HealthCheck) {
+/// Probes every backend in `backends` once, all at the same time; a change
+/// of health is logged when `log_changes`.
+async fn check_all(group: &Group, backends: &[Arc<Backend>], hc: &HealthCheck, log_changes: bool) {
     let probes = backends.iter().map(|backend| async move {
         let outcome = probe(group, backend, hc).await;
-        backend.record_check(outcome, &group.name, hc);
+        let changed = backend.record_check(outcome, hc);
+        if log_changes {
+            backend.report(changed, &group.name);
+        }
     });
     // Polled together: a hung backend must not delay the others' checks.
     futures::future::join_all(probes).await;
@@ -179,7 +184,7 @@ impl BackgroundService for Upkeep {
                             refresh_membership(group).await;
                         }
                         if let Some(hc) = check {
-                            check_all(group, &group.state.pool.members(), hc).await;
+                            check_all(group, &group.state.pool.members(), hc, true).await;
                         }
                     });
                 }

@@ -57,6 +57,14 @@ pub struct Backend {
 }
 
 /// The outcome of the last health check of a backend.
+/// What one observation did to a backend's health: `healthy` is the new
+/// state when it changed, `why` the failure when there was one.
+#[derive(Debug)]
+pub struct Flip {
+    pub healthy: Option<bool>,
+    pub why: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct CheckRecord {
     pub at: SystemTime,
@@ -105,8 +113,9 @@ impl Backend {
     }
 
     /// Records an active health check's outcome and counts it towards the
-    /// group's thresholds (see [`Backend::count_failure`]).
-    pub fn record_check(&self, outcome: Result<(), String>, group: &str, hc: &HealthCheck) {
+    /// group's thresholds (see [`Backend::count_failure`]); returns the change
+    /// of health it made, for [`Backend::report`].
+    pub fn record_check(&self, outcome: Result<(), String>, hc: &HealthCheck) -> Flip {
         let error = outcome.err();
         *self.last_check.lock().unwrap_or_else(|e| e.into_inner()) = Some(CheckRecord {
             at: SystemTime::now(),
@@ -117,7 +126,10 @@ impl Backend {
             hc.healthy_threshold.get(),
             hc.unhealthy_threshold.get(),
         );
-        self.report(flip, group, error.as_deref().unwrap_or("the check failed"));
+        Flip {
+            healthy: flip,
+            why: error,
+        }
     }
 
     /// Counts a failure seen by the request path (a refused or timed-out
@@ -129,12 +141,19 @@ impl Backend {
             hc.healthy_threshold.get(),
             hc.unhealthy_threshold.get(),
         );
-        self.report(flip, group, why);
+        self.report(
+            Flip {
+                healthy: flip,
+                why: Some(why.to_owned()),
+            },
+            group,
+        );
     }
 
     /// The one log line for a change of health, wherever it was decided.
-    fn report(&self, flip: Option<bool>, group: &str, why: &str) {
-        match flip {
+    pub fn report(&self, flip: Flip, group: &str) {
+        let why = flip.why.as_deref().unwrap_or("the check failed");
+        match flip.healthy {
             Some(true) => log::info!(
                 "upstream {group}: {} ({}) is healthy",
                 self.addr,

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 /// A loopback port that was free a moment ago. Ports are handed out from a
 /// range below the kernel's ephemeral ones (where test origins and client
 /// sockets get theirs), each at most once per test process, so parallel tests
-/// do not race for the same port.
+/// do not race for the same port. The benchmarks in `bench/` keep below it
+/// (19100-19499), so that a benchmark run beside the tests takes none of them.
 pub fn free_port() -> u16 {
     static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU16> = std::sync::OnceLock::new();
     let next = NEXT.get_or_init(|| {
@@ -80,6 +81,13 @@ impl Proc {
         self.child.id()
     }
 
+    /// Fails the test, with the process's output, if it has exited.
+    pub fn assert_running(&mut self, what: &str) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("{what} exited ({status}):\n{}", self.log_text());
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -116,16 +124,27 @@ fn spawn_logged(mut cmd: Command, log: PathBuf, dir: Option<tempfile::TempDir>) 
     }
 }
 
-/// A real `backend` process named `name` (its `/info` container_id).
+/// A real `backend` process named `name` (its `/info` container_id), ready:
+/// it has answered `/info` as itself. An open port is not enough: another
+/// program may hold it (the backend then exits, unable to bind), or the
+/// backend may take connections before it serves them.
 pub fn start_backend(name: &str, port: u16) -> Proc {
     let mut cmd = Command::new(binary("backend"));
     cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--workers", "1"])
         .env("HOSTNAME", name);
     let log = std::env::temp_dir().join(format!("backend-{name}-{port}.log"));
-    let proc = spawn_logged(cmd, log, None);
-    wait_for(Duration::from_secs(10), "the backend to listen", || {
-        TcpStream::connect(("127.0.0.1", port)).ok()
-    });
+    let mut proc = spawn_logged(cmd, log, None);
+    let url = format!("http://127.0.0.1:{port}/info");
+    wait_for(
+        Duration::from_secs(10),
+        &format!("the backend {name} to answer on port {port}"),
+        || {
+            proc.assert_running(&format!("the backend {name} (port {port})"));
+            let reply = get(&url).ok().filter(|r| r.status == 200)?;
+            let info: serde_json::Value = serde_json::from_str(&reply.body).ok()?;
+            (info["container_id"] == name).then_some(())
+        },
+    );
     proc
 }
 
@@ -568,12 +587,7 @@ pub fn start_program(program: &Path, body: &str, env: &[(&str, &str)]) -> Balanc
         Duration::from_secs(10),
         &format!("{name} to listen"),
         || {
-            if let Ok(Some(status)) = proc.child.try_wait() {
-                panic!(
-                    "{name} exited ({status}) instead of listening:\n{}",
-                    proc.log_text()
-                );
-            }
+            proc.assert_running(&name);
             TcpStream::connect(("127.0.0.1", port)).ok()
         },
     );
