@@ -337,6 +337,8 @@ fn revalidation_directives_forbid_serving_stale_whatever_the_failure() {
         ("proxy-revalidate", "max-age=1, proxy-revalidate"),
         ("no-cache", "no-cache"),
         ("s-maxage", "s-maxage=1"),
+        // Allowed by the response, but under a rule with no stale window.
+        ("no-window", "max-age=1"),
     ];
     let fresh = [
         ("fresh-must-revalidate", "max-age=600, must-revalidate"),
@@ -354,7 +356,8 @@ fn revalidation_directives_forbid_serving_stale_whatever_the_failure() {
     let (lb, _) = cached_with(
         &origin,
         H2C,
-        "ttl = \"1h\"\nstale_while_revalidate = \"30s\"\nstale_if_error = \"5m\"",
+        "ttl = \"1h\"\nstale_while_revalidate = \"30s\"\nstale_if_error = \"5m\"\n\
+         [[cache.rule]]\npath = \"/c/no-window\"\nttl = \"1h\"",
         "",
     );
     let path = |name: &str, proto: Proto| format!("/c/{name}/{}", proto.tag());

@@ -770,9 +770,10 @@ impl ProxyHttp for Balancer {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let code = match status_for(e) {
-            // Had a stale copy been allowed, it would have been served by
-            // now: this one may not be (RFC 9111, section 4.2.4), and a cache
-            // cut off from the origin answers 504 (section 5.2.2.2).
+            // Had the expired copy been allowed to be served stale (by the
+            // response and the rule's stale_if_error), it would have been by
+            // now. It may not be (RFC 9111, section 4.2.4), and a cache cut
+            // off from the origin answers 504 (section 5.2.2.2).
             502 if ctx.expired_copy && unanswered(e.etype()) => 504,
             code => code,
         };
