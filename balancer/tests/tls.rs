@@ -8,9 +8,10 @@
 //! Certificates come from `balancer cert --self-signed`; the clients are
 //! curl, `openssl s_client`, and rustls, h2 and tungstenite in the test.
 
+#[path = "support/http2.rs"]
+mod http2;
 mod support;
 
-use std::future::Future;
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -20,7 +21,6 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{
@@ -451,40 +451,7 @@ impl Drop for Nginx {
     }
 }
 
-// HTTP/2 (the h2 crate) and WebSockets (tungstenite).
-
-fn block_on<F: Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime")
-        .block_on(future)
-}
-
-/// GET `uri` on an open HTTP/2 connection: (status, body).
-async fn h2_get(send: &h2::client::SendRequest<Bytes>, uri: &str) -> Result<(u16, String), String> {
-    let mut send = send
-        .clone()
-        .ready()
-        .await
-        .map_err(|e| format!("the connection is not ready: {e}"))?;
-    let request = http::Request::get(uri)
-        .body(())
-        .map_err(|e| e.to_string())?;
-    let (response, _) = send
-        .send_request(request, true)
-        .map_err(|e| format!("send: {e}"))?;
-    let response = response.await.map_err(|e| format!("response: {e}"))?;
-    let status = response.status().as_u16();
-    let mut body = response.into_body();
-    let mut got = Vec::new();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.map_err(|e| format!("body: {e}"))?;
-        let _ = body.flow_control().release_capacity(chunk.len());
-        got.extend_from_slice(&chunk);
-    }
-    Ok((status, String::from_utf8_lossy(&got).into_owned()))
-}
+// HTTP/2 (the h2 crate, through `support/http2.rs`) and WebSockets (tungstenite).
 
 /// Two GETs of `uri` on one HTTP/2 connection over `io`, with the connection
 /// left idle for `pause` between them.
@@ -500,7 +467,7 @@ where
         .await
         .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
     let driver = tokio::spawn(connection);
-    let first = h2_get(&send, uri).await?;
+    let first = http2::get(&send, uri, &[]).await?;
     // The idleness is what is tested: nothing to poll for.
     tokio::time::sleep(pause).await;
     if driver.is_finished() {
@@ -509,10 +476,10 @@ where
             driver.await
         ));
     }
-    let second = h2_get(&send, uri)
+    let second = http2::get(&send, uri, &[])
         .await
         .map_err(|e| format!("the second request, after {pause:?} idle: {e}"))?;
-    Ok([first, second])
+    Ok([first, second].map(|r| (r.status, r.body)))
 }
 
 /// Opens a WebSocket to `url` over `stream`.
@@ -1247,7 +1214,7 @@ fn h2c_serves_http2_and_http1_on_the_plain_listener_and_outlives_the_header_time
     // One h2c connection, idle for longer than client_header_timeout between two requests.
     let uri = lb.url("/");
     let port = lb.port;
-    let answers = block_on(async move {
+    let answers = http2::block_on(async move {
         let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .map_err(|e| e.to_string())?;
@@ -1278,7 +1245,7 @@ fn an_http2_connection_over_tls_outlives_the_header_timeout() {
     );
     let config = client_config(&[&pki.ca], TLS12_AND_13, &[b"h2"]);
     let port = https.tls_port;
-    let answers = block_on(async move {
+    let answers = http2::block_on(async move {
         let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .map_err(|e| e.to_string())?;

@@ -80,16 +80,27 @@ fn heuristically_cacheable(status: u16) -> bool {
     )
 }
 
-/// The `Age` the origin (or a cache before it) gave: `ZERO` when absent,
-/// `None` when it is anything but one non-negative integer, which makes the
-/// response stale (RFC 9111, section 5.1).
+/// The `Age` the origin (or a cache before it) gave: `ZERO` when absent.
+/// A list (`Age: 0, 7200`, or two `Age` lines) counts by its first member,
+/// the rest discarded (RFC 9111, section 5.1); `None` when that member is
+/// not a non-negative integer, which makes the response stale.
 pub fn age_value(resp: &ResponseHeader) -> Option<Duration> {
-    let mut values = resp.headers.get_all("age").iter();
-    let Some(value) = values.next() else {
-        return Some(Duration::ZERO);
+    let mut members = resp
+        .headers
+        .get_all("age")
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        // Empty list elements are no members (RFC 9110, section 5.6.1).
+        .filter(|member| !member.is_empty());
+    let Some(digits) = members.next() else {
+        return if resp.headers.contains_key("age") {
+            None
+        } else {
+            Some(Duration::ZERO)
+        };
     };
-    let digits = value.as_bytes();
-    if values.next().is_some() || digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+    if !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
     // Too large to hold means very old: section 1.2.2 says 2^31.
@@ -180,23 +191,35 @@ mod tests {
     }
 
     #[test]
-    fn only_one_plain_integer_is_an_age() {
-        assert_eq!(age_value(&resp(200, &[])), Some(Duration::ZERO));
-        assert_eq!(
-            age_value(&resp(200, &[("age", "30")])),
-            Some(Duration::from_secs(30))
-        );
-        for bad in [
-            vec![("age", "abc")],
-            vec![("age", "-1")],
-            vec![("age", "1.5")],
-            vec![("age", "old, 0")],
-            vec![("age", "0, 0")],
-            vec![("age", "1;a=b")],
-            vec![("age", "")],
-            vec![("age", "3600"), ("age", "3600")],
+    fn an_age_is_the_first_member_of_a_list() {
+        let secs = |s| Some(Duration::from_secs(s));
+        assert_eq!(age_value(&resp(200, &[])), secs(0));
+        for (ages, expected) in [
+            (vec!["30"], secs(30)),
+            (vec!["0,7200"], secs(0)),
+            (vec!["0, 7200"], secs(0)),
+            (vec![" 5 ,x"], secs(5)),
+            (vec![", 9"], secs(9)),
+            (vec!["0, 0"], secs(0)),
+            (vec!["3600", "3600"], secs(3600)),
+            (vec!["0", "7200"], secs(0)),
+            (vec!["99999999999999999999999"], secs(1 << 31)),
         ] {
-            assert_eq!(age_value(&resp(200, &bad)), None, "{bad:?}");
+            let headers: Vec<_> = ages.iter().map(|a| ("age", *a)).collect();
+            assert_eq!(age_value(&resp(200, &headers)), expected, "{ages:?}");
+        }
+        for bad in [
+            vec!["abc"],
+            vec!["-1"],
+            vec!["1.5"],
+            vec!["old, 0"],
+            vec!["1;a=b"],
+            vec![""],
+            vec![" , "],
+            vec!["abc", "0"],
+        ] {
+            let headers: Vec<_> = bad.iter().map(|a| ("age", *a)).collect();
+            assert_eq!(age_value(&resp(200, &headers)), None, "{bad:?}");
         }
     }
 

@@ -99,24 +99,45 @@ fn same_host_target<'a>(uri: &'a str, host: &str) -> Option<&'a str> {
     authority.eq_ignore_ascii_case(host).then_some(path)
 }
 
-/// The stored header `stored` revalidated by the 304 `not_modified`: each
-/// field of the 304 replaces the stored one (RFC 9111, section 4.3.4) but
-/// `Content-Length`, which describes the 304's empty body, and the fields
-/// never stored. Pingora's own merge takes only the caching fields.
-pub fn merge_not_modified(
-    stored: &ResponseHeader,
+/// Fields a `304` never changes in a stored response: those describing the
+/// stored body as it was received (its length, coding, range and digest) and
+/// the validator it was validated with (RFC 9111, sections 3.2 and 4.3.4).
+/// A `304` has no body of its own, so its `Content-Length` is not the body's.
+static KEPT_FROM_STORED: [http::HeaderName; 5] = [
+    http::header::CONTENT_LENGTH,
+    http::header::CONTENT_ENCODING,
+    http::header::CONTENT_RANGE,
+    http::HeaderName::from_static("content-md5"),
+    http::header::ETAG,
+];
+
+/// Removes from a `304` the fields that never update a stored response
+/// ([`KEPT_FROM_STORED`]), so that no merge of it can take them.
+pub fn remove_kept_fields(not_modified: &mut ResponseHeader) {
+    for name in &KEPT_FROM_STORED {
+        not_modified.remove_header(name);
+    }
+}
+
+/// Updates `header`, a stored response (or one being sent from it), with
+/// the `304` that revalidated it: each field of the `304` replaces the one
+/// of that name (RFC 9111, section 4.3.4), but the fields never stored
+/// ([`strip_unstorable`]) and those the stored body depends on
+/// ([`KEPT_FROM_STORED`]). Pingora's own merge takes only the caching fields.
+pub fn update_from_304(
+    header: &mut ResponseHeader,
     not_modified: &ResponseHeader,
-) -> pingora::Result<ResponseHeader> {
+) -> pingora::Result<()> {
     let mut fields = not_modified.clone();
-    fields.remove_header("content-length");
-    let mut merged = stored.clone();
+    strip_unstorable(&mut fields);
+    remove_kept_fields(&mut fields);
     for name in fields.headers.keys() {
-        merged.remove_header(name);
+        header.remove_header(name);
     }
     for (name, value) in fields.headers.iter() {
-        merged.append_header(name.clone(), value.clone())?;
+        header.append_header(name.clone(), value.clone())?;
     }
-    Ok(merged)
+    Ok(())
 }
 
 /// Counters of what the cache did, for metrics and status.
@@ -261,10 +282,13 @@ pub fn shareable_with_authorization(cc: Option<&CacheControl>) -> bool {
 /// `Cache-Control` and `Expires` win; the rule's `ttl` applies only to a 200
 /// that says nothing about its freshness; without a `ttl`, `Last-Modified`
 /// may give a heuristic lifetime. The rule's stale windows apply only to
-/// responses that allow serving stale.
+/// responses that allow serving stale. A response with `Set-Cookie` is
+/// stored only when the rule says `store_set_cookie`.
 pub fn cacheability(rule: &CacheRule, resp: &ResponseHeader, authorization: bool) -> RespCacheable {
     let refuse = RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
-    if resp.headers.contains_key("set-cookie") || vary_names(resp).any(|name| name == "*") {
+    let cookie_refused =
+        !rule.store_set_cookie && resp.headers.contains_key(http::header::SET_COOKIE);
+    if cookie_refused || vary_names(resp).any(|name| name == "*") {
         return refuse;
     }
     let cc = CacheControl::from_resp_headers(resp);
@@ -310,10 +334,9 @@ pub fn cacheability(rule: &CacheRule, resp: &ResponseHeader, authorization: bool
 /// serving stale at all (RFC 9111, sections 4.2.4 and 5.2.2).
 fn stale_windows(rule: &CacheRule, cc: Option<&CacheControl>) -> (u32, u32) {
     if cc.is_some_and(|cc| {
-        cc.must_revalidate()
-            || cc.proxy_revalidate()
-            || cc.no_cache()
-            || cc.s_maxage().ok().flatten().is_some()
+        // s-maxage forbids it even with a value that cannot be read: it
+        // still says that shared caches must revalidate (section 5.2.2.10).
+        cc.must_revalidate() || cc.proxy_revalidate() || cc.no_cache() || cc.has_key("s-maxage")
     }) {
         return (0, 0);
     }
@@ -500,6 +523,129 @@ mod tests {
                 None,
                 "{headers:?}"
             );
+        }
+    }
+
+    #[test]
+    fn revalidation_directives_close_the_stale_windows() {
+        let r = rule("/");
+        let after_expiry =
+            |cc: &str| match cacheability(&r, &resp(200, &[("cache-control", cc)]), false) {
+                RespCacheable::Cacheable(meta) => {
+                    let later = meta.fresh_until() + Duration::from_secs(1);
+                    (
+                        meta.serve_stale_while_revalidate(later),
+                        meta.serve_stale_if_error(later),
+                    )
+                }
+                RespCacheable::Uncacheable(why) => panic!("{cc}: not stored: {why:?}"),
+            };
+        for cc in [
+            "max-age=5, must-revalidate",
+            "max-age=5, proxy-revalidate",
+            "no-cache",
+            "s-maxage=5",
+            "s-maxage=abc, max-age=5",
+            "max-age=5, stale-if-error=60, must-revalidate",
+        ] {
+            assert_eq!(after_expiry(cc), (false, false), "{cc}");
+        }
+        assert_eq!(
+            after_expiry("max-age=5"),
+            (true, true),
+            "the rule's windows"
+        );
+    }
+
+    #[test]
+    fn set_cookie_is_stored_only_when_the_rule_says_so() {
+        let cookie = resp(
+            200,
+            &[("set-cookie", "a=b"), ("cache-control", "max-age=9")],
+        );
+        assert_eq!(fresh_for(cacheability(&rule("/"), &cookie, false)), None);
+        let mut keep = rule("/");
+        keep.store_set_cookie = true;
+        match cacheability(&keep, &cookie, false) {
+            RespCacheable::Cacheable(meta) => assert_eq!(
+                meta.response_header().headers.get("set-cookie").unwrap(),
+                "a=b"
+            ),
+            RespCacheable::Uncacheable(why) => panic!("not stored: {why:?}"),
+        }
+        // The origin may still keep the cookie out of the stored copy.
+        for cc in [
+            "max-age=9, private=\"set-cookie\"",
+            "max-age=9, no-cache=\"Set-Cookie\"",
+        ] {
+            let kept_out = resp(200, &[("set-cookie", "a=b"), ("cache-control", cc)]);
+            match cacheability(&keep, &kept_out, false) {
+                RespCacheable::Cacheable(meta) => {
+                    assert!(
+                        !meta.response_header().headers.contains_key("set-cookie"),
+                        "{cc}"
+                    );
+                    assert_eq!(
+                        fresh_for(RespCacheable::Cacheable(meta)),
+                        Some(Duration::from_secs(9))
+                    );
+                }
+                RespCacheable::Uncacheable(why) => panic!("{cc}: not stored: {why:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_304_updates_all_but_what_the_stored_body_depends_on() {
+        let mut stored = resp(
+            200,
+            &[
+                ("content-length", "5"),
+                ("content-encoding", "gzip"),
+                ("content-md5", "old"),
+                ("etag", "\"v1\""),
+                ("cache-control", "max-age=1"),
+                ("x-a", "old"),
+                ("x-b", "kept"),
+                ("set-cookie", "old=1"),
+            ],
+        );
+        let not_modified = resp(
+            304,
+            &[
+                ("content-length", "0"),
+                ("content-encoding", "br"),
+                ("content-range", "bytes 0-1/2"),
+                ("content-md5", "new"),
+                ("etag", "\"v2\""),
+                ("cache-control", "max-age=60"),
+                ("x-a", "new"),
+                ("set-cookie", "new=1"),
+                ("set-cookie", "new=2"),
+                ("age", "7"),
+                ("connection", "x-hop"),
+                ("x-hop", "1"),
+            ],
+        );
+        update_from_304(&mut stored, &not_modified).unwrap();
+        let field = |name: &str| -> Vec<&str> {
+            let values = stored.headers.get_all(name).iter();
+            values.map(|v| v.to_str().unwrap()).collect()
+        };
+        for (name, expected) in [
+            ("content-length", vec!["5"]),
+            ("content-encoding", vec!["gzip"]),
+            ("content-md5", vec!["old"]),
+            ("etag", vec!["\"v1\""]),
+            ("content-range", vec![]),
+            ("cache-control", vec!["max-age=60"]),
+            ("x-a", vec!["new"]),
+            ("x-b", vec!["kept"]),
+            ("set-cookie", vec!["new=1", "new=2"]),
+            ("age", vec![]),
+            ("x-hop", vec![]),
+        ] {
+            assert_eq!(field(name), expected, "{name}");
         }
     }
 

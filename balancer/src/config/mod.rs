@@ -169,6 +169,11 @@ pub struct CacheRule {
     /// What clients are told to keep (`Cache-Control: max-age` and `Expires`), like nginx's `expires`.
     #[serde(default)]
     pub client_max_age: Option<Span>,
+    /// Store responses that carry `Set-Cookie`, cookie included, and send
+    /// it with every hit. Off by default (nginx's choice): a cookie set for
+    /// one client must not reach another unless it is the same for all.
+    #[serde(default)]
+    pub store_set_cookie: bool,
 }
 
 impl fmt::Display for CacheRule {
@@ -185,9 +190,13 @@ impl fmt::Display for CacheRule {
             humantime::format_duration(self.stale_if_error.0),
         )?;
         match self.client_max_age {
-            Some(age) => humantime::format_duration(age.0).fmt(f),
-            None => f.write_str("(none)"),
+            Some(age) => humantime::format_duration(age.0).fmt(f)?,
+            None => f.write_str("(none)")?,
         }
+        if self.store_set_cookie {
+            f.write_str(", store_set_cookie")?;
+        }
+        Ok(())
     }
 }
 
@@ -791,6 +800,7 @@ ttl = "30s"
 stale_while_revalidate = "10s"
 stale_if_error = "5m"
 client_max_age = "20s"
+store_set_cookie = true
 [[cache.rule]]
 path = "/static/"
 ttl = "1h"
@@ -808,6 +818,8 @@ ttl = "1h"
         );
         assert_eq!(cache.rules[1].stale_while_revalidate.0, Duration::ZERO);
         assert_eq!(cache.rules[1].client_max_age, None);
+        assert!(cache.rules[0].store_set_cookie);
+        assert!(!cache.rules[1].store_set_cookie, "off unless asked for");
         let without_ttl =
             parse("[upstream]\nservers = [\"b:1\"]\n[[cache.rule]]\npath = \"/x\"\n").unwrap();
         assert_eq!(without_ttl.cache.unwrap().rules[0].ttl, None);

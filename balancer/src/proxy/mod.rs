@@ -35,7 +35,8 @@ use futures::FutureExt;
 use pingora::cache::cache_control::CacheControl;
 use pingora::cache::key::HashBinary;
 use pingora::cache::{
-    CacheKey, CacheMeta, CacheOptionOverrides, ForcedFreshness, HitHandler, RespCacheable,
+    CacheKey, CacheMeta, CacheOptionOverrides, CachePhase, ForcedFreshness, HitHandler,
+    RespCacheable,
 };
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
@@ -127,8 +128,12 @@ pub struct RequestCtx {
     body_bytes: u64,
     /// `X-Cache-Status` of the response, when a cache rule covers the request.
     cache_status: Option<&'static str>,
-    /// The 304 that revalidates a stored response, until its fields are merged into it.
+    /// The 304 that revalidated the stored response: its fields update the
+    /// stored copy and, when that copy is not updated, the answer sent.
     not_modified: Option<Box<ResponseHeader>>,
+    /// The cache holds an expired copy for this request: if the origin then
+    /// fails and no stale copy was served, that copy may not be served stale.
+    expired_copy: bool,
     /// The backends that failed this request (no connection, or dropped it
     /// unanswered): its retries go elsewhere.
     unreachable: Vec<SocketAddr>,
@@ -189,6 +194,7 @@ impl ProxyHttp for Balancer {
             body_bytes: 0,
             cache_status: None,
             not_modified: None,
+            expired_copy: false,
             unreachable: Vec::new(),
             upstream_started: None,
             upstream_elapsed: None,
@@ -438,8 +444,8 @@ impl ProxyHttp for Balancer {
         session: &mut Session,
         meta: &CacheMeta,
         _hit_handler: &mut HitHandler,
-        _is_fresh: bool,
-        _ctx: &mut RequestCtx,
+        is_fresh: bool,
+        ctx: &mut RequestCtx,
     ) -> Result<Option<ForcedFreshness>> {
         // A response stored for one user may answer a request with credentials
         // only when it said it can be shared (RFC 9111, section 3.5).
@@ -447,7 +453,9 @@ impl ProxyHttp for Balancer {
         let shareable = cache::shareable_with_authorization(
             CacheControl::from_resp_headers(meta.response_header()).as_ref(),
         );
-        Ok((authorized && !shareable).then_some(ForcedFreshness::ForceMiss))
+        let used = !authorized || shareable;
+        ctx.expired_copy = used && !is_fresh;
+        Ok((!used).then_some(ForcedFreshness::ForceMiss))
     }
 
     fn cache_vary_filter(
@@ -465,15 +473,15 @@ impl ProxyHttp for Balancer {
         resp: &ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<RespCacheable> {
-        let not_modified = ctx.not_modified.take();
         let Some(rule) = ctx.cache_rule() else {
             return Ok(RespCacheable::Uncacheable(
                 pingora::cache::NoCacheReason::NeverEnabled,
             ));
         };
         let authorization = session.req_header().headers.contains_key("authorization");
-        if let Some(not_modified) = not_modified {
-            let merged = cache::merge_not_modified(resp, &not_modified)?;
+        if let Some(not_modified) = ctx.not_modified.as_deref() {
+            let mut merged = resp.clone();
+            cache::update_from_304(&mut merged, not_modified)?;
             return Ok(cache::cacheability(rule, &merged, authorization));
         }
         Ok(cache::cacheability(rule, resp, authorization))
@@ -498,11 +506,13 @@ impl ProxyHttp for Balancer {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         // Pingora merges only a few fields of a revalidating 304 into the
-        // stored response; response_cache_filter merges them all.
+        // stored response; response_cache_filter merges them all. Among
+        // Pingora's few is ETag, which stays as stored: it goes first.
         if upstream_response.status == http::StatusCode::NOT_MODIFIED
             && session.cache.maybe_cache_meta().is_some()
         {
             ctx.not_modified = Some(Box::new(upstream_response.clone()));
+            cache::remove_kept_fields(upstream_response);
         }
         Ok(())
     }
@@ -515,6 +525,14 @@ impl ProxyHttp for Balancer {
     ) -> Result<()> {
         // The balancer is the surrogate that Surrogate-Control speaks to.
         upstream_response.remove_header("surrogate-control");
+        if let (CachePhase::RevalidatedNoCache(_), Some(not_modified)) =
+            (session.cache.phase(), ctx.not_modified.as_deref())
+        {
+            // A 304 not stored (one with a Set-Cookie the rule does not
+            // store): the client that revalidated still gets all its fields,
+            // where Pingora's merge has only the caching ones.
+            cache::update_from_304(upstream_response, not_modified)?;
+        }
         if let Some(settings) = &ctx.snapshot.config.cache {
             self.cache
                 .invalidate_after(&settings.rules, session.req_header(), upstream_response);
@@ -751,7 +769,14 @@ impl ProxyHttp for Balancer {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let code = status_for(e);
+        let code = match status_for(e) {
+            // Had the expired copy been allowed to be served stale (by the
+            // response and the rule's stale_if_error), it would have been by
+            // now. It may not be (RFC 9111, section 4.2.4), and a cache cut
+            // off from the origin answers 504 (section 5.2.2.2).
+            502 if ctx.expired_copy && unanswered(e.etype()) => 504,
+            code => code,
+        };
         if code > 0 {
             if let Err(write_error) = respond_error_text(session, code, e, &ctx.request_id).await {
                 log::debug!("cannot send the {code} response to the client: {write_error}");
@@ -1037,6 +1062,20 @@ fn status_for(e: &Error) -> u16 {
     }
 }
 
+/// Whether `etype` says the upstream could not be reached or closed the
+/// connection without answering (not that it answered badly, nor in time).
+fn unanswered(etype: &ErrorType) -> bool {
+    matches!(
+        etype,
+        ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+            | ErrorType::ConnectionClosed
+            | ErrorType::ReadError
+            | ErrorType::WriteError
+    )
+}
+
 /// The plain-text reason a client reads for a failed request.
 fn reason_for(code: u16, e: &Error) -> &'static str {
     match (code, e.etype()) {
@@ -1049,6 +1088,9 @@ fn reason_for(code: u16, e: &Error) -> &'static str {
         (503, _) => "service unavailable: no healthy upstream server",
         (504, ErrorType::ConnectTimedout) => {
             "gateway timeout: could not connect to the upstream server within connect_timeout"
+        }
+        (504, etype) if unanswered(etype) => {
+            "gateway timeout: the upstream server could not be reached or closed the connection unanswered, and the cached copy has expired and may not be served stale"
         }
         (504, _) => "gateway timeout: the upstream server did not answer within read_timeout",
         _ => "the request could not be proxied",

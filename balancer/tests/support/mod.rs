@@ -700,9 +700,14 @@ pub fn run_example(
 /// A balancer in front of `origin` with one cache rule for `/c` (`rule` is
 /// the rest of it, `cache` the rest of `[cache]`) and an admin listener.
 pub fn cached(origin: &Origin, rule: &str, cache: &str) -> (Balancer, u16) {
+    cached_with(origin, "", rule, cache)
+}
+
+/// [`cached`], with `top` (top-level keys such as `http2_cleartext`) too.
+pub fn cached_with(origin: &Origin, top: &str, rule: &str, cache: &str) -> (Balancer, u16) {
     let admin = free_port();
     let lb = start_balancer(&format!(
-        "admin_listen = \"127.0.0.1:{admin}\"\n\
+        "admin_listen = \"127.0.0.1:{admin}\"\n{top}\n\
          [upstream]\nservers = [\"127.0.0.1:{}\"]\nread_timeout = \"2s\"\n\
          [cache]\n{cache}\n[[cache.rule]]\npath = \"/c\"\n{rule}\n",
         origin.port
