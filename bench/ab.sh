@@ -11,8 +11,11 @@
 #   bench/ab.sh [-o REPORT] VARIANT...
 #
 # A VARIANT is NAME=BINARY[,OPTION...], where BINARY is a release build of
-# the balancer (build an earlier one from its commit in a worktree) and the
-# options are:
+# the balancer (build an earlier one from its commit in a worktree), or the
+# floor (target/release/floor, bench/floor: the smallest Pingora proxy doing
+# the same forwarding; it has no cache, so it is measured on the paths other
+# than /cache-me, and the report adds a "vs floor" column), and the options
+# (the balancer's; the floor takes threads=N only) are:
 #   route             one [[route]] sending / to the default upstream
 #   threads=N         worker threads (default 1)
 #   log=text|json     the access log on, in that format, to a file
@@ -21,6 +24,7 @@
 # For example:
 #   bench/ab.sh -o bench/results/ab.md old=/tmp/old/balancer \
 #       new=target/release/balancer new+route=target/release/balancer,route
+#   bench/ab.sh new=target/release/balancer floor=target/release/floor
 #
 # The backend is the one beside the first variant's binary (AB_BACKEND to
 # name another). Environment: AB_ROUNDS (5), AB_DURATION (5 s),
@@ -50,6 +54,7 @@ cleanup() {
 trap cleanup EXIT
 
 NAMES=()
+FLOOR=   # the name of the floor's variant, if there is one
 declare -A BIN PORT THREADS LOG CONFIG VPID
 for spec in "$@"; do
     name=${spec%%=*}
@@ -57,6 +62,7 @@ for spec in "$@"; do
     [[ $name != "$spec" && -x ${fields[0]:-} ]] || { echo "ab.sh: $spec: expected NAME=BINARY[,OPTION...] with an executable BINARY" >&2; exit 2; }
     NAMES+=("$name")
     BIN[$name]=${fields[0]}
+    [[ $(basename "${fields[0]}") == floor ]] && FLOOR=$name
     PORT[$name]=$((BASE + ${#NAMES[@]}))
     THREADS[$name]=1
     LOG[$name]=
@@ -81,6 +87,13 @@ PIDS+=($!)
 mkdir -p "$WORK/logs"
 for t in "${NAMES[@]}"; do
     mkdir -p "$WORK/$t"
+    if [[ $t == "$FLOOR" ]]; then
+        "${BIN[$t]}" --listen "127.0.0.1:${PORT[$t]}" --upstream "127.0.0.1:$BASE" \
+            --threads "${THREADS[$t]}" >"$WORK/logs/$t.log" 2>&1 &
+        PIDS+=($!)
+        VPID[$t]=$!
+        continue
+    fi
     {
         echo "listen = \"127.0.0.1:${PORT[$t]}\""
         echo "threads = ${THREADS[$t]}"
@@ -112,6 +125,7 @@ declare -A RESULTS CPU
 for ((round = 1; round <= ROUNDS; round++)); do
     for path in "${PATHS[@]}"; do
         for t in "${NAMES[@]}"; do
+            [[ $t == "$FLOOR" && $path == /cache-me ]] && continue
             url="http://127.0.0.1:${PORT[$t]}$path"
             wrk -t1 -c64 -d1s "$url" >/dev/null 2>&1 || true
             cpu_ticks "${VPID[$t]}"
@@ -131,7 +145,7 @@ done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 range() { tr ' ' '\n' | grep -v '^$' | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { print lo "-" hi }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", (b > 0 ? a / b : 0) }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) print "–"; else printf "%.3f", a / b }'; }
 first=${NAMES[0]}
 {
     echo "# A/B: ${NAMES[*]}, one interleaved run"
@@ -142,15 +156,25 @@ first=${NAMES[0]}
     echo "|---|---|"
     for spec in "$@"; do echo "| ${spec%%=*} | \`${spec#*=}\` |"; done
     echo
-    echo "| path | variant | median req/s | range | vs $first | CPU µs per request | range | vs $first |"
-    echo "|---|---|---|---|---|---|---|---|"
+    floor_head= floor_rule=
+    [[ -n $FLOOR ]] && floor_head=" vs floor |" floor_rule="---|"
+    echo "| path | variant | median req/s | range | vs $first |$floor_head CPU µs per request | range | vs $first |$floor_head"
+    echo "|---|---|---|---|---|$floor_rule---|---|---|$floor_rule"
     for path in "${PATHS[@]}"; do
         reference=$(echo "${RESULTS["$first $path"]}" | median)
         cpu_reference=$(echo "${CPU["$first $path"]}" | median)
+        floor_rps= floor_cpu=
+        if [[ -n $FLOOR ]]; then
+            floor_rps=$(echo "${RESULTS["$FLOOR $path"]:-}" | median)
+            floor_cpu=$(echo "${CPU["$FLOOR $path"]:-}" | median)
+        fi
         for t in "${NAMES[@]}"; do
+            [[ -n ${RESULTS["$t $path"]:-} ]] || continue
             m=$(echo "${RESULTS["$t $path"]}" | median)
             c=$(echo "${CPU["$t $path"]}" | median)
-            echo "| \`$path\` | $t | $m | $(echo "${RESULTS["$t $path"]}" | range) | $(ratio "$m" "$reference") | $c | $(echo "${CPU["$t $path"]}" | range) | $(ratio "$c" "$cpu_reference") |"
+            vs_floor= cpu_vs_floor=
+            [[ -n $FLOOR ]] && vs_floor=" $(ratio "$m" "$floor_rps") |" cpu_vs_floor=" $(ratio "$c" "$floor_cpu") |"
+            echo "| \`$path\` | $t | $m | $(echo "${RESULTS["$t $path"]}" | range) | $(ratio "$m" "$reference") |$vs_floor $c | $(echo "${CPU["$t $path"]}" | range) | $(ratio "$c" "$cpu_reference") |$cpu_vs_floor"
         done
     done
 } >"$REPORT"
