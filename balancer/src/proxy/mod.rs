@@ -3,7 +3,8 @@
 //! ```text
 //! early_request_filter   limits on the head (431/413/400/405), keep-alive, pipelining
 //! request_filter         /health-check; X-Request-Id; the route (429, respond,
-//!                        redirect, or a group); extensions; a fresh cache hit
+//!                        redirect, or a group); extensions; a fresh cache hit;
+//!                        a WebSocket upgrade, carried to its end by `tunnel`
 //! request_cache_filter … the cache (see `cache`)
 //! upstream_peer          a backend of the group, by its algorithm
 //! upstream_request_filter  Host, strip_prefix, the route's header edits,
@@ -21,6 +22,7 @@ pub mod connections;
 pub mod drain;
 pub mod forwarded;
 pub mod limits;
+pub mod tunnel;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -70,6 +72,8 @@ pub struct Balancer {
     pub cache: &'static ResponseCache,
     /// Set on SIGTERM: every response then closes its connection.
     pub stopping: Arc<Stopping>,
+    /// Connects WebSocket tunnels to their backends (see `tunnel`).
+    pub tunnels: pingora::connectors::TransportConnector,
 }
 
 /// Client mistakes are logged at most once a second: a flood of bad
@@ -134,6 +138,8 @@ pub struct RequestCtx {
     unreachable: Vec<SocketAddr>,
     upstream_started: Option<Instant>,
     upstream_elapsed: Option<Duration>,
+    /// How the WebSocket tunnel of this request ended.
+    tunnel: Option<access_log::Tunnel>,
     /// Counts the request in the process-wide figure that graceful stop waits on.
     _counted: InFlightGuard,
 }
@@ -192,6 +198,7 @@ impl ProxyHttp for Balancer {
             unreachable: Vec::new(),
             upstream_started: None,
             upstream_elapsed: None,
+            tunnel: None,
             _counted: self.in_flight.enter(),
         }
     }
@@ -394,6 +401,10 @@ impl ProxyHttp for Balancer {
                 "404 not found: no route matches this request, and there is no default upstream\n",
             );
             self.answer(session, ctx, &reply).await?;
+            return Ok(true);
+        }
+        if tunnel::is_websocket_upgrade(session.req_header()) {
+            self.tunnel(session, ctx).await?;
             return Ok(true);
         }
         // A request an extension sent elsewhere is not answered from (or
@@ -809,6 +820,7 @@ impl ProxyHttp for Balancer {
             time: ctx.started.elapsed(),
             retries: ctx.tries.saturating_sub(1),
             cache: ctx.cache_status,
+            tunnel: ctx.tunnel,
         };
         metrics::observe(&record);
         // Docker probes every few seconds: that is not traffic worth a line.
