@@ -18,6 +18,7 @@
 //! Each request reads the runtime snapshot that was in force when it
 //! arrived, to its end. Finding and checking backends is `upstream`'s job.
 
+pub mod compression;
 pub mod connections;
 pub mod drain;
 pub mod forwarded;
@@ -174,9 +175,12 @@ impl RequestCtx {
 impl ProxyHttp for Balancer {
     type CTX = RequestCtx;
 
-    /// No downstream modules: Pingora's default adds response compression,
-    /// disabled, which every request would still pass through.
-    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+    /// Only the balancer's compression (see `compression`), instead of
+    /// Pingora's default, whose choices (the first encoding listed, its own
+    /// types and a 20-byte minimum) are not `[compression]`'s.
+    fn init_downstream_modules(&self, modules: &mut pingora::modules::http::HttpModules) {
+        modules.add_module(Box::new(compression::CompressBuilder));
+    }
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
@@ -407,6 +411,8 @@ impl ProxyHttp for Balancer {
             self.tunnel(session, ctx).await?;
             return Ok(true);
         }
+        let route_allows = ctx.route().is_none_or(|r| r.written().compression);
+        compression::offer(session, &ctx.snapshot, route_allows);
         // A request an extension sent elsewhere is not answered from (or
         // stored in) the cache, whose key knows nothing of that choice.
         let redirected_by_extension = ctx.chosen_backend.is_some() || extension_chose_group;
