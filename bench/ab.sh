@@ -112,26 +112,14 @@ declare -A RESULTS CPU
 for ((round = 1; round <= ROUNDS; round++)); do
     for path in "${PATHS[@]}"; do
         for t in "${NAMES[@]}"; do
-            url="http://127.0.0.1:${PORT[$t]}$path"
-            wrk -t1 -c64 -d1s "$url" >/dev/null 2>&1 || true
-            cpu_ticks "${VPID[$t]}"
-            ticks=$((CPU_USER + CPU_SYSTEM))
-            out=$(wrk -t1 -c64 -d"${DURATION}s" "$url" 2>/dev/null || true)
-            cpu_ticks "${VPID[$t]}"
-            ticks=$((CPU_USER + CPU_SYSTEM - ticks))
-            rps=$(awk '/Requests\/sec/ { print int($2) }' <<<"$out")
-            requests=$(awk '/requests in/ { print $1 }' <<<"$out")
-            us=$(awk -v t="$ticks" -v hz="$CLK_TCK" -v n="${requests:-0}" 'BEGIN { printf "%.2f", (n > 0 ? t / hz / n * 1e6 : 0) }')
-            RESULTS["$t $path"]+="${rps:-0} "
-            CPU["$t $path"]+="$us "
-            echo "round $round $path $t: ${rps:-0} req/s, $us µs of CPU per request"
+            wrk_measured "$DURATION" "http://127.0.0.1:${PORT[$t]}$path" "${VPID[$t]}"
+            RESULTS["$t $path"]+="$RPS "
+            CPU["$t $path"]+="$CPU_US "
+            echo "round $round $path $t: $RPS req/s, $CPU_US µs of CPU per request"
         done
     done
 done
 
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
-range() { tr ' ' '\n' | grep -v '^$' | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { print lo "-" hi }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", (b > 0 ? a / b : 0) }'; }
 first=${NAMES[0]}
 {
     echo "# A/B: ${NAMES[*]}, one interleaved run"
@@ -142,16 +130,6 @@ first=${NAMES[0]}
     echo "|---|---|"
     for spec in "$@"; do echo "| ${spec%%=*} | \`${spec#*=}\` |"; done
     echo
-    echo "| path | variant | median req/s | range | vs $first | CPU µs per request | range | vs $first |"
-    echo "|---|---|---|---|---|---|---|---|"
-    for path in "${PATHS[@]}"; do
-        reference=$(echo "${RESULTS["$first $path"]}" | median)
-        cpu_reference=$(echo "${CPU["$first $path"]}" | median)
-        for t in "${NAMES[@]}"; do
-            m=$(echo "${RESULTS["$t $path"]}" | median)
-            c=$(echo "${CPU["$t $path"]}" | median)
-            echo "| \`$path\` | $t | $m | $(echo "${RESULTS["$t $path"]}" | range) | $(ratio "$m" "$reference") | $c | $(echo "${CPU["$t $path"]}" | range) | $(ratio "$c" "$cpu_reference") |"
-        done
-    done
+    rps_cpu_table variant "$first" "${NAMES[@]}"
 } >"$REPORT"
 cat "$REPORT"
