@@ -10,8 +10,10 @@
 #
 #   bench/compression.sh [-o REPORT]
 #
-# Environment: CZ_ROUNDS (5), CZ_DURATION (5 s), BENCH_PORT_BASE (28500),
-# BENCH_SKIP_BUILD (1: use target/release as it is).
+# Environment: CZ_ROUNDS (5), CZ_DURATION (5 s), CZ_ACCEPT (the requests'
+# Accept-Encoding, default gzip; identity measures the same paths with
+# nothing compressed), BENCH_PORT_BASE (28500), BENCH_SKIP_BUILD (1: use
+# target/release as it is).
 set -euo pipefail
 
 PORT_BASE=${BENCH_PORT_BASE:-28500}
@@ -100,7 +102,7 @@ declare -A RESULTS CPU
 for ((round = 1; round <= ROUNDS; round++)); do
     for path in "${PATHS[@]}"; do
         for t in "${TARGETS[@]}"; do
-            wrk_measured "$DURATION" "http://127.0.0.1:${PORT[$t]}$path" "${WATCH[$t]}" -H 'Accept-Encoding: gzip'
+            wrk_measured "$DURATION" "http://127.0.0.1:${PORT[$t]}$path" "${WATCH[$t]}" -H "Accept-Encoding: ${CZ_ACCEPT:-gzip}"
             RESULTS["$t $path"]+="$RPS "
             CPU["$t $path"]+="$CPU_US "
             log "round $round $path $t: $RPS req/s, $CPU_US µs of CPU per request"
@@ -111,7 +113,7 @@ done
 {
     echo "# Compression: balancer (gzip level 1) against nginx (gzip_comp_level 1), one interleaved run"
     echo
-    echo "$ROUNDS rounds of wrk -t1 -c64 -d${DURATION}s with Accept-Encoding: gzip per path and proxy; a $SIZE-byte JSON body ($GZIPPED bytes gzipped) from a static nginx origin; one proxy worker or thread; $(nproc) cores; load before: $(cut -d' ' -f1-3 /proc/loadavg); nginx $(nginx -v 2>&1 | sed 's|.*/||')."
+    echo "$ROUNDS rounds of wrk -t1 -c64 -d${DURATION}s with Accept-Encoding: ${CZ_ACCEPT:-gzip} per path and proxy; a $SIZE-byte JSON body ($GZIPPED bytes gzipped) from a static nginx origin; one proxy worker or thread; $(nproc) cores; load before: $(cut -d' ' -f1-3 /proc/loadavg); nginx $(nginx -v 2>&1 | sed 's|.*/||')."
     echo
     rps_cpu_table proxy nginx "${TARGETS[@]}"
 } >"$REPORT"
