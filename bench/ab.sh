@@ -126,26 +126,14 @@ for ((round = 1; round <= ROUNDS; round++)); do
     for path in "${PATHS[@]}"; do
         for t in "${NAMES[@]}"; do
             [[ $t == "$FLOOR" && $path == /cache-me ]] && continue
-            url="http://127.0.0.1:${PORT[$t]}$path"
-            wrk -t1 -c64 -d1s "$url" >/dev/null 2>&1 || true
-            cpu_ticks "${VPID[$t]}"
-            ticks=$((CPU_USER + CPU_SYSTEM))
-            out=$(wrk -t1 -c64 -d"${DURATION}s" "$url" 2>/dev/null || true)
-            cpu_ticks "${VPID[$t]}"
-            ticks=$((CPU_USER + CPU_SYSTEM - ticks))
-            rps=$(awk '/Requests\/sec/ { print int($2) }' <<<"$out")
-            requests=$(awk '/requests in/ { print $1 }' <<<"$out")
-            us=$(awk -v t="$ticks" -v hz="$CLK_TCK" -v n="${requests:-0}" 'BEGIN { printf "%.2f", (n > 0 ? t / hz / n * 1e6 : 0) }')
-            RESULTS["$t $path"]+="${rps:-0} "
-            CPU["$t $path"]+="$us "
-            echo "round $round $path $t: ${rps:-0} req/s, $us µs of CPU per request"
+            wrk_measured "$DURATION" "http://127.0.0.1:${PORT[$t]}$path" "${VPID[$t]}"
+            RESULTS["$t $path"]+="$RPS "
+            CPU["$t $path"]+="$CPU_US "
+            echo "round $round $path $t: $RPS req/s, $CPU_US µs of CPU per request"
         done
     done
 done
 
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
-range() { tr ' ' '\n' | grep -v '^$' | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { print lo "-" hi }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) print "–"; else printf "%.3f", a / b }'; }
 first=${NAMES[0]}
 {
     echo "# A/B: ${NAMES[*]}, one interleaved run"
@@ -156,26 +144,6 @@ first=${NAMES[0]}
     echo "|---|---|"
     for spec in "$@"; do echo "| ${spec%%=*} | \`${spec#*=}\` |"; done
     echo
-    floor_head= floor_rule=
-    [[ -n $FLOOR ]] && floor_head=" vs floor |" floor_rule="---|"
-    echo "| path | variant | median req/s | range | vs $first |$floor_head CPU µs per request | range | vs $first |$floor_head"
-    echo "|---|---|---|---|---|$floor_rule---|---|---|$floor_rule"
-    for path in "${PATHS[@]}"; do
-        reference=$(echo "${RESULTS["$first $path"]}" | median)
-        cpu_reference=$(echo "${CPU["$first $path"]}" | median)
-        floor_rps= floor_cpu=
-        if [[ -n $FLOOR ]]; then
-            floor_rps=$(echo "${RESULTS["$FLOOR $path"]:-}" | median)
-            floor_cpu=$(echo "${CPU["$FLOOR $path"]:-}" | median)
-        fi
-        for t in "${NAMES[@]}"; do
-            [[ -n ${RESULTS["$t $path"]:-} ]] || continue
-            m=$(echo "${RESULTS["$t $path"]}" | median)
-            c=$(echo "${CPU["$t $path"]}" | median)
-            vs_floor= cpu_vs_floor=
-            [[ -n $FLOOR ]] && vs_floor=" $(ratio "$m" "$floor_rps") |" cpu_vs_floor=" $(ratio "$c" "$floor_cpu") |"
-            echo "| \`$path\` | $t | $m | $(echo "${RESULTS["$t $path"]}" | range) | $(ratio "$m" "$reference") |$vs_floor $c | $(echo "${CPU["$t $path"]}" | range) | $(ratio "$c" "$cpu_reference") |$cpu_vs_floor"
-        done
-    done
+    rps_cpu_table variant "$first" "${NAMES[@]}"
 } >"$REPORT"
 cat "$REPORT"
