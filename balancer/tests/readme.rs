@@ -182,12 +182,16 @@ fn the_readme_samples_match_what_the_balancer_prints() {
     };
     let lb = support::start_balancer(&config(""));
     for path in ["/info", "/cache-me", "/cache-me", "/hello"] {
-        assert!(support::get(&lb.url(path)).is_ok(), "GET {path}");
+        if let Err(e) = support::get(&lb.url(path)) {
+            panic!("GET {path}: {e}\n{}", lb.proc.log_text());
+        }
     }
     let metrics = support::scrape(admin);
     lb.rewrite(&config("log_format = \"json\"\n"));
     lb.wait_for_log("config reloaded");
-    assert!(support::get(&lb.url("/info")).is_ok());
+    if let Err(e) = support::get(&lb.url("/info")) {
+        panic!("GET /info after the reload: {e}\n{}", lb.proc.log_text());
+    }
     let log = support::wait_for(Duration::from_secs(10), "a JSON access-log line", || {
         let log = lb.proc.log_text();
         log.contains("access] {").then_some(log)
