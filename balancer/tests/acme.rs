@@ -488,6 +488,17 @@ fn a_refusing_or_absent_ca_leaves_the_balancer_serving_and_the_failure_visible()
         .unwrap_or_default()
         .to_owned();
     assert!(error.contains("rejectedIdentifier"), "{error}");
+    // The status page shows it too, in a real browser.
+    let page = format!("http://127.0.0.1:{}/", admin_port(&refused));
+    let dom = Browser::new().load(&page, &["--dump-dom"]).out;
+    let row = dom
+        .split("<tr")
+        .find(|r| r.contains("data-domain=\"blocked.acme.test\""))
+        .unwrap_or_else(|| panic!("no ACME row for blocked.acme.test on the status page:\n{dom}"));
+    assert!(
+        row.contains("data-state=\"failing\"") && row.contains("rejectedIdentifier"),
+        "{row}"
+    );
 }
 
 #[test]
@@ -529,4 +540,54 @@ fn two_balancers_sharing_storage_order_once() {
         a.proc.log_text(),
         b.proc.log_text()
     );
+}
+
+#[test]
+fn check_validates_the_acme_section_without_contacting_the_ca() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("balancer.toml");
+    // Nothing listens at the directory: --check must not need it.
+    let section = |storage: &Path, domains: &str| {
+        format!(
+            "listen = \"127.0.0.1:80\"\n[upstream]\nservers = [\"127.0.0.1:1\"]\n[tls]\nlisten = \"127.0.0.1:443\"\n\
+             [tls.acme]\ndirectory = \"https://127.0.0.1:{}/dir\"\ndomains = {domains}\nstorage = {}\n",
+            free_port(),
+            toml_path(storage)
+        )
+    };
+    let check = |text: &str| {
+        std::fs::write(&config, text).expect("write the config");
+        run_balancer(&["--check", "--config", config.to_str().expect("UTF-8")])
+    };
+    let storage = dir.path().join("acme");
+    let (code, out) = check(&section(&storage, "[\"www.example.com\"]"));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("configuration is valid"), "{out}");
+    assert!(!storage.exists(), "--check creates nothing: {out}");
+
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").expect("write a file");
+    let (code, out) = check(&section(&file.join("acme"), "[\"www.example.com\"]"));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("tls.acme.storage") && out.contains("is not a directory"),
+        "{out}"
+    );
+
+    let (code, out) = check(&section(&storage, "[\"*.example.com\"]"));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("wildcard"), "{out}");
+
+    // A name that no route would serve.
+    let routed = section(&storage, "[\"www.example.com\", \"other.example.com\"]").replace(
+        "[upstream]\nservers",
+        "[[route]]\nhost = \"www.example.com\"\nupstream = \"web\"\n[upstreams.web]\nservers",
+    );
+    let (code, out) = check(&routed);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("other.example.com: no route serves this host"),
+        "{out}"
+    );
+    assert!(!out.contains("www.example.com: no route"), "{out}");
 }

@@ -399,3 +399,27 @@ fn writable(dir: &Path) -> Result<(), String> {
     let _ = std::fs::remove_file(probe);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_wait_twice_as_long_each_time_or_as_long_as_the_ca_asks() {
+        assert_eq!(retry_delay(1, None), FIRST_RETRY);
+        assert_eq!(retry_delay(2, None), FIRST_RETRY * 2);
+        assert_eq!(retry_delay(3, None), FIRST_RETRY * 4);
+        assert_eq!(retry_delay(40, None), LAST_RETRY, "capped");
+        let asked = retry_delay(1, Some(SystemTime::now() + Duration::from_secs(600)));
+        assert!(
+            asked > Duration::from_secs(590) && asked <= Duration::from_secs(600),
+            "Retry-After: 600 is honoured: {asked:?}"
+        );
+        let past = retry_delay(2, Some(SystemTime::now() - Duration::from_secs(5)));
+        assert_eq!(
+            past,
+            FIRST_RETRY * 2,
+            "a Retry-After in the past asks nothing"
+        );
+    }
+}
