@@ -591,3 +591,43 @@ fn check_validates_the_acme_section_without_contacting_the_ca() {
     );
     assert!(!out.contains("www.example.com: no route"), "{out}");
 }
+
+/// The configuration `compose.acme.yaml` runs, container-free: the file as
+/// shipped, with only its addresses, CA and storage pointed at this test.
+#[test]
+fn the_compose_acme_configuration_obtains_a_certificate_from_pebble() {
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/balancer-acme.toml"),
+    )
+    .expect("deploy/balancer-acme.toml");
+    let port = free_port();
+    let pebble = Pebble::start(port, Duration::from_secs(3600), &[]);
+    let storage = tempfile::tempdir().expect("temp dir");
+    let (tls_port, admin) = (free_port(), free_port());
+    let mut body = String::new();
+    for line in shipped.lines() {
+        let line = match line.split(" = ").next().unwrap_or_default() {
+            "listen" if line.contains(":80\"") => continue, // start_on writes its own
+            "admin_listen" => format!("admin_listen = \"127.0.0.1:{admin}\""),
+            "listen" => format!("listen = \"127.0.0.1:{tls_port}\""),
+            "directory" => format!(
+                "directory = \"{}\"\nca_file = {}",
+                pebble.directory,
+                toml_path(&pebble.pki.ca)
+            ),
+            "domains" => "domains = [\"www.acme.test\"]".to_owned(),
+            "storage" => format!("storage = {}", toml_path(storage.path())),
+            _ => line.to_owned(),
+        };
+        body.push_str(&line);
+        body.push('\n');
+    }
+    let lb = start_on(port, &body);
+    let root = pebble.root();
+    wait_for_certificate(&lb, tls_port, "www.acme.test", &root);
+    let status = status(admin);
+    assert_eq!(
+        status["acme"]["www.acme.test"]["state"], "valid",
+        "{status:#}"
+    );
+}

@@ -221,7 +221,8 @@ struct NotingClient {
 }
 
 impl NotingClient {
-    /// Trusts `ca_file` when given, else the system's CAs.
+    /// Trusts `ca_file` when given, else the public CAs (Mozilla's list, in
+    /// the binary: the runtime image has no CA bundle of its own).
     fn new(acme: &Acme, retry_after: RetryAfter) -> Result<NotingClient, Failure> {
         pingora::tls::install_default_crypto_provider();
         let builder = hyper_rustls::HttpsConnectorBuilder::new();
