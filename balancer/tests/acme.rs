@@ -46,6 +46,17 @@ impl Pebble {
     /// Pebble whose HTTP-01 checks connect to `http_port`, issuing
     /// certificates valid for `validity`; `blocked` names it refuses.
     fn start(http_port: u16, validity: Duration, blocked: &[&str]) -> Pebble {
+        Pebble::start_with(
+            http_port,
+            serde_json::json!({
+                "domainBlocklist": blocked,
+                "certificateValidityPeriod": validity.as_secs(),
+            }),
+        )
+    }
+
+    /// [`Pebble::start`] with `settings` added to its configuration.
+    fn start_with(http_port: u16, settings: serde_json::Value) -> Pebble {
         for program in ["pebble", "pebble-challtestsrv"] {
             assert!(
                 Command::new("sh")
@@ -59,7 +70,7 @@ impl Pebble {
         let pki = Pki::new(&["127.0.0.1", "localhost"]);
         let (listen, management, dns, dns_management) =
             (free_port(), free_port(), free_port(), free_port());
-        let config = serde_json::json!({
+        let mut config = serde_json::json!({
             "pebble": {
                 "listenAddress": format!("127.0.0.1:{listen}"),
                 "managementListenAddress": format!("127.0.0.1:{management}"),
@@ -69,10 +80,11 @@ impl Pebble {
                 "tlsPort": free_port(),
                 "ocspResponderURL": "",
                 "externalAccountBindingRequired": false,
-                "domainBlocklist": blocked,
-                "certificateValidityPeriod": validity.as_secs(),
             }
         });
+        for (key, value) in settings.as_object().into_iter().flatten() {
+            config["pebble"][key] = value.clone();
+        }
         let config_file = dir.path().join("pebble.json");
         std::fs::write(&config_file, config.to_string()).expect("write pebble.json");
         let mut dns_cmd = Command::new("pebble-challtestsrv");
@@ -629,5 +641,120 @@ fn the_compose_acme_configuration_obtains_a_certificate_from_pebble() {
     assert_eq!(
         status["acme"]["www.acme.test"]["state"], "valid",
         "{status:#}"
+    );
+}
+
+/// A CA that requires external account binding gets it, with the HMAC key
+/// read from a file (as a secret is mounted).
+#[test]
+fn external_account_binding_is_sent_from_a_key_file() {
+    // base64url, as CAs hand the key out.
+    let key = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    let port = free_port();
+    let pebble = Pebble::start_with(
+        port,
+        serde_json::json!({
+            "externalAccountBindingRequired": true,
+            "externalAccountMACKeys": { "kid-1": key },
+        }),
+    );
+    let storage = tempfile::tempdir().expect("temp dir");
+    let key_file = storage.path().join("eab.key");
+    std::fs::write(&key_file, format!("{key}\n")).expect("write the key");
+    let tls_port = free_port();
+    let eab = |kid: &str| {
+        format!(
+            "eab_kid = \"{kid}\"\neab_hmac_key = {{ file = {} }}\n",
+            toml_path(&key_file)
+        )
+    };
+    // A kid the CA does not know: refused, with the CA's reason.
+    let acme_dir = storage.path().join("acme");
+    let lb = start_on(
+        port,
+        &pebble.config(
+            tls_port,
+            &acme_dir,
+            "[\"www.acme.test\"]",
+            &eab("kid-unknown"),
+        ),
+    );
+    let admin = admin_port(&lb);
+    let state = wait_for(Duration::from_secs(20), "the refused account", || {
+        let status = support::status(admin);
+        let state = status["acme"]["www.acme.test"].clone();
+        (state["state"] == "failing").then_some(state)
+    });
+    assert!(
+        state["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("creating the account"),
+        "{state:#}"
+    );
+    drop(lb);
+    let lb = start_on(
+        port,
+        &pebble.config(tls_port, &acme_dir, "[\"www.acme.test\"]", &eab("kid-1")),
+    );
+    wait_for_certificate(&lb, tls_port, "www.acme.test", &pebble.root());
+}
+
+/// A CA at its rate limit answers 429 with `Retry-After`: the next attempt
+/// waits that long, not the 10 s of the first retry. The CA here is a
+/// second balancer over HTTPS whose route answers as a rate-limited ACME
+/// server does.
+#[test]
+fn a_rate_limited_ca_is_asked_again_only_after_its_retry_after() {
+    let pki = Pki::new(&["127.0.0.1"]);
+    let ca_port = free_port();
+    let problem = r#"{"type":"urn:ietf:params:acme:error:rateLimited","detail":"too many new orders recently","status":429}"#;
+    let ca = format!("https://127.0.0.1:{ca_port}");
+    let directory = format!(
+        r#"{{"newNonce":"{ca}/nonce","newAccount":"{ca}/account","newOrder":"{ca}/order"}}"#
+    );
+    let _ca = start_balancer(&format!(
+        "[upstream]\nservers = [\"127.0.0.1:1\"]\n[tls]\nlisten = \"127.0.0.1:{ca_port}\"\ncertificate = {}\nprivate_key = {}\n\
+         [[route]]\npath = \"/dir\"\nrespond = {{ status = 200, body = '{directory}', content_type = \"application/json\" }}\n\
+         [[route]]\npath = \"/nonce\"\nrespond = {{ status = 200 }}\nresponse_headers = {{ set = {{ \"Replay-Nonce\" = \"bm9uY2U\" }} }}\n\
+         [[route]]\npath = \"/\"\nrespond = {{ status = 429, body = '{problem}', content_type = \"application/problem+json\" }}\n\
+         response_headers = {{ set = {{ \"Retry-After\" = \"3600\", \"Replay-Nonce\" = \"bm9uY2U\" }} }}\n",
+        toml_path(&pki.cert),
+        toml_path(&pki.key)
+    ));
+    let storage = tempfile::tempdir().expect("temp dir");
+    let (admin, tls_port) = (free_port(), free_port());
+    let lb = start_balancer(&format!(
+        "admin_listen = \"127.0.0.1:{admin}\"\n[upstream]\nservers = [\"127.0.0.1:1\"]\n[tls]\nlisten = \"127.0.0.1:{tls_port}\"\n\
+         [tls.acme]\ndirectory = \"https://127.0.0.1:{ca_port}/dir\"\ndomains = [\"www.acme.test\"]\nstorage = {}\nca_file = {}\n",
+        toml_path(storage.path()),
+        toml_path(&pki.ca)
+    ));
+    let state = wait_for(Duration::from_secs(20), "the rate-limited attempt", || {
+        let status = support::status(admin);
+        let state = status["acme"]["www.acme.test"].clone();
+        (state["state"] == "failing").then_some(state)
+    });
+    let next = state["next_attempt"]
+        .as_str()
+        .and_then(|t| httpdate::parse_http_date(t).ok())
+        .unwrap_or_else(|| panic!("no next_attempt: {state:#}"));
+    let wait = next
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    let error = state["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("too many new orders recently") && error.contains("rateLimited"),
+        "the CA's problem detail: {state:#}"
+    );
+    assert!(
+        wait > Duration::from_secs(3500),
+        "Retry-After: 3600 must put the next attempt an hour away, not {wait:?}: {state:#}"
+    );
+    assert!(
+        lb.wait_for_log("acme: www.acme.test: ")
+            .contains("next in 3"),
+        "{}",
+        lb.proc.log_text()
     );
 }
