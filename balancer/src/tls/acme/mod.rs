@@ -39,11 +39,15 @@ const FIRST_RETRY: Duration = Duration::from_secs(10);
 const LAST_RETRY: Duration = Duration::from_secs(3600);
 /// How often a replica that found the lock held looks at the volume again.
 const LOCKED_POLL: Duration = Duration::from_secs(2);
+/// The longest one attempt may take (a CA that accepts and never answers).
+const ATTEMPT: Duration = Duration::from_secs(300);
 /// The longest the loop sleeps (config reloads are seen by then).
 const IDLE: Duration = Duration::from_secs(60);
 
 /// The answer to an HTTP-01 challenge for `token`, when an order of any
-/// replica sharing `storage` is waiting for it.
+/// replica sharing `storage` is waiting for it. Read from the volume (a
+/// small file, a few requests per order): the replica the CA reaches need
+/// not be the one that ordered.
 pub fn http01_answer(acme: &Acme, token: &str) -> Option<String> {
     let file = Storage::new(acme).challenge(token)?;
     std::fs::read_to_string(file).ok()
@@ -102,6 +106,12 @@ impl AcmeStatus {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Forgets the names a reload took out of `[tls.acme]`.
+    fn retain(&self, domains: &[String]) {
+        let mut known = self.domains.lock().unwrap_or_else(|e| e.into_inner());
+        known.retain(|name, _| domains.contains(name));
     }
 
     fn update(&self, domain: &str, change: impl FnOnce(&mut DomainStatus)) {
@@ -198,6 +208,7 @@ impl Renewal {
             }
         };
         for domain in due {
+            lock.refresh();
             // Another replica may have renewed it while this one waited for the lock.
             if renew_at(acme, &storage.certificate(&domain))
                 .is_some_and(|(at, _)| at > SystemTime::now())
@@ -211,33 +222,40 @@ impl Renewal {
     }
 
     /// The names whose certificate is missing or due (and not waiting for
-    /// a retry), and the time until the next one falls due.
+    /// a retry), and the time until the next one falls due. The volume is
+    /// read first: a certificate another replica renewed ends a failure here.
     fn due(
         &self,
         acme: &Acme,
         storage: &Storage,
         config: &Config,
-        round: &Round,
+        round: &mut Round,
     ) -> (Vec<String>, Duration) {
         let (now, instant) = (SystemTime::now(), Instant::now());
         let mut wait = IDLE;
         let mut due = Vec::new();
-        for domain in config.acme_domains() {
-            if let Some(at) = round.retry.get(&domain).filter(|at| **at > instant) {
-                wait = wait.min(*at - instant);
-                continue;
+        let domains = config.acme_domains();
+        self.status.retain(&domains);
+        for domain in domains {
+            let stored = renew_at(acme, &storage.certificate(&domain));
+            if let Some((_, end)) = stored {
+                self.status.update(&domain, |s| {
+                    s.valid_until = Some(httpdate::fmt_http_date(end));
+                });
             }
-            match renew_at(acme, &storage.certificate(&domain)) {
-                Some((at, end)) if at > now => {
+            match stored {
+                Some((at, _)) if at > now => {
                     wait = wait.min(at.duration_since(now).unwrap_or_default());
+                    round.retry.remove(&domain);
                     self.status.update(&domain, |s| {
-                        if !matches!(s.state, State::Failing) {
-                            s.state = State::Valid;
-                        }
-                        s.valid_until = Some(httpdate::fmt_http_date(end));
+                        s.state = State::Valid;
+                        s.next_attempt = None;
                     });
                 }
-                _ => due.push(domain),
+                _ => match round.retry.get(&domain).filter(|at| **at > instant) {
+                    Some(at) => wait = wait.min(*at - instant),
+                    None => due.push(domain),
+                },
             }
         }
         (due, wait)
@@ -257,7 +275,14 @@ impl Renewal {
             "acme: ordering a certificate for {domain} from {}",
             acme.directory.0
         );
-        match self.obtain(acme, storage, domain, round).await {
+        let attempt = tokio::time::timeout(ATTEMPT, self.obtain(acme, storage, domain, round));
+        let result = attempt.await.unwrap_or_else(|_| {
+            Err(ca::Failure {
+                reason: format!("the CA did not finish within {}s", ATTEMPT.as_secs()),
+                retry_after: None,
+            })
+        });
+        match result {
             Ok(end) => {
                 round.retry.remove(domain);
                 log::info!(

@@ -159,6 +159,17 @@ pub struct Lock {
     path: PathBuf,
 }
 
+impl Lock {
+    /// Marks the lock as fresh: an order of many names may outlast
+    /// [`STALE_LOCK`] as a whole, never one name.
+    pub fn refresh(&self) {
+        let _ = std::fs::File::options()
+            .write(true)
+            .open(&self.path)
+            .and_then(|f| f.set_modified(SystemTime::now()));
+    }
+}
+
 impl Drop for Lock {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
@@ -179,6 +190,16 @@ mod tests {
             dir.display().to_string()
         );
         Storage::new(&toml::from_str::<Acme>(&text).expect("valid [tls.acme]"))
+    }
+
+    /// Makes `lock` look left behind by a replica that died.
+    fn age_past_stale(lock: &Lock) {
+        let old = SystemTime::now() - STALE_LOCK - Duration::from_secs(5);
+        std::fs::File::options()
+            .write(true)
+            .open(&lock.path)
+            .and_then(|f| f.set_modified(old))
+            .expect("the lock's time can be set");
     }
 
     #[test]
@@ -203,16 +224,24 @@ mod tests {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let storage = storage(dir.path());
         let held = storage.lock().expect("writable").expect("free");
-        let old = SystemTime::now() - STALE_LOCK - Duration::from_secs(5);
-        std::fs::File::options()
-            .write(true)
-            .open(&held.path)
-            .and_then(|f| f.set_modified(old))
-            .expect("the lock's time can be set");
+        age_past_stale(&held);
         std::mem::forget(held);
         assert!(
             storage.lock().expect("writable").is_some(),
             "a lock older than STALE_LOCK must be taken over"
+        );
+    }
+
+    #[test]
+    fn a_refreshed_lock_is_not_stale() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let storage = storage(dir.path());
+        let held = storage.lock().expect("writable").expect("free");
+        age_past_stale(&held);
+        held.refresh();
+        assert!(
+            storage.lock().expect("readable").is_none(),
+            "a lock its holder refreshed must not be taken over"
         );
     }
 
