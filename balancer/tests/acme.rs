@@ -281,6 +281,20 @@ fn stack(
     }
 }
 
+/// Waits until `/status` on `admin` says `domain` is in `state`; returns
+/// the domain's whole entry.
+fn wait_for_state(admin: u16, domain: &str, state: &str) -> serde_json::Value {
+    wait_for(
+        Duration::from_secs(20),
+        &format!("{domain} {state} in /status"),
+        || {
+            let status = support::status(admin);
+            let entry = status["acme"][domain].clone();
+            (entry["state"] == state).then_some(entry)
+        },
+    )
+}
+
 fn orders(metrics: &str, domain: &str) -> f64 {
     sample(
         metrics,
@@ -378,10 +392,7 @@ fn a_restart_serves_the_stored_certificate_without_ordering_again() {
         .expect("the stored certificate is served at once");
     assert_eq!((status, &leaf), (200, &first));
     // A round of the renewal loop has run (it logs nothing when nothing is due).
-    wait_for(Duration::from_secs(10), "the ACME state", || {
-        let status = support::status(admin_port(&lb));
-        (status["acme"]["www.acme.test"]["state"] == "valid").then_some(())
-    });
+    wait_for_state(admin_port(&lb), "www.acme.test", "valid");
     assert_eq!(orders(&scrape(admin_port(&lb)), "www.acme.test"), 0.0);
     let log = lb.proc.log_text();
     assert!(!log.contains("acme: ordering"), "{log}");
@@ -466,15 +477,7 @@ fn a_refusing_or_absent_ca_leaves_the_balancer_serving_and_the_failure_visible()
         (&down, down_tls, "www.acme.test", "creating the account"),
     ] {
         let admin = admin_port(lb);
-        let state = wait_for(
-            Duration::from_secs(20),
-            "the ACME failure in /status",
-            || {
-                let status = support::status(admin);
-                let state = status["acme"][domain].clone();
-                (state["state"] == "failing").then_some(state)
-            },
-        );
+        let state = wait_for_state(admin, domain, "failing");
         let error = state["last_error"].as_str().unwrap_or_default();
         assert!(error.contains(reason), "{domain}: {state:#}");
         assert!(state["next_attempt"].is_string(), "{state:#}");
@@ -536,10 +539,7 @@ fn two_balancers_sharing_storage_order_once() {
     assert_eq!(leaf_a, leaf_b, "both serve the one certificate ordered");
     // Both have looked at the storage since (their state is valid).
     for lb in [&a, &b] {
-        wait_for(Duration::from_secs(10), "a valid ACME state", || {
-            let status = support::status(admin_port(lb));
-            (status["acme"]["www.acme.test"]["state"] == "valid").then_some(())
-        });
+        wait_for_state(admin_port(lb), "www.acme.test", "valid");
     }
     let total: f64 = [&a, &b]
         .iter()
@@ -680,11 +680,7 @@ fn external_account_binding_is_sent_from_a_key_file() {
         ),
     );
     let admin = admin_port(&lb);
-    let state = wait_for(Duration::from_secs(20), "the refused account", || {
-        let status = support::status(admin);
-        let state = status["acme"]["www.acme.test"].clone();
-        (state["state"] == "failing").then_some(state)
-    });
+    let state = wait_for_state(admin, "www.acme.test", "failing");
     assert!(
         state["last_error"]
             .as_str()
@@ -730,11 +726,7 @@ fn a_rate_limited_ca_is_asked_again_only_after_its_retry_after() {
         toml_path(storage.path()),
         toml_path(&pki.ca)
     ));
-    let state = wait_for(Duration::from_secs(20), "the rate-limited attempt", || {
-        let status = support::status(admin);
-        let state = status["acme"]["www.acme.test"].clone();
-        (state["state"] == "failing").then_some(state)
-    });
+    let state = wait_for_state(admin, "www.acme.test", "failing");
     let next = state["next_attempt"]
         .as_str()
         .and_then(|t| httpdate::parse_http_date(t).ok())
@@ -757,4 +749,29 @@ fn a_rate_limited_ca_is_asked_again_only_after_its_retry_after() {
         "{}",
         lb.proc.log_text()
     );
+}
+
+/// Storage that cannot be written (here: under a file) fails like a CA:
+/// visible and retried, with the balancer serving.
+#[test]
+fn storage_that_cannot_be_written_is_a_visible_failure() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").expect("write a file");
+    let (admin, tls_port) = (free_port(), free_port());
+    let lb = start_balancer(&format!(
+        "admin_listen = \"127.0.0.1:{admin}\"\n[upstream]\nservers = [\"127.0.0.1:1\"]\n[tls]\nlisten = \"127.0.0.1:{tls_port}\"\n\
+         [tls.acme]\ndirectory = \"https://127.0.0.1:{}/dir\"\ndomains = [\"www.acme.test\"]\nstorage = {}\n",
+        free_port(),
+        toml_path(&file.join("acme"))
+    ));
+    let state = wait_for_state(admin, "www.acme.test", "failing");
+    assert!(
+        state["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cannot take the lock"),
+        "{state:#}"
+    );
+    assert_eq!(get(&lb.url("/health-check")).map(|r| r.status), Ok(200));
 }

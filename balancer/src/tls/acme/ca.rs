@@ -32,7 +32,7 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn new(reason: impl Into<String>) -> Failure {
+    pub fn new(reason: impl Into<String>) -> Failure {
         Failure {
             reason: reason.into(),
             retry_after: None,

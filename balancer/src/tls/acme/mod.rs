@@ -161,8 +161,14 @@ pub struct Renewal {
 struct Round {
     /// The CA account, for the directory it was made at.
     ca: Option<(String, ca::Ca)>,
-    /// Names whose last attempt failed: not tried again before this.
-    retry: BTreeMap<String, Instant>,
+    /// Names whose last attempt failed: not tried again before `at`.
+    retry: BTreeMap<String, Retry>,
+}
+
+struct Retry {
+    at: Instant,
+    /// Failed attempts in a row, for the doubling.
+    attempts: u64,
 }
 
 #[async_trait]
@@ -200,11 +206,19 @@ impl Renewal {
                 return LOCKED_POLL;
             }
             Err(e) => {
-                log::warn!(
-                    "acme: {}: cannot take the lock: {e}",
+                // Storage not writable (a volume owned by another user):
+                // a failure of every name due, like the CA's.
+                let reason = format!(
+                    "storage {}: cannot take the lock: {e}",
                     acme.storage.display()
                 );
-                return FIRST_RETRY;
+                return due
+                    .iter()
+                    .map(|domain| {
+                        let failure = ca::Failure::new(reason.clone());
+                        self.fail(domain, failure, round)
+                    })
+                    .fold(wait, Duration::min);
             }
         };
         for domain in due {
@@ -252,8 +266,8 @@ impl Renewal {
                         s.next_attempt = None;
                     });
                 }
-                _ => match round.retry.get(&domain).filter(|at| **at > instant) {
-                    Some(at) => wait = wait.min(*at - instant),
+                _ => match round.retry.get(&domain).filter(|r| r.at > instant) {
+                    Some(retry) => wait = wait.min(retry.at - instant),
                     None => due.push(domain),
                 },
             }
@@ -277,10 +291,10 @@ impl Renewal {
         );
         let attempt = tokio::time::timeout(ATTEMPT, self.obtain(acme, storage, domain, round));
         let result = attempt.await.unwrap_or_else(|_| {
-            Err(ca::Failure {
-                reason: format!("the CA did not finish within {}s", ATTEMPT.as_secs()),
-                retry_after: None,
-            })
+            Err(ca::Failure::new(format!(
+                "the CA did not finish within {}s",
+                ATTEMPT.as_secs()
+            )))
         });
         match result {
             Ok(end) => {
@@ -298,29 +312,31 @@ impl Renewal {
                 });
                 Duration::ZERO
             }
-            Err(failure) => {
-                let mut failures = 0;
-                self.status.update(domain, |s| {
-                    s.failures += 1;
-                    failures = s.failures;
-                });
-                let delay = retry_delay(failures, failure.retry_after);
-                log::warn!(
-                    "acme: {domain}: {} (attempt {failures}; next in {}s)",
-                    failure.reason,
-                    delay.as_secs()
-                );
-                round
-                    .retry
-                    .insert(domain.to_owned(), Instant::now() + delay);
-                self.status.update(domain, |s| {
-                    s.state = State::Failing;
-                    s.last_error = Some(failure.reason);
-                    s.next_attempt = Some(httpdate::fmt_http_date(SystemTime::now() + delay));
-                });
-                delay
-            }
+            Err(failure) => self.fail(domain, failure, round),
         }
+    }
+
+    /// Logs a failed attempt once, counts it, and sets its retry: doubling
+    /// with each failure in a row, or the CA's `Retry-After` when later.
+    fn fail(&self, domain: &str, failure: ca::Failure, round: &mut Round) -> Duration {
+        let attempts = round.retry.get(domain).map_or(0, |r| r.attempts) + 1;
+        let delay = retry_delay(attempts, failure.retry_after);
+        log::warn!(
+            "acme: {domain}: {} (attempt {attempts}; next in {}s)",
+            failure.reason,
+            delay.as_secs()
+        );
+        let at = Instant::now() + delay;
+        round
+            .retry
+            .insert(domain.to_owned(), Retry { at, attempts });
+        self.status.update(domain, |s| {
+            s.failures += 1;
+            s.state = State::Failing;
+            s.last_error = Some(failure.reason);
+            s.next_attempt = Some(httpdate::fmt_http_date(SystemTime::now() + delay));
+        });
+        delay
     }
 
     /// Orders and stores the certificate of `domain`; returns its end.
@@ -331,10 +347,6 @@ impl Renewal {
         domain: &str,
         round: &mut Round,
     ) -> Result<SystemTime, ca::Failure> {
-        let fail = |reason: String| ca::Failure {
-            reason,
-            retry_after: None,
-        };
         if round.ca.as_ref().map(|(d, _)| d) != Some(&acme.directory.0) {
             round.ca = Some((
                 acme.directory.0.clone(),
@@ -342,7 +354,7 @@ impl Renewal {
             ));
         }
         let Some((_, account)) = &round.ca else {
-            return Err(fail("no account".to_owned()));
+            return Err(ca::Failure::new("no account".to_owned()));
         };
         let pem = account.obtain(domain, storage).await?;
         let file = storage.certificate(domain);
@@ -350,15 +362,15 @@ impl Renewal {
             .write_checked(&file, pem.as_bytes(), |written| {
                 crate::tls::read_pair(written, written).map(|_| ())
             })
-            .map_err(fail)?;
+            .map_err(ca::Failure::new)?;
         let (at, end) = renew_at(acme, &file).ok_or_else(|| {
-            fail(format!(
+            ca::Failure::new(format!(
                 "{}: the CA's certificate does not parse",
                 file.display()
             ))
         })?;
         if at <= SystemTime::now() {
-            return Err(fail(format!(
+            return Err(ca::Failure::new(format!(
                 "renew_before is not shorter than the certificate's lifetime (it ends {}): it would be renewed at once, again and again",
                 httpdate::fmt_http_date(end)
             )));
