@@ -706,44 +706,49 @@ mod tests {
 
     #[test]
     fn acme_mistakes_are_named() {
-        for (section, expected) in [
-            ("directory = \"http://ca.example/dir\"\n", "an https:// URL"),
-            ("domains = \"all\"\n", "a list of host names, or \"routes\""),
-            ("domains = [\"*.example.com\"]\n", "wildcard"),
-            ("domains = [\"10.0.0.1\"]\n", "not a public DNS name"),
-            ("domains = []\n", "is empty"),
+        // The section without its directory, then each mistake.
+        let base = ACME.replace(
+            "directory = \"https://acme-staging-v02.api.letsencrypt.org/directory\"\n",
+            "",
+        );
+        let directory = "directory = \"https://ca.example/dir\"\n";
+        let named = "domains = [\"a.example.com\"]\n";
+        for (mistake, expected) in [
             (
-                "domains = [\"a.example.com\"]\neab_kid = \"kid\"\n",
+                format!("directory = \"http://ca.example/dir\"\n{named}"),
+                "an https:// URL",
+            ),
+            (
+                format!("{directory}domains = \"all\"\n"),
+                "a list of host names, or \"routes\"",
+            ),
+            (
+                format!("{directory}domains = [\"*.example.com\"]\n"),
+                "wildcard",
+            ),
+            (
+                format!("{directory}domains = [\"10.0.0.1\"]\n"),
+                "not a public DNS name",
+            ),
+            (format!("{directory}domains = []\n"), "is empty"),
+            (
+                format!("{directory}{named}eab_kid = \"kid\"\n"),
                 "go together",
             ),
             (
-                "domains = [\"a.example.com\"]\neab_hmac_key = { env = \"K\" }\n",
+                format!("{directory}{named}eab_hmac_key = {{ env = \"K\" }}\n"),
                 "go together",
             ),
             (
-                "domains = [\"a.example.com\"]\nrenew_before = \"soon\"\n",
+                format!("{directory}{named}renew_before = \"soon\"\n"),
                 "invalid duration",
             ),
-            ("domains = [\"a.example.com\"]\nemail = 3\n", "invalid type"),
+            (format!("{directory}{named}email = 3\n"), "invalid type"),
         ] {
-            let text = format!("{ACME}{section}").replacen(
-                "directory = \"https://acme-staging-v02.api.letsencrypt.org/directory\"\n",
-                if section.starts_with("directory") {
-                    ""
-                } else {
-                    "directory = \"https://acme-staging-v02.api.letsencrypt.org/directory\"\n"
-                },
-                1,
-            );
-            let text = if section.starts_with("directory") {
-                format!("{text}domains = [\"a.example.com\"]\n")
-            } else {
-                text
-            };
-            let e = parse(&text).expect_err(section);
+            let e = parse(&format!("{base}{mistake}")).expect_err(&mistake);
             assert!(
                 e.contains(expected),
-                "{section}: expected {expected:?} in {e}"
+                "{mistake}: expected {expected:?} in {e}"
             );
         }
         let config = parse(&format!(

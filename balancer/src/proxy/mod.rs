@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! early_request_filter   limits on the head (431/413/400/405), keep-alive, pipelining
-//! request_filter         /health-check; X-Request-Id; the route (429, respond,
+//! request_filter         /health-check; X-Request-Id; ACME HTTP-01 answers (plain
+//!                        listener, before any route or redirect); the route (429, respond,
 //!                        redirect, or a group); extensions; a fresh cache hit
 //! request_cache_filter … the cache (see `cache`)
 //! upstream_peer          a backend of the group, by its algorithm
