@@ -696,27 +696,19 @@ fn external_account_binding_is_sent_from_a_key_file() {
     wait_for_certificate(&lb, tls_port, "www.acme.test", &pebble.root());
 }
 
-/// A CA at its rate limit answers 429 with `Retry-After`: the next attempt
-/// waits that long, not the 10 s of the first retry. The CA here is a
-/// second balancer over HTTPS whose route answers as a rate-limited ACME
-/// server does.
-#[test]
-fn a_rate_limited_ca_is_asked_again_only_after_its_retry_after() {
+/// A stand-in CA over HTTPS (a second balancer whose `routes(its URL)`
+/// answer as the CA would), and a balancer whose `[tls.acme]` points at it:
+/// what must live while the test runs, the balancer's admin port, the balancer.
+fn behind_a_stand_in_ca(
+    routes: impl Fn(&str) -> String,
+) -> ((Balancer, Pki, tempfile::TempDir), u16, Balancer) {
     let pki = Pki::new(&["127.0.0.1"]);
     let ca_port = free_port();
-    let problem = r#"{"type":"urn:ietf:params:acme:error:rateLimited","detail":"too many new orders recently","status":429}"#;
-    let ca = format!("https://127.0.0.1:{ca_port}");
-    let directory = format!(
-        r#"{{"newNonce":"{ca}/nonce","newAccount":"{ca}/account","newOrder":"{ca}/order"}}"#
-    );
-    let _ca = start_balancer(&format!(
-        "[upstream]\nservers = [\"127.0.0.1:1\"]\n[tls]\nlisten = \"127.0.0.1:{ca_port}\"\ncertificate = {}\nprivate_key = {}\n\
-         [[route]]\npath = \"/dir\"\nrespond = {{ status = 200, body = '{directory}', content_type = \"application/json\" }}\n\
-         [[route]]\npath = \"/nonce\"\nrespond = {{ status = 200 }}\nresponse_headers = {{ set = {{ \"Replay-Nonce\" = \"bm9uY2U\" }} }}\n\
-         [[route]]\npath = \"/\"\nrespond = {{ status = 429, body = '{problem}', content_type = \"application/problem+json\" }}\n\
-         response_headers = {{ set = {{ \"Retry-After\" = \"3600\", \"Replay-Nonce\" = \"bm9uY2U\" }} }}\n",
+    let ca = start_balancer(&format!(
+        "[upstream]\nservers = [\"127.0.0.1:1\"]\n[tls]\nlisten = \"127.0.0.1:{ca_port}\"\ncertificate = {}\nprivate_key = {}\n{}",
         toml_path(&pki.cert),
-        toml_path(&pki.key)
+        toml_path(&pki.key),
+        routes(&format!("https://127.0.0.1:{ca_port}"))
     ));
     let storage = tempfile::tempdir().expect("temp dir");
     let (admin, tls_port) = (free_port(), free_port());
@@ -726,6 +718,40 @@ fn a_rate_limited_ca_is_asked_again_only_after_its_retry_after() {
         toml_path(storage.path()),
         toml_path(&pki.ca)
     ));
+    ((ca, pki, storage), admin, lb)
+}
+
+/// A CA whose answer is no problem document (a proxy's error page): the
+/// failure names the status it answered.
+#[test]
+fn a_ca_answering_an_error_page_is_named_by_its_status() {
+    let (_ca, admin, lb) = behind_a_stand_in_ca(|_| {
+        "[[route]]\npath = \"/\"\nrespond = { status = 503, body = \"<html>maintenance</html>\", content_type = \"text/html\" }\n".to_owned()
+    });
+    let state = wait_for_state(admin, "www.acme.test", "failing");
+    let error = state["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("503 Service Unavailable"), "{state:#}");
+    assert_eq!(get(&lb.url("/health-check")).map(|r| r.status), Ok(200));
+}
+
+/// A CA at its rate limit answers 429 with `Retry-After`: the next attempt
+/// waits that long, not the 10 s of the first retry. The CA here is a
+/// second balancer over HTTPS whose route answers as a rate-limited ACME
+/// server does.
+#[test]
+fn a_rate_limited_ca_is_asked_again_only_after_its_retry_after() {
+    let problem = r#"{"type":"urn:ietf:params:acme:error:rateLimited","detail":"too many new orders recently","status":429}"#;
+    let (_ca, admin, lb) = behind_a_stand_in_ca(|ca| {
+        let directory = format!(
+            r#"{{"newNonce":"{ca}/nonce","newAccount":"{ca}/account","newOrder":"{ca}/order"}}"#
+        );
+        format!(
+            "[[route]]\npath = \"/dir\"\nrespond = {{ status = 200, body = '{directory}', content_type = \"application/json\" }}\n\
+             [[route]]\npath = \"/nonce\"\nrespond = {{ status = 200 }}\nresponse_headers = {{ set = {{ \"Replay-Nonce\" = \"bm9uY2U\" }} }}\n\
+             [[route]]\npath = \"/\"\nrespond = {{ status = 429, body = '{problem}', content_type = \"application/problem+json\" }}\n\
+             response_headers = {{ set = {{ \"Retry-After\" = \"3600\", \"Replay-Nonce\" = \"bm9uY2U\" }} }}\n"
+        )
+    });
     let state = wait_for_state(admin, "www.acme.test", "failing");
     let next = state["next_attempt"]
         .as_str()

@@ -40,8 +40,15 @@ impl Failure {
     }
 }
 
-/// The latest `Retry-After` of a refusal, shared with the HTTP client.
-type RetryAfter = Arc<Mutex<Option<SystemTime>>>;
+/// What the CA's last answer was when it was an error (its status and
+/// `Retry-After`), shared with the HTTP client; `None` after a success.
+type RetryAfter = Arc<Mutex<Option<Refusal>>>;
+
+#[derive(Debug, Clone, Copy)]
+struct Refusal {
+    status: http::StatusCode,
+    retry_after: Option<SystemTime>,
+}
 
 /// The account at the CA, and what its HTTP client noted.
 pub struct Ca {
@@ -51,15 +58,18 @@ pub struct Ca {
 
 /// Makes an error of `instant-acme`'s into a [`Failure`] with the CA's
 /// problem detail and the `Retry-After` that came with it.
-fn failure(what: &str, e: instant_acme::Error, retry_after: &RetryAfter) -> Failure {
-    let reason = match &e {
-        instant_acme::Error::Api(problem) => format!("{what}: the CA answered {problem}"),
-        other => format!("{what}: {other}"),
+fn failure(what: &str, e: instant_acme::Error, refusal: &RetryAfter) -> Failure {
+    let refusal = refusal.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let reason = match (&e, refusal) {
+        (instant_acme::Error::Api(problem), _) => format!("{what}: the CA answered {problem}"),
+        // An answer that is no problem document (a proxy's 503 page, say):
+        // its status says more than the parse error.
+        (other, Some(refusal)) => format!("{what}: the CA answered {}: {other}", refusal.status),
+        (other, None) => format!("{what}: {other}"),
     };
-    let retry_after = retry_after.lock().unwrap_or_else(|e| e.into_inner()).take();
     Failure {
         reason,
-        retry_after,
+        retry_after: refusal.and_then(|r| r.retry_after),
     }
 }
 
@@ -265,14 +275,16 @@ impl HttpClient for NotingClient {
             let response = response
                 .await
                 .map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
-            if response.status().is_client_error() || response.status().is_server_error() {
-                let after = response
+            let status = response.status();
+            let refusal = (status.is_client_error() || status.is_server_error()).then(|| Refusal {
+                status,
+                retry_after: response
                     .headers()
                     .get(http::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(parse_retry_after);
-                *retry_after.lock().unwrap_or_else(|e| e.into_inner()) = after;
-            }
+                    .and_then(parse_retry_after),
+            });
+            *retry_after.lock().unwrap_or_else(|e| e.into_inner()) = refusal;
             Ok(BytesResponse::from(response))
         })
     }
