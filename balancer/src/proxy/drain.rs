@@ -10,6 +10,10 @@
 //! tells Pingora to terminate, with no grace period of its own left to sleep.
 //! `SIGINT` stops at once; `SIGQUIT` (Pingora's upgrade signal, which this
 //! balancer does not use) drains like `SIGTERM`.
+//!
+//! Open WebSocket tunnels count as requests in flight: they get the grace
+//! period too. When it is over, [`Stopping::grace_over`] tells them to
+//! close, and the drain waits a moment for their access-log lines.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,6 +22,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
 use tokio::time::{sleep, Instant};
 
 use crate::proxy::InFlight;
@@ -27,17 +32,42 @@ use crate::runtime::Live;
 /// whose response has just been written may still be reading it.
 const SETTLE: Duration = Duration::from_millis(100);
 
+/// How long the tunnels closed at the end of the grace period have to
+/// close and log before the process exits.
+const TUNNELS_CLOSE: Duration = Duration::from_secs(1);
+
 /// Whether the process is draining; the proxy and the connection guard read it.
-#[derive(Debug, Default)]
-pub struct Stopping(AtomicBool);
+#[derive(Debug)]
+pub struct Stopping {
+    draining: AtomicBool,
+    /// Becomes `true` when the grace period is over: open tunnels close.
+    grace_over: watch::Sender<bool>,
+}
+
+impl Default for Stopping {
+    fn default() -> Self {
+        Stopping {
+            draining: AtomicBool::new(false),
+            grace_over: watch::channel(false).0,
+        }
+    }
+}
 
 impl Stopping {
     pub fn is_set(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.draining.load(Ordering::Relaxed)
     }
 
     fn set(&self) {
-        self.0.store(true, Ordering::Relaxed);
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Resolves once a graceful stop's grace period is over (never, unless
+    /// one is under way).
+    pub async fn grace_over(&self) {
+        let mut over = self.grace_over.subscribe();
+        // The sender lives as long as `self`: the wait cannot fail.
+        let _ = over.wait_for(|over| *over).await;
     }
 }
 
@@ -74,8 +104,20 @@ impl Drain {
                     "graceful stop: grace period {grace} over with {} requests still in flight, exiting",
                     self.in_flight.count()
                 );
+                self.close_tunnels().await;
                 return;
             }
+            sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drain {
+    /// Tells open tunnels to close, and gives them [`TUNNELS_CLOSE`] to do so.
+    async fn close_tunnels(&self) {
+        self.stopping.grace_over.send_replace(true);
+        let deadline = Instant::now() + TUNNELS_CLOSE;
+        while super::tunnel::open() > 0 && Instant::now() < deadline {
             sleep(Duration::from_millis(10)).await;
         }
     }

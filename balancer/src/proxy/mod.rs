@@ -4,7 +4,8 @@
 //! early_request_filter   limits on the head (431/413/400/405), keep-alive, pipelining
 //! request_filter         /health-check; X-Request-Id; ACME HTTP-01 answers (plain
 //!                        listener, before any route or redirect); the route (429, respond,
-//!                        redirect, or a group); extensions; a fresh cache hit
+//!                        redirect, or a group); extensions; a fresh cache hit;
+//!                        a WebSocket upgrade, carried to its end by `tunnel`
 //! request_cache_filter … the cache (see `cache`)
 //! upstream_peer          a backend of the group, by its algorithm
 //! upstream_request_filter  Host, strip_prefix, the route's header edits,
@@ -18,10 +19,12 @@
 //! Each request reads the runtime snapshot that was in force when it
 //! arrived, to its end. Finding and checking backends is `upstream`'s job.
 
+pub mod compression;
 pub mod connections;
 pub mod drain;
 pub mod forwarded;
 pub mod limits;
+pub mod tunnel;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -91,6 +94,8 @@ pub struct Balancer {
     pub cache: &'static ResponseCache,
     /// Set on SIGTERM: every response then closes its connection.
     pub stopping: Arc<Stopping>,
+    /// Connects WebSocket tunnels to their backends (see `tunnel`).
+    pub tunnels: pingora::connectors::TransportConnector,
 }
 
 /// Client mistakes are logged at most once a second: a flood of bad
@@ -159,6 +164,8 @@ pub struct RequestCtx {
     unreachable: Vec<SocketAddr>,
     upstream_started: Option<Instant>,
     upstream_elapsed: Option<Duration>,
+    /// How the WebSocket tunnel of this request ended.
+    tunnel: Option<access_log::Tunnel>,
     /// Counts the request in the process-wide figure that graceful stop waits on.
     _counted: InFlightGuard,
 }
@@ -193,9 +200,12 @@ impl RequestCtx {
 impl ProxyHttp for Balancer {
     type CTX = RequestCtx;
 
-    /// No downstream modules: Pingora's default adds response compression,
-    /// disabled, which every request would still pass through.
-    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+    /// Only the balancer's compression (see `compression`), instead of
+    /// Pingora's default, whose choices (the first encoding listed, its own
+    /// types and a 20-byte minimum) are not `[compression]`'s.
+    fn init_downstream_modules(&self, modules: &mut pingora::modules::http::HttpModules) {
+        modules.add_module(Box::new(compression::CompressBuilder));
+    }
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
@@ -218,6 +228,7 @@ impl ProxyHttp for Balancer {
             unreachable: Vec::new(),
             upstream_started: None,
             upstream_elapsed: None,
+            tunnel: None,
             _counted: self.in_flight.enter(),
         }
     }
@@ -426,6 +437,12 @@ impl ProxyHttp for Balancer {
             self.answer(session, ctx, &reply).await?;
             return Ok(true);
         }
+        if tunnel::is_websocket_upgrade(session.req_header()) {
+            self.tunnel(session, ctx).await?;
+            return Ok(true);
+        }
+        let route_allows = ctx.route().is_none_or(|r| r.written().compression);
+        compression::offer(session, &ctx.snapshot, route_allows);
         // A request an extension sent elsewhere is not answered from (or
         // stored in) the cache, whose key knows nothing of that choice.
         let redirected_by_extension = ctx.chosen_backend.is_some() || extension_chose_group;
@@ -858,6 +875,7 @@ impl ProxyHttp for Balancer {
             time: ctx.started.elapsed(),
             retries: ctx.tries.saturating_sub(1),
             cache: ctx.cache_status,
+            tunnel: ctx.tunnel,
         };
         metrics::observe(&record);
         // Docker probes every few seconds: that is not traffic worth a line.

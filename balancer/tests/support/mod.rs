@@ -323,9 +323,31 @@ pub enum Act {
     Cut,
     /// Answer bytes that are not HTTP.
     Garbage,
+    /// Answer with this status and body (`{n}` as above) once the gate is
+    /// opened (or after 30 s): a request that is in flight for as long as
+    /// the test needs, whatever the machine's load.
+    Held(Gate, u16, &'static str),
     /// Answer with this status, exactly these headers (no default
     /// `content-type`; `content-length` is added) and this body (`{n}` as above).
     Exact(u16, Vec<(&'static str, &'static str)>, &'static str),
+}
+
+/// A gate that holds an origin's answers until the test opens it.
+#[derive(Clone, Debug, Default)]
+pub struct Gate(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+impl Gate {
+    pub fn open(&self) {
+        *self.0 .0.lock().unwrap() = true;
+        self.0 .1.notify_all();
+    }
+
+    /// Waits until the gate is open, at most `within`.
+    fn pass(&self, within: Duration) {
+        let (open, opened) = &*self.0;
+        let guard = open.lock().unwrap();
+        let _ = opened.wait_timeout_while(guard, within, |open| !*open);
+    }
 }
 
 /// One request as the origin saw it.
@@ -438,6 +460,8 @@ fn serve(stream: TcpStream, state: &OriginState) {
             return; // a stopped origin answers nothing, on kept-alive connections too
         }
         let path = line.split(' ').nth(1).unwrap_or("").to_owned();
+        // A HEAD is answered with the head a GET would have, and no body.
+        let head_only = line.starts_with("HEAD ");
         let mut headers = Vec::new();
         let mut content_length = 0usize;
         loop {
@@ -489,7 +513,9 @@ fn serve(stream: TcpStream, state: &OriginState) {
                     response.push_str(&format!("{name}: {value}\r\n"));
                 }
                 response.push_str("\r\n");
-                response.push_str(&text);
+                if !head_only {
+                    response.push_str(&text);
+                }
                 if writer.write_all(response.as_bytes()).is_err() {
                     return;
                 }
@@ -497,6 +523,10 @@ fn serve(stream: TcpStream, state: &OriginState) {
             }
             Act::Slow(delay, status, text) => {
                 thread::sleep(delay);
+                (status, Vec::new(), text)
+            }
+            Act::Held(gate, status, text) => {
+                gate.pass(Duration::from_secs(30));
                 (status, Vec::new(), text)
             }
             Act::Hang => {
@@ -522,7 +552,9 @@ fn serve(stream: TcpStream, state: &OriginState) {
             response.push_str(&format!("{name}: {value}\r\n"));
         }
         response.push_str("\r\n");
-        response.push_str(&text);
+        if !head_only {
+            response.push_str(&text);
+        }
         if writer.write_all(response.as_bytes()).is_err() {
             return;
         }
@@ -700,6 +732,21 @@ pub fn run_example(
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code().unwrap_or(-1), text)
+}
+
+/// A balancer in front of `origin`, once it has answered a `GET /`;
+/// `extra` (top-level keys, then tables) goes first.
+pub fn in_front_of(origin: &Origin, extra: &str) -> Balancer {
+    let lb = start_balancer(&format!(
+        "{extra}\n[upstream]\nservers = [\"127.0.0.1:{}\"]\nread_timeout = \"2s\"\n",
+        origin.port
+    ));
+    wait_for(
+        Duration::from_secs(10),
+        "the origin through the balancer",
+        || get(&lb.url("/")).ok().filter(|r| r.status == 200),
+    );
+    lb
 }
 
 /// A balancer in front of `origin` with one cache rule for `/c` (`rule` is
