@@ -70,6 +70,8 @@ cleanup() {
     if [ "$STARTED_ANYTHING" -eq 1 ]; then
         compose down -v --remove-orphans --timeout 10 >"$WORK/cleanup.log" 2>&1 ||
             cat "$WORK/cleanup.log" >&2
+        # The ACME step's named volume, which compose.yaml does not declare.
+        docker volume rm "${PROJECT}_acme" >/dev/null 2>&1 || true
     fi
     rm -rf "$WORK"
     exit "$rc"
@@ -504,6 +506,73 @@ PY
     say "http://localhost/ still answers over HTTP/1.1"
 }
 
+# Automatic HTTPS with compose.acme.yaml and the shipped balancer-acme.toml,
+# pointed at Debian's pebble (an ACME server with its own CA) run as a
+# container of the project, its binary mounted from this machine. pebble
+# finds the balancer by the name www.acme.test (a network alias, through
+# Docker's DNS) and fetches the HTTP-01 answer from its port 80; the
+# certificate lands in the named volume and is verified from this machine.
+step_acme() {
+    command -v pebble >/dev/null || fail "pebble is needed: apt-get install pebble"
+    local acme=$WORK/acme root=$WORK/acme/root.pem out status
+    mkdir -p "$acme"
+    compose run --rm --no-deps --user 0 -v "$acme:/out" balancer \
+        cert --self-signed --host pebble --host 127.0.0.1 --out /out
+    chmod 755 "$acme"
+    chmod 644 "$acme"/*.pem
+    cp "$acme/ca.pem" "$CONFIG_DIR/pebble-ca.pem"
+    cat >"$acme/pebble.json" <<'JSON'
+{"pebble": {"listenAddress": "0.0.0.0:14000", "managementListenAddress": "0.0.0.0:15000",
+  "certificate": "/acme/cert.pem", "privateKey": "/acme/key.pem", "httpPort": 80, "tlsPort": 443,
+  "ocspResponderURL": "", "externalAccountBindingRequired": false}}
+JSON
+    # The shipped file with only the CA and the name changed.
+    sed -e 's|^directory = .*|directory = "https://pebble:14000/dir"\nca_file = "/etc/balancer/pebble-ca.pem"|' \
+        -e 's|^domains = .*|domains = ["www.acme.test"]|' \
+        "$REPO/deploy/balancer-acme.toml" >"$CONFIG_DIR/balancer-acme.toml"
+    cat >"$WORK/compose.acme-e2e.yaml" <<YAML
+services:
+  balancer:
+    networks:
+      default:
+        aliases: [www.acme.test]
+  pebble:
+    image: debian:bookworm-slim
+    command: ["/usr/bin/pebble", "-config", "/acme/pebble.json", "-dnsserver", "127.0.0.11:53"]
+    environment:
+      PEBBLE_VA_NOSLEEP: "1"
+      PEBBLE_WFE_NONCEREJECT: "0"
+    volumes:
+      - /usr/bin/pebble:/usr/bin/pebble:ro
+      - $acme:/acme:ro
+    ports:
+      - "127.0.0.1:15000:15000"
+YAML
+    ACME_COMPOSE=("${COMPOSE_CMD[@]}" -f "$REPO/compose.yaml" -f "$REPO/compose.acme.yaml"
+        -f "$WORK/compose.e2e.yaml" -f "$WORK/compose.acme-e2e.yaml" -p "$PROJECT")
+    "${ACME_COMPOSE[@]}" up -d
+    local deadline=$((SECONDS + 60))
+    until curl -sf --cacert "$acme/ca.pem" -o "$root" --max-time 5 https://127.0.0.1:15000/roots/0; do
+        [ $SECONDS -lt $deadline ] || fail "pebble's management interface did not answer"
+        sleep 1
+    done
+    deadline=$((SECONDS + 90))
+    until out=$(curl -s --cacert "$root" --resolve www.acme.test:443:127.0.0.1 --max-time 5 https://www.acme.test/ 2>&1) &&
+        [ "$out" = "Hello World!" ]; do
+        [ $SECONDS -lt $deadline ] || {
+            "${ACME_COMPOSE[@]}" logs --no-color --tail 20 balancer pebble >&2
+            fail "https://www.acme.test/ against pebble's root answered '${out:-nothing}'"
+        }
+        sleep 1
+    done
+    say "curl --cacert <pebble's root> https://www.acme.test/ -> $out"
+    status=$(curl -s --max-time 5 http://127.0.0.1:9000/status)
+    grep -Eq '"state": ?"valid"' <<<"$status" || fail "/status has no valid ACME certificate: $status"
+    say "/status: www.acme.test is valid"
+    docker volume ls -q | grep -qx "${PROJECT}_acme" || fail "no named volume ${PROJECT}_acme"
+    "${ACME_COMPOSE[@]}" down -v --remove-orphans --timeout 10
+}
+
 step_final_down() {
     compose down -v --remove-orphans --timeout 10
     local containers networks volumes
@@ -536,5 +605,6 @@ step "up -d --scale backend=3: three container ids within 30 requests" step_scal
 step "scale to 5 under a request loop: five ids, same balancer, no failed request" step_scale_5_under_load
 step "docker stop one backend under a request loop: no failed request" step_stop_backend_under_load
 step "HTTPS override: a dev certificate, HTTP/2 over TLS, a WebSocket over wss" step_tls
+step "ACME override: a certificate from pebble by HTTP-01 into the named volume, verified" step_acme
 step "down leaves no container or network behind" step_final_down
 finish

@@ -121,8 +121,10 @@ pub fn main_with_setup(
         }
         Some(Command::Cert { .. }) => ExitCode::SUCCESS,
         None if cli.check => {
-            let (mut errors, cert_warnings) =
-                config.tls.as_ref().map(tls::check).unwrap_or_default();
+            let (mut errors, mut cert_warnings) = tls::check(&config);
+            let (acme_errors, acme_warnings) = tls::acme::check(&config);
+            errors.extend(acme_errors);
+            cert_warnings.extend(acme_warnings);
             if let Err(e) = crate::runtime::Snapshot::compile(config.clone(), None) {
                 errors.push(e);
             }

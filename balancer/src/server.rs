@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::extension::Extension;
 use crate::proxy::{self, connections, drain};
 use crate::runtime::Snapshot;
+use crate::tls::acme::{AcmeStatus, Renewal};
 use crate::tls::{CertStore, CertWatch};
 use crate::upstream::health::Upkeep;
 
@@ -55,7 +56,7 @@ pub fn run(
     // The certificates are read before anything listens: a broken one is a
     // clear error at start, never a listener that fails its handshakes.
     let tls = match &config.tls {
-        Some(tls) => match CertStore::load(tls) {
+        Some(tls) => match CertStore::load(&config) {
             Ok(store) => Some((tls.clone(), Arc::new(store))),
             Err(e) => {
                 eprintln!("balancer: [tls]: {e}");
@@ -155,9 +156,24 @@ pub fn run(
         ));
         log::info!("balancer listening on {} (TLS)", settings.listen);
     }
+    // Certificates from an ACME CA, in the background: serving never waits for the CA.
+    let acme = tls
+        .as_ref()
+        .is_some_and(|(settings, _)| settings.acme.is_some())
+        .then(|| Arc::new(AcmeStatus::default()));
+    if let Some(status) = &acme {
+        server.add_service(background_service(
+            "acme renewal",
+            Renewal {
+                live: Arc::clone(&live),
+                status: Arc::clone(status),
+            },
+        ));
+    }
 
     metrics::LiveState {
         certificates: tls.as_ref().map(|(_, store)| Arc::clone(store)),
+        acme: acme.clone(),
         live: Arc::clone(&live),
         cache,
         reloads: Arc::clone(&reloads),
@@ -169,6 +185,7 @@ pub fn run(
             "admin".to_owned(),
             admin::Admin {
                 certificates: tls.as_ref().map(|(_, store)| Arc::clone(store)),
+                acme,
                 token_from_env: std::env::var(admin::TOKEN_ENV)
                     .ok()
                     .map(|t| t.trim().to_owned())

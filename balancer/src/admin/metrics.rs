@@ -93,6 +93,7 @@ pub fn count_retry() {
 /// The state that lives elsewhere, read at each scrape.
 pub struct LiveState {
     pub certificates: Option<Arc<crate::tls::CertStore>>,
+    pub acme: Option<Arc<crate::tls::acme::AcmeStatus>>,
     pub live: Arc<Live>,
     pub cache: &'static ResponseCache,
     pub reloads: Arc<ReloadStats>,
@@ -132,6 +133,8 @@ struct Families {
     lingering: IntGaugeVec,
     access_log_dropped: IntCounterVec,
     certificate_expiry: IntGaugeVec,
+    acme_orders: IntCounterVec,
+    acme_failures: IntCounterVec,
     build_info: IntGaugeVec,
 }
 
@@ -153,11 +156,13 @@ impl Families {
             lingering: gauge("balancer_client_connections_lingering", "Client connections answered early, being read from and discarded before they close", &[]),
             access_log_dropped: counter("balancer_access_log_dropped_total", "Access-log lines dropped because the output could not keep up", &[]),
             certificate_expiry: gauge("balancer_tls_certificate_expiry_seconds", "Seconds until the certificate ends (negative: ended)", &["certificate", "hosts"]),
+            acme_orders: counter("balancer_acme_orders_total", "Certificates this process obtained from the ACME CA", &["domain"]),
+            acme_failures: counter("balancer_acme_failures_total", "Attempts at an ACME certificate that failed", &["domain"]),
             build_info: gauge("balancer_build_info", "Always 1; the labels say which build this is", &["version"]),
         }
     }
 
-    fn all(&self) -> [&dyn Collector; 15] {
+    fn all(&self) -> [&dyn Collector; 17] {
         [
             &self.healthy,
             &self.failures,
@@ -173,6 +178,8 @@ impl Families {
             &self.lingering,
             &self.access_log_dropped,
             &self.certificate_expiry,
+            &self.acme_orders,
+            &self.acme_failures,
             &self.build_info,
         ]
     }
@@ -269,6 +276,14 @@ impl Collector for LiveState {
             f.certificate_expiry
                 .with_label_values(&[file.as_str(), &c.hosts.join(",")])
                 .set(left);
+        }
+        for (domain, status) in self.acme.iter().flat_map(|a| a.domains()) {
+            f.acme_orders
+                .with_label_values(&[domain.as_str()])
+                .inc_by(status.orders);
+            f.acme_failures
+                .with_label_values(&[domain.as_str()])
+                .inc_by(status.failures);
         }
         f.all().iter().flat_map(|c| c.collect()).collect()
     }

@@ -42,6 +42,8 @@ pub const TOKEN_ENV: &str = "BALANCER_ADMIN_TOKEN";
 pub struct Admin {
     /// The TLS listener's certificates, when there is one.
     pub certificates: Option<Arc<crate::tls::CertStore>>,
+    /// The state of each `[tls.acme]` name, when there is that section.
+    pub acme: Option<Arc<crate::tls::acme::AcmeStatus>>,
     /// `BALANCER_ADMIN_TOKEN` as it was at start-up (empty counts as unset).
     pub token_from_env: Option<String>,
     pub cache: &'static ResponseCache,
@@ -197,6 +199,7 @@ impl Admin {
                     })
                     .collect::<Vec<_>>()
             }).unwrap_or_default(),
+            "acme": self.acme.as_ref().map(|status| status.domains()),
             "upstreams": upstreams,
             "groups": groups,
             "routes": routes,

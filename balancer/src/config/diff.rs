@@ -20,9 +20,9 @@ pub const RESTART_ONLY: [&str; 8] = [
     "cache.max_object_size",
 ];
 
-/// Sections whose appearing or going away needs a restart (a listener
-/// starts with the process).
-const RESTART_ONLY_SECTIONS: [&str; 1] = ["tls"];
+/// Sections whose appearing or going away needs a restart (a listener, or
+/// the ACME renewal, starts with the process).
+const RESTART_ONLY_SECTIONS: [&str; 2] = ["tls", "tls.acme"];
 
 /// One entry per change: `KEY OLD -> NEW`, with `(absent)` for a key that is
 /// not written; a list of plain values reports what was added to it and
@@ -127,7 +127,10 @@ fn topmost(
 pub fn keep_restart_only(old: &Table, new: &mut Table) -> Vec<String> {
     let mut kept = Vec::new();
     for section in RESTART_ONLY_SECTIONS {
-        let (was, is) = (old.get(section).cloned(), new.get(section).is_some());
+        let (was, is) = (
+            lookup(old, section).cloned(),
+            lookup(new, section).is_some(),
+        );
         if was.is_some() != is {
             let what = if is { "added" } else { "removed" };
             kept.push(format!(
@@ -314,5 +317,28 @@ mod tests {
             new,
             table("listen = \"0.0.0.0:80\"\n[cache]\nmax_size = \"64MiB\"\n")
         );
+    }
+
+    #[test]
+    fn an_acme_section_added_or_removed_waits_for_a_restart() {
+        let without = table("[tls]\ncertificate = \"c.pem\"\nprivate_key = \"k.pem\"\n");
+        let with = table("[tls]\ncertificate = \"c.pem\"\nprivate_key = \"k.pem\"\n[tls.acme]\ndomains = [\"a.example.com\"]\n");
+        let mut new = with.clone();
+        let kept = keep_restart_only(&without, &mut new);
+        assert_eq!(
+            kept,
+            ["[tls.acme] added: that needs a restart; keeping it as it was"]
+        );
+        assert_eq!(new, without);
+        let mut new = without.clone();
+        let kept = keep_restart_only(&with, &mut new);
+        assert_eq!(
+            kept,
+            ["[tls.acme] removed: that needs a restart; keeping it as it was"]
+        );
+        assert_eq!(new, with);
+        // Its keys change live.
+        let mut new = table("[tls]\ncertificate = \"c.pem\"\nprivate_key = \"k.pem\"\n[tls.acme]\ndomains = [\"b.example.com\"]\n");
+        assert!(keep_restart_only(&with, &mut new).is_empty());
     }
 }

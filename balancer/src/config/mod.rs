@@ -19,7 +19,9 @@ pub use routes::{
     HashKey, HeaderEdits, HostPattern, Part, RateLimit, Redirect, Respond, Route, Template,
     Variable,
 };
-pub use tls::{CertificateFor, Protocol, Tls, TlsVersion};
+pub use tls::{
+    Acme, AcmeDirectory, AcmeDomains, CertificateFor, Protocol, Secret, Tls, TlsVersion,
+};
 use units::{header_timeout, optional_socket_addr, socket_addr};
 pub use units::{ByteSize, Positive, ServerAddr, Span, UriPath, MAX_HEADER_TIMEOUT};
 
@@ -364,6 +366,34 @@ impl Config {
             .chain(self.upstreams.iter().map(|(n, u)| (n.as_str(), u)))
     }
 
+    /// The names `[tls.acme]` obtains certificates for, each once, in file
+    /// order: its list, or (`"routes"`) every exact host of a route or a
+    /// `[[tls.certificate_for]]`. Empty without `[tls.acme]`.
+    pub fn acme_domains(&self) -> Vec<String> {
+        let Some(tls) = &self.tls else {
+            return Vec::new();
+        };
+        let patterns: Vec<&HostPattern> = match tls.acme.as_ref().map(|a| &a.domains) {
+            None => return Vec::new(),
+            Some(AcmeDomains::List(list)) => list.iter().collect(),
+            Some(AcmeDomains::Routes) => self
+                .routes
+                .iter()
+                .filter_map(|r| r.get_ref().host.as_ref())
+                .chain(tls.certificate_for.iter().flat_map(|c| &c.hosts))
+                .collect(),
+        };
+        let mut names: Vec<String> = Vec::new();
+        for pattern in patterns {
+            if let HostPattern::Exact(name) = pattern {
+                if !names.contains(name) {
+                    names.push(name.clone());
+                }
+            }
+        }
+        names
+    }
+
     /// What no file may say, beyond what its types already refuse: the error
     /// and, where known, the place in the file it is about.
     fn validate(&self) -> Result<(), (Option<std::ops::Range<usize>>, String)> {
@@ -397,6 +427,15 @@ impl Config {
         }
         if let Some(group) = &self.upstream {
             group.validate("upstream")?;
+        }
+        if let Some(tls) = &self.tls {
+            tls.validate().map_err(|e| (None, e))?;
+            if let Some(acme) = &tls.acme {
+                acme.validate().map_err(|e| (None, e))?;
+                if acme.domains == AcmeDomains::Routes && self.acme_domains().is_empty() {
+                    return Err((None, "tls.acme.domains = \"routes\", but no route or [[tls.certificate_for]] names an exact host".to_owned()));
+                }
+            }
         }
         for route in &self.routes {
             route
@@ -628,6 +667,108 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, String> {
         Config::parse(Path::new("lb.toml"), text).map_err(|e| e.to_string())
+    }
+
+    const ACME: &str = "[upstream]\nservers = [\"127.0.0.1:1\"]\n[tls]\n[tls.acme]\ndirectory = \"https://acme-staging-v02.api.letsencrypt.org/directory\"\nstorage = \"/var/lib/balancer/acme\"\n";
+
+    #[test]
+    fn an_acme_section_makes_the_default_certificate_optional() {
+        let config = parse(&format!(
+            "{ACME}domains = [\"www.example.com\", \"API.example.com\"]\n"
+        ))
+        .expect("[tls.acme] without certificate or private_key is valid");
+        let tls = config.tls.as_ref().expect("[tls]");
+        assert_eq!(tls.default_pair(), None);
+        assert_eq!(
+            config.acme_domains(),
+            ["www.example.com", "api.example.com"]
+        );
+        let acme = tls.acme.as_ref().expect("[tls.acme]");
+        assert_eq!(acme.renew_before, None, "default: a third of the lifetime");
+        let e = parse("[upstream]\nservers = [\"127.0.0.1:1\"]\n[tls]\n")
+            .expect_err("no certificate, no acme");
+        assert!(e.contains("missing certificate and private_key"), "{e}");
+        let e = parse("[upstream]\nservers = [\"127.0.0.1:1\"]\n[tls]\ncertificate = \"c.pem\"\n")
+            .expect_err("a certificate without its key");
+        assert!(e.contains("without private_key"), "{e}");
+    }
+
+    #[test]
+    fn acme_domains_from_routes_are_their_exact_hosts() {
+        let text = format!(
+            "{ACME}domains = \"routes\"\n[[tls.certificate_for]]\nhosts = [\"b.example.com\", \"*.w.example.com\"]\ncertificate = \"c.pem\"\nprivate_key = \"k.pem\"\n\
+             [[route]]\nhost = \"a.example.com\"\nupstream = \"default\"\n[[route]]\nhost = \"*.example.org\"\nupstream = \"default\"\n[[route]]\nhost = \"a.example.com\"\npath = \"/x\"\nupstream = \"default\"\n"
+        );
+        let config = parse(&text).expect("valid");
+        assert_eq!(config.acme_domains(), ["a.example.com", "b.example.com"]);
+        let e =
+            parse(&format!("{ACME}domains = \"routes\"\n")).expect_err("no exact host anywhere");
+        assert!(
+            e.contains("no route or [[tls.certificate_for]] names an exact host"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn acme_mistakes_are_named() {
+        // The section without its directory, then each mistake.
+        let base = ACME.replace(
+            "directory = \"https://acme-staging-v02.api.letsencrypt.org/directory\"\n",
+            "",
+        );
+        let directory = "directory = \"https://ca.example/dir\"\n";
+        let named = "domains = [\"a.example.com\"]\n";
+        for (mistake, expected) in [
+            (
+                format!("directory = \"http://ca.example/dir\"\n{named}"),
+                "an https:// URL",
+            ),
+            (
+                format!("{directory}domains = \"all\"\n"),
+                "a list of host names, or \"routes\"",
+            ),
+            (
+                format!("{directory}domains = [\"*.example.com\"]\n"),
+                "wildcard",
+            ),
+            (
+                format!("{directory}domains = [\"10.0.0.1\"]\n"),
+                "not a public DNS name",
+            ),
+            (format!("{directory}domains = []\n"), "is empty"),
+            (
+                format!("{directory}{named}eab_kid = \"kid\"\n"),
+                "go together",
+            ),
+            (
+                format!("{directory}{named}eab_hmac_key = {{ env = \"K\" }}\n"),
+                "go together",
+            ),
+            (
+                format!("{directory}{named}renew_before = \"soon\"\n"),
+                "invalid duration",
+            ),
+            (format!("{directory}{named}email = 3\n"), "invalid type"),
+        ] {
+            let e = parse(&format!("{base}{mistake}")).expect_err(&mistake);
+            assert!(
+                e.contains(expected),
+                "{mistake}: expected {expected:?} in {e}"
+            );
+        }
+        let config = parse(&format!(
+            "{ACME}domains = [\"a.example.com\"]\neab_kid = \"kid\"\neab_hmac_key = {{ file = \"/run/secrets/eab\" }}\nrenew_before = \"30d\"\n"
+        ))
+        .expect("valid");
+        let acme = config.tls.and_then(|t| t.acme).expect("[tls.acme]");
+        assert_eq!(
+            acme.eab_hmac_key,
+            Some(Secret::File("/run/secrets/eab".into()))
+        );
+        assert_eq!(
+            acme.renew_before,
+            Some(Span(Duration::from_secs(30 * 86400)))
+        );
     }
 
     #[test]

@@ -4,12 +4,12 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{de, Deserialize, Deserializer};
 
 use super::routes::HostPattern;
-use super::units::socket_addr;
+use super::units::{socket_addr, Span};
 
 /// The HTTPS listener.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -18,9 +18,12 @@ pub struct Tls {
     #[serde(default = "default_listen", deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
     /// The default certificate (PEM chain), for clients that send no SNI or a
-    /// name no `certificate_for` claims.
-    pub certificate: PathBuf,
-    pub private_key: PathBuf,
+    /// name no `certificate_for` claims. Optional with `[tls.acme]` (then a
+    /// name nothing covers has its handshake refused); else required.
+    #[serde(default)]
+    pub certificate: Option<PathBuf>,
+    #[serde(default)]
+    pub private_key: Option<PathBuf>,
     #[serde(default)]
     pub min_version: TlsVersion,
     /// ALPN h2 and http/1.1 (default true).
@@ -32,6 +35,169 @@ pub struct Tls {
     /// More certificates, chosen by SNI.
     #[serde(default)]
     pub certificate_for: Vec<CertificateFor>,
+    /// Certificates obtained and renewed from an ACME CA (`tls::acme`).
+    #[serde(default)]
+    pub acme: Option<Acme>,
+}
+
+impl Tls {
+    /// The default certificate and its key, when both are given.
+    pub fn default_pair(&self) -> Option<(&Path, &Path)> {
+        Some((self.certificate.as_deref()?, self.private_key.as_deref()?))
+    }
+
+    /// `certificate` and `private_key` go together, and are required
+    /// unless ACME supplies the certificates.
+    pub fn validate(&self) -> Result<(), String> {
+        match (&self.certificate, &self.private_key, &self.acme) {
+            (Some(_), Some(_), _) | (None, None, Some(_)) => Ok(()),
+            (Some(_), None, _) => Err("tls: certificate is given without private_key".to_owned()),
+            (None, Some(_), _) => Err("tls: private_key is given without certificate".to_owned()),
+            (None, None, None) => Err(
+                "tls: missing certificate and private_key (or a [tls.acme] section to obtain certificates)"
+                    .to_owned(),
+            ),
+        }
+    }
+}
+
+/// `[tls.acme]`: which names get certificates from which ACME CA, and where
+/// the account and the certificates are kept.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Acme {
+    /// The CA's directory URL (https).
+    pub directory: AcmeDirectory,
+    /// A contact address for the account (the CA's expiry notices).
+    #[serde(default)]
+    pub email: Option<String>,
+    /// The names to obtain certificates for.
+    pub domains: AcmeDomains,
+    /// Where the account key, the certificates and their keys are kept,
+    /// shared by replicas; must be writable.
+    pub storage: PathBuf,
+    /// Renew when this much of a certificate's life is left; absent: when a
+    /// third of its lifetime is left.
+    #[serde(default)]
+    pub renew_before: Option<Span>,
+    /// External account binding (some CAs require it): the key id ...
+    #[serde(default)]
+    pub eab_kid: Option<String>,
+    /// ... and its HMAC key (base64url), from the environment or a file.
+    #[serde(default)]
+    pub eab_hmac_key: Option<Secret>,
+    /// CAs to trust for the directory's HTTPS, instead of the system's (a
+    /// private ACME server).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Acme {
+    /// What the types cannot say: EAB comes whole, and the names are exact.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.eab_kid.is_some() != self.eab_hmac_key.is_some() {
+            return Err(
+                "tls.acme: eab_kid and eab_hmac_key go together (external account binding)"
+                    .to_owned(),
+            );
+        }
+        if let AcmeDomains::List(list) = &self.domains {
+            if list.is_empty() {
+                return Err(
+                    "tls.acme.domains is empty: name the hosts, or say \"routes\"".to_owned(),
+                );
+            }
+            for pattern in list {
+                if let HostPattern::Wildcard(_) = pattern {
+                    return Err(format!(
+                        "tls.acme.domains: {pattern} is a wildcard, which HTTP-01 cannot prove; name each host"
+                    ));
+                }
+                if pattern.to_string().parse::<std::net::IpAddr>().is_ok()
+                    || !pattern.to_string().contains('.')
+                {
+                    return Err(format!(
+                        "tls.acme.domains: {pattern} is not a public DNS name (a CA issues for names like www.example.com)"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An ACME directory URL: https, with a host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeDirectory(pub String);
+
+impl<'de> Deserialize<'de> for AcmeDirectory {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let uri: http::Uri = text.trim().parse().map_err(|e| {
+            de::Error::custom(format!("tls.acme.directory {text:?} is not a URL: {e}"))
+        })?;
+        if uri.scheme_str() != Some("https") || uri.host().is_none() {
+            return Err(de::Error::custom(format!(
+                "tls.acme.directory {text:?}: an ACME directory is an https:// URL, like \"https://acme-v02.api.letsencrypt.org/directory\""
+            )));
+        }
+        Ok(AcmeDirectory(text.trim().to_owned()))
+    }
+}
+
+/// `domains`: a list of names, or `"routes"`: every exact host a route or a
+/// `[[tls.certificate_for]]` names.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AcmeDomains {
+    List(Vec<HostPattern>),
+    Routes,
+}
+
+impl<'de> Deserialize<'de> for AcmeDomains {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            List(Vec<HostPattern>),
+            Word(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::List(list) => Ok(AcmeDomains::List(list)),
+            Raw::Word(word) if word == "routes" => Ok(AcmeDomains::Routes),
+            Raw::Word(word) => Err(de::Error::custom(format!(
+                "tls.acme.domains = {word:?}: write a list of host names, or \"routes\""
+            ))),
+        }
+    }
+}
+
+/// A secret kept out of the file: `{ env = "NAME" }` or `{ file = "PATH" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Secret {
+    Env(String),
+    File(PathBuf),
+}
+
+impl Secret {
+    /// The secret's value, trimmed; the error says where it was looked for.
+    pub fn read(&self) -> Result<String, String> {
+        let value = match self {
+            Secret::Env(name) => std::env::var(name)
+                .map_err(|_| format!("the environment variable {name} is not set"))?,
+            Secret::File(path) => {
+                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?
+            }
+        };
+        let value = value.trim();
+        if value.is_empty() {
+            return Err(match self {
+                Secret::Env(name) => format!("the environment variable {name} is empty"),
+                Secret::File(path) => format!("{} is empty", path.display()),
+            });
+        }
+        Ok(value.to_owned())
+    }
 }
 
 fn default_listen() -> SocketAddr {

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! early_request_filter   limits on the head (431/413/400/405), keep-alive, pipelining
-//! request_filter         /health-check; X-Request-Id; the route (429, respond,
+//! request_filter         /health-check; X-Request-Id; ACME HTTP-01 answers (plain
+//!                        listener, before any route or redirect); the route (429, respond,
 //!                        redirect, or a group); extensions; a fresh cache hit;
 //!                        a WebSocket upgrade, carried to its end by `tunnel`
 //! request_cache_filter … the cache (see `cache`)
@@ -55,6 +56,25 @@ use crate::proxy::drain::Stopping;
 use crate::routing::{self, request_id, Action, RequestFacts, Route, Vars};
 use crate::runtime::{Group, Live, Snapshot};
 use crate::upstream::{Backend, BackendGuard};
+
+/// The answer to an ACME HTTP-01 challenge on the plain listener, before
+/// any route, redirect or cache: the CA's request must reach the balancer
+/// itself, whatever the routes say.
+fn acme_challenge(session: &Session, snapshot: &Snapshot) -> Option<Reply> {
+    let acme = snapshot.config.tls.as_ref()?.acme.as_ref()?;
+    let token = session
+        .req_header()
+        .uri
+        .path()
+        .strip_prefix(crate::tls::acme::CHALLENGE_PATH)?;
+    if is_tls(session) {
+        return None;
+    }
+    Some(match crate::tls::acme::http01_answer(acme, token) {
+        Some(answer) => Reply::text(200, answer),
+        None => Reply::text(404, "404 no such ACME challenge is open\n"),
+    })
+}
 
 /// The balancer's own liveness endpoint, answered without an upstream (as the seed's nginx does).
 pub const HEALTH_CHECK_PATH: &str = "/health-check";
@@ -285,6 +305,10 @@ impl ProxyHttp for Balancer {
         }
         ctx.request_id = request_id::for_request(session.req_header());
         let snapshot = Arc::clone(&ctx.snapshot);
+        if let Some(reply) = acme_challenge(session, &snapshot) {
+            self.answer(session, ctx, &reply).await?;
+            return Ok(true);
+        }
         if let Some(tls) = snapshot.config.tls.as_ref().filter(|t| t.redirect_http) {
             if !is_tls(session) {
                 let mut host = routing::request_host(session.req_header());

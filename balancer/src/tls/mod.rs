@@ -3,11 +3,15 @@
 //! `--check`; and the development certificate `balancer cert --self-signed`
 //! writes (`self_signed`).
 //!
-//! A renewed certificate (certbot, cert-manager, a mounted secret) is served
-//! to the next handshake; connections already open keep theirs. A file that
-//! does not parse, or a key that does not match its certificate, is refused
-//! with the file and the reason, and the certificates in force stay.
+//! A renewed certificate (certbot, cert-manager, a mounted secret, or
+//! `acme` writing one into its storage) is served to the next handshake;
+//! connections already open keep theirs. A file that does not parse, or a
+//! key that does not match its certificate, is refused with the file and
+//! the reason, and the certificates in force stay. An ACME certificate not
+//! obtained yet is simply absent: its host gets the default certificate, or
+//! no handshake when there is none.
 
+pub mod acme;
 pub mod self_signed;
 
 use std::path::{Path, PathBuf};
@@ -24,7 +28,7 @@ use pingora::tls::{ClientHello, CryptoProvider, ResolvesServerCert};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::config::{HostPattern, Tls, TlsVersion};
+use crate::config::{Config, HostPattern, TlsVersion};
 use crate::runtime::Live;
 
 /// A certificate within this long of its end is warned about.
@@ -45,8 +49,10 @@ pub struct CertificateInfo {
 }
 
 struct Loaded {
-    default: Arc<CertifiedKey>,
+    default: Option<Arc<CertifiedKey>>,
     named: Vec<(HostPattern, Arc<CertifiedKey>)>,
+    /// ACME's, by exact name: chosen before `named` and `default`.
+    acme: Vec<(String, Arc<CertifiedKey>)>,
     info: Vec<CertificateInfo>,
 }
 
@@ -69,9 +75,10 @@ impl std::fmt::Debug for CertStore {
 
 type FileState = (PathBuf, Option<(SystemTime, u64)>);
 
-fn file_states(tls: &Tls) -> Vec<FileState> {
-    pairs(tls)
-        .flat_map(|(_, cert, key)| [cert.to_owned(), key.to_owned()])
+fn file_states(config: &Config) -> Vec<FileState> {
+    pairs(config)
+        .into_iter()
+        .flat_map(|pair| [pair.certificate, pair.private_key])
         .map(|path| {
             let state = std::fs::metadata(&path)
                 .ok()
@@ -81,39 +88,80 @@ fn file_states(tls: &Tls) -> Vec<FileState> {
         .collect()
 }
 
-/// Every certificate/key pair of `tls`: the default (hosts `None`), then the others.
-fn pairs(tls: &Tls) -> impl Iterator<Item = (Option<&[HostPattern]>, &Path, &Path)> {
-    std::iter::once((None, tls.certificate.as_path(), tls.private_key.as_path())).chain(
-        tls.certificate_for.iter().map(|c| {
-            (
-                Some(c.hosts.as_slice()),
-                c.certificate.as_path(),
-                c.private_key.as_path(),
+/// Which names a certificate is chosen for.
+enum Claim<'a> {
+    /// Any name nothing else claims.
+    Default,
+    Hosts(&'a [HostPattern]),
+    /// One name, by `[tls.acme]`; the file may not exist yet.
+    Acme(String),
+}
+
+struct Pair<'a> {
+    claim: Claim<'a>,
+    certificate: PathBuf,
+    private_key: PathBuf,
+}
+
+/// Every certificate/key pair of `config`'s `[tls]`: the default, the
+/// `certificate_for` ones, then where `[tls.acme]` keeps each of its names'.
+fn pairs(config: &Config) -> Vec<Pair<'_>> {
+    let Some(tls) = &config.tls else {
+        return Vec::new();
+    };
+    let files = |claim, (cert, key): (&Path, &Path)| Pair {
+        claim,
+        certificate: cert.to_owned(),
+        private_key: key.to_owned(),
+    };
+    let mut pairs: Vec<Pair<'_>> = tls
+        .default_pair()
+        .map(|default| files(Claim::Default, default))
+        .into_iter()
+        .chain(tls.certificate_for.iter().map(|c| {
+            files(
+                Claim::Hosts(&c.hosts),
+                (c.certificate.as_path(), c.private_key.as_path()),
             )
-        }),
-    )
+        }))
+        .collect();
+    if let Some(acme) = &tls.acme {
+        let storage = acme::Storage::new(acme);
+        pairs.extend(config.acme_domains().into_iter().map(|domain| {
+            let file = storage.certificate(&domain);
+            files(Claim::Acme(domain), (file.as_path(), file.as_path()))
+        }));
+    }
+    pairs
 }
 
 impl CertStore {
-    /// Reads every certificate of `tls`; the error names the file and the reason.
-    pub fn load(tls: &Tls) -> Result<CertStore, String> {
-        let seen = file_states(tls);
-        let loaded = read_all(tls)?;
+    /// Reads every certificate of `config`'s `[tls]`; the error names the file and the reason.
+    pub fn load(config: &Config) -> Result<CertStore, String> {
+        let seen = file_states(config);
+        let loaded = read_all(config)?;
+        let tls13_only = config
+            .tls
+            .as_ref()
+            .is_some_and(|tls| tls.min_version == TlsVersion::V1_3);
         Ok(CertStore {
             loaded: ArcSwap::from_pointee(loaded),
-            tls13_only: AtomicBool::new(tls.min_version == TlsVersion::V1_3),
+            tls13_only: AtomicBool::new(tls13_only),
             seen: Mutex::new(seen),
             pending: Mutex::new(None),
         })
     }
 
-    /// Re-reads the files when they (or their names in `tls`) changed: `Ok(true)`
+    /// Re-reads the files when they (or their names in `config`) changed: `Ok(true)`
     /// when new certificates are in force, `Err` (once per change) when they
     /// were refused and the old ones stay.
-    pub fn refresh(&self, tls: &Tls) -> Result<bool, String> {
-        self.tls13_only
-            .store(tls.min_version == TlsVersion::V1_3, Ordering::Relaxed);
-        let now = file_states(tls);
+    pub fn refresh(&self, config: &Config) -> Result<bool, String> {
+        let tls13_only = config
+            .tls
+            .as_ref()
+            .is_some_and(|tls| tls.min_version == TlsVersion::V1_3);
+        self.tls13_only.store(tls13_only, Ordering::Relaxed);
+        let now = file_states(config);
         {
             let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -128,7 +176,7 @@ impl CertStore {
             *pending = None;
             *seen = now;
         }
-        let loaded = read_all(tls)?;
+        let loaded = read_all(config)?;
         self.loaded.store(Arc::new(loaded));
         Ok(true)
     }
@@ -154,6 +202,12 @@ impl ResolvesServerCert for CertStore {
         }
         let loaded = self.loaded.load();
         let name = hello.server_name().map(str::to_ascii_lowercase);
+        if let Some((_, key)) = name
+            .as_ref()
+            .and_then(|name| loaded.acme.iter().find(|(domain, _)| domain == name))
+        {
+            return Some(Arc::clone(key));
+        }
         let named = name.and_then(|name| {
             loaded
                 .named
@@ -169,34 +223,44 @@ impl ResolvesServerCert for CertStore {
                 })
                 .map(|(_, key)| Arc::clone(key))
         });
-        Some(named.unwrap_or_else(|| Arc::clone(&loaded.default)))
+        named.or_else(|| loaded.default.clone())
     }
 }
 
-fn read_all(tls: &Tls) -> Result<Loaded, String> {
-    let mut default = None;
-    let mut named = Vec::new();
-    let mut info = Vec::new();
-    for (hosts, cert, key) in pairs(tls) {
-        let (certified, mut about) = read_pair(cert, key)?;
-        match hosts {
-            None => {
+fn read_all(config: &Config) -> Result<Loaded, String> {
+    let mut loaded = Loaded {
+        default: None,
+        named: Vec::new(),
+        acme: Vec::new(),
+        info: Vec::new(),
+    };
+    for pair in pairs(config) {
+        let read = read_pair(&pair.certificate, &pair.private_key);
+        let (certified, mut about) = match (&pair.claim, read) {
+            (_, Ok(read)) => read,
+            // Not obtained yet, or not usable: `acme` orders it (and says why).
+            (Claim::Acme(_), Err(_)) => continue,
+            (_, Err(e)) => return Err(e),
+        };
+        match pair.claim {
+            Claim::Default => {
                 about.hosts = vec!["*".to_owned()];
-                default = Some(certified);
+                loaded.default = Some(certified);
             }
-            Some(hosts) => {
+            Claim::Hosts(hosts) => {
                 about.hosts = hosts.iter().map(ToString::to_string).collect();
-                named.extend(hosts.iter().map(|h| (h.clone(), Arc::clone(&certified))));
+                loaded
+                    .named
+                    .extend(hosts.iter().map(|h| (h.clone(), Arc::clone(&certified))));
+            }
+            Claim::Acme(domain) => {
+                about.hosts = vec![domain.clone()];
+                loaded.acme.push((domain, certified));
             }
         }
-        info.push(about);
+        loaded.info.push(about);
     }
-    let default = default.ok_or("no default certificate")?;
-    Ok(Loaded {
-        default,
-        named,
-        info,
-    })
+    Ok(loaded)
 }
 
 /// The certificates of a PEM file, at least one; each parses as X.509.
@@ -275,11 +339,20 @@ pub fn read_pair(cert: &Path, key: &Path) -> Result<(Arc<CertifiedKey>, Certific
 /// What `--check` says about the certificates of `tls`: errors (a file that
 /// does not parse, a key that does not match, a certificate past its end)
 /// and warnings (one that ends within 14 days).
-pub fn check(tls: &Tls) -> (Vec<String>, Vec<String>) {
+pub fn check(config: &Config) -> (Vec<String>, Vec<String>) {
     let (mut errors, mut warnings) = (Vec::new(), Vec::new());
     let now = SystemTime::now();
-    for (_, cert, key) in pairs(tls) {
-        match read_pair(cert, key) {
+    let given = pairs(config)
+        .into_iter()
+        .filter(|pair| !matches!(pair.claim, Claim::Acme(_)));
+    for Pair {
+        certificate: cert,
+        private_key: key,
+        ..
+    } in given
+    {
+        let cert = cert.as_path();
+        match read_pair(cert, &key) {
             Err(e) => errors.push(e),
             Ok((_, info)) if info.not_after <= now => errors.push(format!(
                 "{}: the certificate expired on {}",
@@ -313,10 +386,7 @@ impl BackgroundService for CertWatch {
                 _ = shutdown.changed() => return,
             }
             let snapshot = self.live.load_full();
-            let Some(tls) = &snapshot.config.tls else {
-                continue;
-            };
-            match self.store.refresh(tls) {
+            match self.store.refresh(&snapshot.config) {
                 Ok(true) => {
                     for c in self.store.certificates() {
                         log::info!(

@@ -108,7 +108,8 @@ impl Drop for Proc {
     }
 }
 
-fn spawn_logged(mut cmd: Command, log: PathBuf, dir: Option<tempfile::TempDir>) -> Proc {
+/// Starts `cmd` with its output in `log`; `dir` is removed when it ends.
+pub fn spawn_logged(mut cmd: Command, log: PathBuf, dir: Option<tempfile::TempDir>) -> Proc {
     let out = std::fs::File::create(&log).expect("log file");
     let err = out.try_clone().expect("log file");
     let child = cmd
@@ -605,8 +606,12 @@ pub fn start_balancer_with_env(body: &str, env: &[(&str, &str)]) -> Balancer {
 /// Starts `program` (the balancer, or a program of one's own built on it)
 /// on `body`; fails at once, with its output, if it exits instead of listening.
 pub fn start_program(program: &Path, body: &str, env: &[(&str, &str)]) -> Balancer {
+    start_program_on(program, free_port(), body, env)
+}
+
+/// [`start_program`] with its plain listener on `port`.
+pub fn start_program_on(program: &Path, port: u16, body: &str, env: &[(&str, &str)]) -> Balancer {
     let dir = tempfile::tempdir().expect("temp dir");
-    let port = free_port();
     let config = dir.path().join("balancer.toml");
     std::fs::write(&config, config_text(port, body)).unwrap();
     let mut cmd = Command::new(program);
