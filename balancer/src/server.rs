@@ -40,7 +40,7 @@ pub fn run(
 ) -> ExitCode {
     let server_conf = ServerConf {
         threads: config.threads(),
-        // `drain` has waited for the requests in flight (at most the live
+        // `drain` has served what was accepted (at most the live
         // grace_period) before it lets Pingora stop: nothing is left to sleep for.
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(1),
@@ -89,8 +89,12 @@ pub fn run(
     );
     let drain = drain::Drain {
         in_flight: Arc::clone(&in_flight),
+        connections: Arc::clone(&connections),
         stopping: Arc::clone(&stopping),
         live: Arc::clone(&live),
+        listen: std::iter::once(listen)
+            .chain(tls.as_ref().map(|(settings, _)| settings.listen))
+            .collect(),
     };
     let mut balancer = pingora::proxy::http_proxy(
         &server.configuration,

@@ -53,9 +53,15 @@ pub struct Config {
     /// to give it. The token itself is never written in this file.
     #[serde(default)]
     pub admin_token_file: Option<PathBuf>,
-    /// How long SIGTERM waits for in-flight requests before the process exits.
+    /// How long the drain that follows SIGTERM (and `shutdown_delay`) waits
+    /// for in-flight requests before the process exits.
     #[serde(default = "default_grace_period")]
     pub grace_period: Positive,
+    /// How long after SIGTERM the balancer goes on accepting and serving as
+    /// usual before it drains: an orchestrator keeps routing new connections
+    /// to a stopping task for a moment after it signals it.
+    #[serde(default)]
+    pub shutdown_delay: Span,
     /// The upstream group named `default`: where requests no route claims go.
     #[serde(default)]
     pub upstream: Option<Upstream>,

@@ -1,58 +1,117 @@
-//! Graceful stop: on `SIGTERM` (what `docker stop` sends), finish the
-//! requests in flight, then let Pingora shut down; at most `grace_period`.
+//! Graceful stop: on `SIGTERM` (what `docker stop` and every orchestrator
+//! send), go on serving for `shutdown_delay`, then drain: serve every
+//! request on a connection already accepted or waiting in the listen
+//! backlog, then let Pingora shut down; the drain lasts at most `grace_period`.
 //!
-//! Pingora's own graceful path broadcasts the stop and then sleeps a grace
-//! period fixed at start-up (300 s by default), whatever is left to do. The
-//! balancer instead hands Pingora a [`Drain`] as its shutdown signal: on
-//! `SIGTERM` it marks the process as stopping (new connections are answered
-//! `503` and closed, responses close their connection), waits until no
-//! request is in flight or the live `grace_period` is over, and only then
-//! tells Pingora to terminate, with no grace period of its own left to sleep.
+//! An orchestrator keeps routing new connections to a task for a moment
+//! after it signals it, and a client whose connection the kernel completed
+//! has chosen this instance: answering either `503` fails a request that
+//! costs a few milliseconds to serve. So the drain refuses nothing. When it
+//! starts, [`Stopping`] is set: responses close their connection, HTTP/2
+//! connections get a `GOAWAY` (the proxy is handed the [`Stopping::watch`]
+//! as its shutdown signal), `/health-check` answers `503`; the listening
+//! sockets stop completing new connections, and their backlog is still
+//! accepted (see `listeners`). The drain is over when the backlog is empty,
+//! no accepted connection is still to send its first request and none is
+//! in flight, or when the live `grace_period` is over; only then is Pingora
+//! told to terminate, with no grace period of its own left to sleep.
+//!
+//! Pingora's own graceful path would instead stop accepting at once
+//! (resetting the backlog) and then sleep a grace period fixed at start-up.
 //! `SIGINT` stops at once; `SIGQUIT` (Pingora's upgrade signal, which this
-//! balancer does not use) drains like `SIGTERM`.
+//! balancer does not use) stops like `SIGTERM`.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
+use pingora::server::{ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
 use tokio::time::{sleep, Instant};
 
+use crate::proxy::connections::Connections;
+use crate::proxy::listeners::Listeners;
 use crate::proxy::InFlight;
 use crate::runtime::Live;
 
-/// How long the balancer must be idle before it counts as drained: a client
-/// whose response has just been written may still be reading it.
-const SETTLE: Duration = Duration::from_millis(100);
+/// How long the balancer must have nothing to do before it counts as
+/// drained: a client whose response has just been written may still be
+/// reading it, and a connection just accepted may still be in its TLS
+/// handshake, where it is not counted yet.
+const SETTLE: Duration = Duration::from_millis(200);
 
 /// Whether the process is draining; the proxy and the connection guard read it.
-#[derive(Debug, Default)]
-pub struct Stopping(AtomicBool);
+#[derive(Debug)]
+pub struct Stopping {
+    set: AtomicBool,
+    watch: watch::Sender<bool>,
+}
+
+impl Default for Stopping {
+    fn default() -> Self {
+        Stopping {
+            set: AtomicBool::new(false),
+            watch: watch::Sender::new(false),
+        }
+    }
+}
 
 impl Stopping {
     pub fn is_set(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.set.load(Ordering::Relaxed)
+    }
+
+    /// Turns `true` when the drain starts: what Pingora's HTTP server reads
+    /// to stop keeping connections alive and to send HTTP/2 a `GOAWAY`.
+    pub fn watch(&self) -> ShutdownWatch {
+        self.watch.subscribe()
     }
 
     fn set(&self) {
-        self.0.store(true, Ordering::Relaxed);
+        self.set.store(true, Ordering::Relaxed);
+        self.watch.send_replace(true);
     }
 }
 
 pub struct Drain {
     pub in_flight: Arc<InFlight>,
+    pub connections: Arc<Connections>,
     pub stopping: Arc<Stopping>,
-    /// `grace_period` is read when SIGTERM comes, so a reloaded value counts.
+    /// `shutdown_delay` and `grace_period` are read when SIGTERM comes, so
+    /// reloaded values count.
     pub live: Arc<Live>,
+    /// The proxy's listening addresses (plain and TLS).
+    pub listen: Vec<SocketAddr>,
 }
 
 impl Drain {
-    /// Waits for the requests in flight, at most the grace period in force.
+    /// `shutdown_delay` of serving as usual, then the drain.
+    async fn stop(&self, signal_name: &str) {
+        let delay = self.live.load().config.shutdown_delay.0;
+        if !delay.is_zero() {
+            log::info!(
+                "{signal_name}: serving as usual for {} (shutdown_delay), then draining",
+                humantime::format_duration(delay)
+            );
+            sleep(delay).await;
+        }
+        self.drain(signal_name).await
+    }
+
+    /// Serves what was accepted or waits in the backlog, at most the grace
+    /// period in force.
     async fn drain(&self, signal_name: &str) {
         let grace = self.live.load().config.grace_period;
         self.stopping.set();
+        let listeners = Listeners::find(&self.listen);
+        if listeners.is_empty() {
+            log::warn!("graceful stop: the listening sockets were not found; they go on accepting until the drain is over");
+        } else if let Err(e) = listeners.stop_completing() {
+            log::warn!("graceful stop: cannot stop the listening sockets from completing new connections ({e}); they go on accepting until the drain is over");
+        }
         log::info!(
             "{signal_name}: graceful stop, grace period {grace}: no new connections, {} requests in flight",
             self.in_flight.count()
@@ -61,7 +120,8 @@ impl Drain {
         let mut idle_since: Option<Instant> = None;
         loop {
             let now = Instant::now();
-            if self.in_flight.count() == 0 {
+            let busy = self.in_flight.count() + self.connections.fresh();
+            if busy == 0 && listeners.backlog_empty() {
                 if now.duration_since(*idle_since.get_or_insert(now)) >= SETTLE {
                     log::info!("graceful stop: no request in flight, exiting");
                     return;
@@ -103,7 +163,7 @@ impl ShutdownSignalWatch for Drain {
             }
         };
         tokio::select! {
-            _ = self.drain(name) => {}
+            _ = self.stop(name) => {}
             _ = int.recv() => log::info!("SIGINT: stopping now"),
         }
         ShutdownSignal::GracefulTerminate

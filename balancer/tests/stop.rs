@@ -1,0 +1,292 @@
+//! The balancer's own stop (#27): on SIGTERM nothing it accepted fails.
+//! Every request on a connection it accepted, or that waits in its listen
+//! backlog, is served (with `Connection: close`, HTTP/2 with a `GOAWAY`);
+//! new connections are no longer completed; `/health-check` answers 503
+//! while the drain lasts; `shutdown_delay` keeps it serving as usual first.
+
+#[path = "support/http2.rs"]
+mod http2;
+mod support;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// What one request on a new connection came to.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    /// The connection was never completed: the request went to no one.
+    NotConnected(String),
+    /// A whole response: its status, and whether it closed the connection.
+    Answered(u16, bool),
+    /// Connected, and no whole response came: a failed request.
+    Failed(String),
+}
+
+fn addr(lb: &Balancer) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], lb.port))
+}
+
+/// Sends `GET path` on `stream` and reads its response.
+fn exchange(stream: &mut TcpStream, path: &str) -> Outcome {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: lb\r\n\r\n");
+    if let Err(e) = stream.write_all(request.as_bytes()) {
+        return Outcome::Failed(format!("write: {e}"));
+    }
+    let text = read_response(stream);
+    let Some(status) = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+    else {
+        return Outcome::Failed(format!("no response, got {text:?}"));
+    };
+    let head = text[..text.find("\r\n\r\n").unwrap_or(text.len())].to_ascii_lowercase();
+    Outcome::Answered(status, head.contains("\r\nconnection: close"))
+}
+
+/// `GET path` on a new connection.
+fn get_on_new_connection(to: SocketAddr, path: &str) -> Outcome {
+    let mut stream = match TcpStream::connect_timeout(&to, Duration::from_secs(10)) {
+        Ok(stream) => stream,
+        Err(e) => return Outcome::NotConnected(e.to_string()),
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    exchange(&mut stream, path)
+}
+
+fn signal(lb: &Balancer, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &lb.proc.pid().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{name}");
+}
+
+fn wait_for_exit(lb: &mut Balancer, within: Duration) -> std::process::ExitStatus {
+    wait_for(within, "the balancer to exit", || {
+        lb.proc.child.try_wait().unwrap()
+    })
+}
+
+fn ready(lb: &Balancer) {
+    wait_for(Duration::from_secs(10), "the origin", || {
+        get(&lb.url("/")).ok().filter(|r| r.status == 200)
+    });
+}
+
+#[test]
+fn sigterm_under_a_loop_of_new_connections_fails_no_request_it_accepted() {
+    let origin = Origin::start();
+    origin.on("/", Act::Slow(Duration::from_millis(100), 200, "done"));
+    let mut lb = start_balancer(&format!(
+        "grace_period = \"5s\"\n{}",
+        upstream_at(origin.port)
+    ));
+    ready(&lb);
+    let forwarded_before = origin.hits("/");
+    let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::default();
+    let to = addr(&lb);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // Four clients, each request on a new connection, until one is not completed.
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let outcomes = Arc::clone(&outcomes);
+            std::thread::spawn(move || {
+                while Instant::now() < deadline {
+                    let outcome = get_on_new_connection(to, "/");
+                    let stop = matches!(outcome, Outcome::NotConnected(_));
+                    outcomes.lock().unwrap().push(outcome);
+                    if stop {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_for(Duration::from_secs(10), "the loop to run", || {
+        (outcomes.lock().unwrap().len() >= 8).then_some(())
+    });
+    lb.proc.terminate();
+    let exit = wait_for_exit(&mut lb, Duration::from_secs(10));
+    for c in clients {
+        c.join().unwrap();
+    }
+    let outcomes = outcomes.lock().unwrap();
+    let answered = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Answered(200, _)))
+        .count();
+    let failed: Vec<_> = outcomes
+        .iter()
+        .filter(|o| !matches!(o, Outcome::Answered(200, _) | Outcome::NotConnected(_)))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "every completed connection is answered 200 (no 503, no reset): {failed:?}"
+    );
+    assert_eq!(
+        answered,
+        origin.hits("/") - forwarded_before,
+        "every request passed on was answered"
+    );
+    assert!(
+        outcomes.contains(&Outcome::Answered(200, true)),
+        "the requests in flight at SIGTERM were answered with Connection: close: {outcomes:?}"
+    );
+    let log = lb.proc.log_text();
+    assert!(
+        log.contains("graceful stop, grace period 5s"),
+        "the stop states the grace period in force: {log}"
+    );
+    assert!(
+        !log.contains(" ERROR ") && !log.contains("300s"),
+        "a clean stop logs no error and no other grace period: {log}"
+    );
+    assert_eq!(exit.code(), Some(0), "{log}");
+}
+
+#[test]
+fn connections_waiting_in_the_listen_backlog_at_sigterm_are_served() {
+    let origin = Origin::start();
+    let mut lb = start_balancer(&upstream_at(origin.port));
+    ready(&lb);
+    // Stopped, the balancer accepts nothing: the kernel completes the
+    // connections and queues them, with their requests, in the backlog.
+    // (Whether the drain or the accept loop runs first once it goes on is
+    // a race: a response may or may not close its connection.)
+    signal(&lb, "STOP");
+    let mut waiting: Vec<TcpStream> = (0..20)
+        .map(|i| {
+            let mut stream = TcpStream::connect(addr(&lb)).expect("the kernel completes it");
+            let request = format!("GET /queued/{i} HTTP/1.1\r\nHost: lb\r\n\r\n");
+            stream.write_all(request.as_bytes()).unwrap();
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            stream
+        })
+        .collect();
+    signal(&lb, "TERM");
+    signal(&lb, "CONT");
+    for (i, stream) in waiting.iter_mut().enumerate() {
+        let text = read_response(stream);
+        assert!(
+            text.starts_with("HTTP/1.1 200"),
+            "queued connection {i} is served: {text:?}\n{}",
+            lb.proc.log_text()
+        );
+    }
+    assert_eq!(origin.hits_except("/"), 20, "each was passed on once");
+    let exit = wait_for_exit(&mut lb, Duration::from_secs(10));
+    assert_eq!(exit.code(), Some(0), "{}", lb.proc.log_text());
+}
+
+#[test]
+fn while_draining_kept_alive_connections_are_served_and_closed_and_the_health_check_fails() {
+    let origin = Origin::start();
+    origin.on("/slow", Act::Slow(Duration::from_millis(1500), 200, "slow"));
+    let mut lb = start_balancer(&format!(
+        "http2_cleartext = true\n{}",
+        upstream_at(origin.port)
+    ));
+    ready(&lb);
+    let connect = || {
+        let stream = TcpStream::connect(addr(&lb)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+    };
+    let (mut kept, mut checker) = (connect(), connect());
+    assert_eq!(exchange(&mut kept, "/"), Outcome::Answered(200, false));
+    assert_eq!(
+        exchange(&mut checker, "/health-check"),
+        Outcome::Answered(200, false)
+    );
+    // A slow request keeps the drain going; an HTTP/2 connection carries another.
+    let slow_url = lb.url("/slow");
+    let slow = std::thread::spawn(move || get(&slow_url));
+    let port = lb.port;
+    let h2 = std::thread::spawn(move || {
+        http2::block_on(async move {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .map_err(|e| e.to_string())?;
+            let (send, connection) = h2::client::handshake(tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            let driver = tokio::spawn(connection);
+            let uri = format!("http://127.0.0.1:{port}/slow");
+            let reply = http2::get(&send, &uri, &[]).await?;
+            drop(send);
+            // The GOAWAY ends the connection once its last stream is served.
+            let closed = tokio::time::timeout(Duration::from_secs(10), driver).await;
+            Ok::<_, String>((reply.status, format!("{closed:?}")))
+        })
+    });
+    wait_for(Duration::from_secs(5), "both slow requests", || {
+        (origin.hits("/slow") == 2).then_some(())
+    });
+    lb.proc.terminate();
+    lb.wait_for_log("graceful stop");
+    assert_eq!(
+        exchange(&mut kept, "/"),
+        Outcome::Answered(200, true),
+        "a kept-alive connection is served, and told it closes"
+    );
+    assert_eq!(
+        exchange(&mut checker, "/health-check"),
+        Outcome::Answered(503, true),
+        "the health check fails from the drain's start"
+    );
+    assert!(
+        TcpStream::connect_timeout(&addr(&lb), Duration::from_millis(500)).is_err(),
+        "no new connection is completed while draining"
+    );
+    let slow = slow.join().unwrap().expect("the slow request is answered");
+    assert_eq!((slow.status, slow.body.as_str()), (200, "slow"));
+    let (status, closed) = h2.join().unwrap().expect("the HTTP/2 request is answered");
+    assert_eq!(status, 200);
+    assert_eq!(
+        closed, "Ok(Ok(Ok(())))",
+        "the HTTP/2 connection ends cleanly"
+    );
+    let exit = wait_for_exit(&mut lb, Duration::from_secs(10));
+    assert_eq!(exit.code(), Some(0), "{}", lb.proc.log_text());
+}
+
+#[test]
+fn shutdown_delay_serves_as_usual_before_the_drain_starts() {
+    let origin = Origin::start();
+    let mut lb = start_balancer(&format!(
+        "shutdown_delay = \"3s\"\n{}",
+        upstream_at(origin.port)
+    ));
+    ready(&lb);
+    let signalled = Instant::now();
+    lb.proc.terminate();
+    lb.wait_for_log("SIGTERM: serving as usual for 3s (shutdown_delay), then draining");
+    let request = get_on_new_connection(addr(&lb), "/");
+    let health = get_on_new_connection(addr(&lb), "/health-check");
+    let within = signalled.elapsed();
+    assert!(
+        within < Duration::from_secs(3),
+        "the checks ran within the delay ({within:?} after SIGTERM)"
+    );
+    assert_eq!(request, Outcome::Answered(200, false), "served as usual");
+    assert_eq!(health, Outcome::Answered(200, false), "still healthy");
+    let exit = wait_for_exit(&mut lb, Duration::from_secs(15));
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(3),
+        "the drain came after the delay"
+    );
+    assert_eq!(exit.code(), Some(0), "{}", lb.proc.log_text());
+    assert!(lb.proc.log_text().contains("graceful stop, grace period"));
+}
+
+fn upstream_at(port: u16) -> String {
+    format!("[upstream]\nservers = [\"127.0.0.1:{port}\"]\n")
+}
