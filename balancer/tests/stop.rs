@@ -290,3 +290,86 @@ fn shutdown_delay_serves_as_usual_before_the_drain_starts() {
 fn upstream_at(port: u16) -> String {
     format!("[upstream]\nservers = [\"127.0.0.1:{port}\"]\n")
 }
+
+/// A rolling update on one host, as on the host network: the next balancer
+/// starts beside the old one on the same port (`reuse_port`), the old one
+/// gets SIGTERM, and clients on new and on kept-alive connections see no
+/// failure. A connection the kernel hands the old one while it drains waits
+/// for a retransmitted SYN, which the new one answers.
+#[test]
+fn a_rolling_update_on_one_host_with_reuse_port_fails_no_request() {
+    let origin = Origin::start();
+    let body = format!(
+        "reuse_port = true\nshutdown_delay = \"1s\"\n{}",
+        upstream_at(origin.port)
+    );
+    let mut old = start_balancer(&body);
+    ready(&old);
+    let to = addr(&old);
+    let url = old.url("/");
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let slowest = Arc::new(Mutex::new(Duration::ZERO));
+    let clients: Vec<_> = (0..4)
+        .map(|i| {
+            let (running, failures) = (Arc::clone(&running), Arc::clone(&failures));
+            let (answered, slowest, url) =
+                (Arc::clone(&answered), Arc::clone(&slowest), url.clone());
+            std::thread::spawn(move || {
+                // Two clients open a connection per request, two keep theirs.
+                let kept = Client::default();
+                while running.load(std::sync::atomic::Ordering::Relaxed) {
+                    let started = Instant::now();
+                    let failure = if i % 2 == 0 {
+                        match get_on_new_connection(to, "/") {
+                            Outcome::Answered(200, _) => None,
+                            other => Some(format!("new connection: {other:?}")),
+                        }
+                    } else {
+                        match kept.get(&url) {
+                            Ok(r) if r.status == 200 => None,
+                            other => Some(format!("kept-alive: {other:?}")),
+                        }
+                    };
+                    match failure {
+                        Some(f) => failures.lock().unwrap().push(f),
+                        None => {
+                            answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let took = started.elapsed();
+                            let mut slowest = slowest.lock().unwrap();
+                            *slowest = (*slowest).max(took);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let count = || answered.load(std::sync::atomic::Ordering::Relaxed);
+    wait_for(Duration::from_secs(10), "the loops to run", || {
+        (count() >= 20).then_some(())
+    });
+    let new = start_balancer_beside(&old, &body);
+    old.proc.terminate();
+    let exit = wait_for_exit(&mut old, Duration::from_secs(15));
+    let after_old = count();
+    wait_for(
+        Duration::from_secs(10),
+        "the loops to go on through the new one",
+        || (count() >= after_old + 40).then_some(()),
+    );
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    assert_eq!(exit.code(), Some(0), "{}", old.proc.log_text());
+    assert!(old.proc.log_text().contains("graceful stop"));
+    eprintln!(
+        "rolling update on one host: {} requests, 0 failed, the slowest took {:?}",
+        count(),
+        slowest.lock().unwrap()
+    );
+    drop(new);
+}

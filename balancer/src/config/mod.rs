@@ -36,6 +36,12 @@ pub struct Config {
     /// Where clients connect.
     #[serde(default = "default_listen", deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
+    /// The client listeners are opened with `SO_REUSEPORT`, so that a second
+    /// balancer on the same host and port (the next version, in a rolling
+    /// update on the host network) shares the new connections with this one
+    /// until it stops. Off, a second one fails to start: the port is taken.
+    #[serde(default)]
+    pub reuse_port: bool,
     /// Metrics and status; off when absent.
     #[serde(default, deserialize_with = "optional_socket_addr")]
     pub admin_listen: Option<SocketAddr>,

@@ -573,24 +573,45 @@ pub fn start_balancer_with_env(body: &str, env: &[(&str, &str)]) -> Balancer {
 /// Starts `program` (the balancer, or a program of one's own built on it)
 /// on `body`; fails at once, with its output, if it exits instead of listening.
 pub fn start_program(program: &Path, body: &str, env: &[(&str, &str)]) -> Balancer {
+    let mut balancer = spawn_balancer(program, free_port(), body, env);
+    let name = program.display().to_string();
+    wait_for(
+        Duration::from_secs(10),
+        &format!("{name} to listen"),
+        || {
+            balancer.proc.assert_running(&name);
+            TcpStream::connect(("127.0.0.1", balancer.port)).ok()
+        },
+    );
+    balancer
+}
+
+/// A second balancer on the port of another (`reuse_port = true` in both),
+/// ready: it has served a request of its own.
+pub fn start_balancer_beside(other: &Balancer, body: &str) -> Balancer {
+    let mut balancer = spawn_balancer(&binary("balancer"), other.port, body, &[]);
+    wait_for(
+        Duration::from_secs(20),
+        "the second balancer to take a share of the new connections",
+        || {
+            balancer.proc.assert_running("the second balancer");
+            let _ = get(&balancer.url("/?beside"));
+            balancer.proc.log_text().contains("/?beside").then_some(())
+        },
+    );
+    balancer
+}
+
+/// Starts `program` on `body`, listening on `port`.
+fn spawn_balancer(program: &Path, port: u16, body: &str, env: &[(&str, &str)]) -> Balancer {
     let dir = tempfile::tempdir().expect("temp dir");
-    let port = free_port();
     let config = dir.path().join("balancer.toml");
     std::fs::write(&config, config_text(port, body)).unwrap();
     let mut cmd = Command::new(program);
     cmd.arg("--config").arg(&config).env("RUST_LOG", "info");
     cmd.envs(env.iter().copied());
     let log = dir.path().join("balancer.log");
-    let mut proc = spawn_logged(cmd, log, Some(dir));
-    let name = program.display().to_string();
-    wait_for(
-        Duration::from_secs(10),
-        &format!("{name} to listen"),
-        || {
-            proc.assert_running(&name);
-            TcpStream::connect(("127.0.0.1", port)).ok()
-        },
-    );
+    let proc = spawn_logged(cmd, log, Some(dir));
     Balancer { proc, port, config }
 }
 
