@@ -105,6 +105,7 @@ pub fn run(
             in_flight,
             cache,
             stopping: Arc::clone(&stopping),
+            tunnels: proxy::tunnel::connector(&server.configuration),
         },
     );
     if http2_cleartext {

@@ -15,20 +15,6 @@ use support::*;
 
 const MIB: usize = 1 << 20;
 
-/// A balancer in front of `origin`, once it has answered a `GET /`.
-fn in_front_of(origin: &Origin, extra: &str) -> Balancer {
-    let lb = start_balancer(&format!(
-        "{extra}\n[upstream]\nservers = [\"127.0.0.1:{}\"]\nread_timeout = \"2s\"\n",
-        origin.port
-    ));
-    wait_for(
-        Duration::from_secs(10),
-        "the origin through the balancer",
-        || get(&lb.url("/")).ok().filter(|r| r.status == 200),
-    );
-    lb
-}
-
 /// One HTTP/1.1 response as it came over the wire.
 #[derive(Debug)]
 struct Wire {

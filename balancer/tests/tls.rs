@@ -493,31 +493,26 @@ fn ws_open<S: Read + Write>(url: &str, stream: S) -> WebSocket<S> {
     }
 }
 
-/// Opens a WebSocket (over a stream from `connect`) whose first message is
-/// echoed. Pingora 0.9.1 sometimes ends a tunnel right after the 101 when the
-/// answer beats its handling of the upgrade request's empty body
-/// (cloudflare/pingora#946, fixes pending upstream): the client then sees
-/// the connection reset at its first message. That known race is retried,
-/// at most three times in all; anything else fails at once.
-fn ws_open_past_the_race<S: Read + Write>(url: &str, connect: impl Fn() -> S) -> WebSocket<S> {
-    for attempt in 1..=3 {
-        let mut ws = ws_open(url, connect());
-        ws.send(Message::text("first"))
-            .expect("send the first message");
-        match ws.read() {
-            Ok(Message::Text(echo)) if echo.as_str() == "first" => return ws,
-            Err(tungstenite::Error::Protocol(
-                tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
-            ))
-            | Err(tungstenite::Error::ConnectionClosed)
-                if attempt < 3 =>
-            {
-                continue
-            }
-            other => panic!("{url}: expected the first message echoed, got {other:?}"),
-        }
+/// A plain connection to the balancer's listener on `port`, for a WebSocket.
+fn plain_tcp(port: u16) -> TcpStream {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect to the balancer");
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp
+}
+
+/// Opens `/ws` through the plain listener on `port`.
+fn ws_plain(port: u16) -> WebSocket<TcpStream> {
+    ws_open(&format!("ws://127.0.0.1:{port}/ws"), plain_tcp(port))
+}
+
+/// Sends `text` and expects it back; the error says which went wrong.
+fn ws_round_trip<S: Read + Write>(ws: &mut WebSocket<S>, text: &str) -> Result<(), String> {
+    ws.send(Message::text(text))
+        .map_err(|e| format!("send {text:?}: {e}"))?;
+    match ws.read() {
+        Ok(Message::Text(echo)) if echo.as_str() == text => Ok(()),
+        other => Err(format!("expected {text:?} back, got {other:?}")),
     }
-    unreachable!("the loop returns or panics")
 }
 
 /// Sends a text and a binary message and reads each echoed back.
@@ -1429,19 +1424,14 @@ fn websockets_echo_through_the_plain_and_the_tls_listener() {
         || get(&https.lb.url("/")).ok().filter(|r| r.status == 200),
     );
 
-    let plain = || {
-        let tcp = TcpStream::connect(("127.0.0.1", https.lb.port)).unwrap();
-        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        tcp
-    };
-    let mut ws = ws_open_past_the_race(&format!("ws://127.0.0.1:{}/ws", https.lb.port), plain);
+    let mut ws = ws_plain(https.lb.port);
     ws_echo(&mut ws, "hello over ws");
     ws_echo(&mut ws, "and again");
     ws_close(&mut ws);
 
     let roots = trusting(&[&pki.ca]);
-    let tls = || connect_tls(https.tls_port, "localhost", &roots).unwrap();
-    let mut wss = ws_open_past_the_race(&format!("wss://localhost:{}/ws", https.tls_port), tls);
+    let tls = connect_tls(https.tls_port, "localhost", &roots).unwrap();
+    let mut wss = ws_open(&format!("wss://localhost:{}/ws", https.tls_port), tls);
     ws_echo(&mut wss, "hello over wss");
     ws_echo(&mut wss, "and again");
     ws_close(&mut wss);
@@ -1461,12 +1451,7 @@ fn a_websocket_lives_past_read_timeout_while_it_carries_traffic_and_closes_after
         "the backend through the balancer",
         || get(&lb.url("/")).ok().filter(|r| r.status == 200),
     );
-    let plain = || {
-        let tcp = TcpStream::connect(("127.0.0.1", lb.port)).unwrap();
-        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        tcp
-    };
-    let mut ws = ws_open_past_the_race(&format!("ws://127.0.0.1:{}/ws", lb.port), plain);
+    let mut ws = ws_plain(lb.port);
 
     let opened = Instant::now();
     let mut last_echo = opened;
@@ -1501,6 +1486,346 @@ fn a_websocket_lives_past_read_timeout_while_it_carries_traffic_and_closes_after
     assert!(
         after >= Duration::from_millis(1500) && after <= Duration::from_secs(5),
         "the idle WebSocket closed after {after:?} of silence (idle_timeout = 2s; read_timeout = 1s must not apply): {ended:?}"
+    );
+}
+
+/// Opens `count` WebSockets from each of `threads` threads, one after
+/// another, each over a stream from `connect`, and echoes three messages
+/// on each: the failures, as "which: what".
+fn ws_many<S: Read + Write>(
+    threads: usize,
+    count: usize,
+    url: &str,
+    connect: impl Fn() -> Result<S, String> + Sync,
+) -> Vec<String> {
+    let failures = Mutex::new(Vec::new());
+    thread::scope(|scope| {
+        for t in 0..threads {
+            let (failures, connect) = (&failures, &connect);
+            scope.spawn(move || {
+                for n in 0..count {
+                    let one = || -> Result<(), String> {
+                        let (mut ws, _) =
+                            tungstenite::client(url, connect()?).map_err(|e| e.to_string())?;
+                        for m in 0..3 {
+                            ws_round_trip(
+                                &mut ws,
+                                &format!("thread {t}, socket {n}, message {m}"),
+                            )?;
+                        }
+                        ws.close(None).map_err(|e| e.to_string())
+                    };
+                    if let Err(e) = one() {
+                        failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("thread {t}, socket {n}: {e}"));
+                    }
+                }
+            });
+        }
+    });
+    failures.into_inner().unwrap()
+}
+
+#[test]
+fn two_thousand_websockets_over_the_plain_listener_and_five_hundred_over_tls_none_cut() {
+    let pki = Pki::new(&["localhost"]);
+    let backend_port = free_port();
+    let _backend = start_backend("ws-many", backend_port);
+    let https = start_https("", &pki.cert, &pki.key, "", &upstream_at(backend_port, ""));
+    let port = https.lb.port;
+    wait_for(
+        Duration::from_secs(10),
+        "the backend through the balancer",
+        || get(&https.lb.url("/")).ok().filter(|r| r.status == 200),
+    );
+    let plain = || TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string());
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let one_by_one = ws_many(1, 1000, &url, plain);
+    assert!(
+        one_by_one.is_empty(),
+        "{} of 1,000 WebSockets one after another failed, e.g. {:?}",
+        one_by_one.len(),
+        one_by_one.first()
+    );
+    let twenty_at_once = ws_many(20, 50, &url, plain);
+    assert!(
+        twenty_at_once.is_empty(),
+        "{} of 1,000 WebSockets 20 at once failed, e.g. {:?}",
+        twenty_at_once.len(),
+        twenty_at_once.first()
+    );
+
+    let roots = trusting(&[&pki.ca]);
+    let tls = || connect_tls(https.tls_port, "localhost", &roots);
+    let over_tls = ws_many(
+        10,
+        50,
+        &format!("wss://localhost:{}/ws", https.tls_port),
+        tls,
+    );
+    assert!(
+        over_tls.is_empty(),
+        "{} of 500 WebSockets over TLS failed, e.g. {:?}",
+        over_tls.len(),
+        over_tls.first()
+    );
+
+    // One access-log line per tunnel, written when it closed.
+    let ends = |log: &str, protocol: &str| {
+        log.lines()
+            .filter(|l| {
+                l.contains(&format!("\"GET /ws {protocol}\" 101"))
+                    && l.contains(" tunnel_closed_by=")
+            })
+            .count()
+    };
+    wait_for(
+        Duration::from_secs(10),
+        "2,500 tunnel ends in the access log",
+        || {
+            let log = https.lb.proc.log_text();
+            (ends(&log, "HTTP/1.1") == 2000 && ends(&log, "HTTP/1.1+TLS") == 500).then_some(())
+        },
+    );
+}
+
+/// One WebSocket frame from the client: a masked text frame (payload under 126 bytes).
+fn masked_text_frame(text: &str) -> Vec<u8> {
+    let mask = [0x37u8, 0xfa, 0x21, 0x3d];
+    let mut frame = vec![0x81, 0x80 | text.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// Reads the response head and then one unmasked text frame from the server.
+fn read_head_and_text_frame(stream: &mut TcpStream) -> (String, String) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let (head_end, payload) = loop {
+        let n = stream.read(&mut buf).expect("read the answer");
+        assert!(
+            n > 0,
+            "the connection closed after {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+        let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let frame = &got[end + 4..];
+        if frame.len() >= 2 && frame.len() >= 2 + usize::from(frame[1] & 0x7f) {
+            assert_eq!(frame[0], 0x81, "a text frame");
+            break (end, frame[2..2 + usize::from(frame[1] & 0x7f)].to_vec());
+        }
+    };
+    (
+        String::from_utf8_lossy(&got[..head_end]).into_owned(),
+        String::from_utf8(payload).expect("a UTF-8 text"),
+    )
+}
+
+const UPGRADE_REQUEST: &str = "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+#[test]
+fn bytes_sent_before_the_101_are_forwarded_and_the_log_says_how_each_tunnel_ended() {
+    let backend_port = free_port();
+    let mut backend = start_backend("ws-ends", backend_port);
+    let lb = start_balancer(&upstream_at(backend_port, "idle_timeout = \"1s\""));
+    wait_for(
+        Duration::from_secs(10),
+        "the backend through the balancer",
+        || get(&lb.url("/")).ok().filter(|r| r.status == 200),
+    );
+
+    // The request and a first message in one write, before any answer.
+    let mut early = plain_tcp(lb.port);
+    let mut bytes = UPGRADE_REQUEST.as_bytes().to_vec();
+    bytes.extend(masked_text_frame("hello"));
+    early.write_all(&bytes).unwrap();
+    let (head, echo) = read_head_and_text_frame(&mut early);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(echo, "hello", "the message sent before the 101 came back");
+    // The client goes away without a closing handshake.
+    early.shutdown(std::net::Shutdown::Both).unwrap();
+    let line = lb.wait_for_log("tunnel_closed_by=client");
+    // 11 bytes up (2 of header, 4 of mask, 5 of text), 7 down (unmasked).
+    assert!(
+        line.contains("\"GET /ws HTTP/1.1\" 101") && line.contains(" bytes_up=11 bytes_down=7"),
+        "{line}"
+    );
+
+    // Silence both ways for idle_timeout.
+    let mut idle = ws_plain(lb.port);
+    ws_round_trip(&mut idle, "then nothing").unwrap();
+    let line = lb.wait_for_log("tunnel_closed_by=idle");
+    assert!(line.contains("bytes_up=18 bytes_down=14"), "{line}");
+    assert!(idle.read().is_err(), "the idle WebSocket is closed");
+
+    // The backend goes away.
+    let mut cut = ws_plain(lb.port);
+    ws_round_trip(&mut cut, "before the backend dies").unwrap();
+    backend.kill();
+    lb.wait_for_log("tunnel_closed_by=backend");
+    assert!(cut.read().is_err(), "the client's side is closed too");
+}
+
+#[test]
+fn an_upgrade_the_backend_refuses_is_relayed_as_a_normal_response() {
+    let origin = Origin::start();
+    origin.on("/ws", Act::Answer(403, "no WebSocket for you"));
+    let lb = start_balancer(&upstream_at(origin.port, ""));
+    let (reply, _) = raw_exchange(lb.port, UPGRADE_REQUEST.as_bytes());
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    assert!(reply.ends_with("\r\n\r\nno WebSocket for you"), "{reply}");
+    let seen = origin.seen();
+    let upgrade = seen
+        .iter()
+        .find(|s| s.path == "/ws")
+        .expect("the origin saw the upgrade");
+    assert_eq!(upgrade.header("upgrade"), Some("websocket"), "{upgrade:?}");
+    assert!(
+        upgrade.header("x-request-id").is_some()
+            && upgrade.header("x-forwarded-for") == Some("127.0.0.1"),
+        "{upgrade:?}"
+    );
+    lb.wait_for_log("\"GET /ws HTTP/1.1\" 403");
+}
+
+#[test]
+fn a_failed_connect_is_retried_and_least_connections_counts_open_tunnels() {
+    let (a, b) = (free_port(), free_port());
+    let _a = start_backend("ws-a", a);
+    let _b = start_backend("ws-b", b);
+    let dead = free_port();
+    // Nothing listens on `dead`, and no health check takes it out.
+    let lb = start_balancer(&format!(
+        "[upstream]\nservers = [\"127.0.0.1:{dead}\", \"127.0.0.1:{a}\", \"127.0.0.1:{b}\"]\nalgorithm = \"least_connections\"\n"
+    ));
+    let mut open = Vec::new();
+    for n in 0..6 {
+        let mut ws = ws_plain(lb.port);
+        ws_round_trip(&mut ws, &format!("socket {n}")).unwrap();
+        open.push(ws);
+    }
+    // Each live backend holds tunnels now; with one more on one of them,
+    // least connections sends every request to the other.
+    let mut extra = ws_plain(lb.port);
+    ws_round_trip(&mut extra, "one more").unwrap();
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..20 {
+        let r = get(&lb.url("/info")).expect("GET /info");
+        *seen.entry(container_id(&r)).or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen.len(),
+        1,
+        "every request goes to the backend with fewer tunnels: {seen:?}"
+    );
+    drop(open);
+    let retried = wait_for(Duration::from_secs(10), "the tunnels' lines", || {
+        let log = lb.proc.log_text();
+        let lines: Vec<String> = log
+            .lines()
+            .filter(|l| l.contains("tunnel_closed_by="))
+            .map(str::to_owned)
+            .collect();
+        (lines.len() >= 6).then_some(lines)
+    });
+    assert!(
+        retried.iter().any(|l| l.contains(" retries=1 ")),
+        "a connect to the dead backend was retried:\n{retried:?}"
+    );
+    ws_round_trip(&mut extra, "still open").unwrap();
+}
+
+#[test]
+fn a_websocket_stays_open_across_a_reload_and_a_certificate_renewal() {
+    let old = Pki::new(&["localhost"]);
+    let new = Pki::new(&["localhost"]);
+    let files = LiveFiles::of(&old);
+    let backend_port = free_port();
+    let _backend = start_backend("ws-reload", backend_port);
+    let https = start_https(
+        "",
+        &files.cert,
+        &files.key,
+        "",
+        &upstream_at(backend_port, "read_timeout = \"30s\""),
+    );
+    let both = trusting(&[&old.ca, &new.ca]);
+    let mut ws = ws_plain(https.lb.port);
+    let tls = connect_tls(https.tls_port, "localhost", &both).unwrap();
+    let mut wss = ws_open(&format!("wss://localhost:{}/ws", https.tls_port), tls);
+    ws_round_trip(&mut ws, "before").unwrap();
+    ws_round_trip(&mut wss, "before").unwrap();
+
+    // Edited in place, as an operator would: only read_timeout changes.
+    let config = std::fs::read_to_string(&https.lb.config).unwrap();
+    std::fs::write(
+        &https.lb.config,
+        config.replace("read_timeout = \"30s\"", "read_timeout = \"20s\""),
+    )
+    .unwrap();
+    https.lb.wait_for_log("upstream.read_timeout");
+    ws_round_trip(&mut ws, "after the reload").unwrap();
+    ws_round_trip(&mut wss, "after the reload").unwrap();
+
+    new.install(&files.cert, &files.key);
+    https.lb.wait_for_log("certificate reloaded");
+    ws_round_trip(&mut ws, "after the renewal").unwrap();
+    ws_round_trip(&mut wss, "after the renewal").unwrap();
+    // New connections get the new certificate, and their WebSockets work.
+    let only_new = trusting(&[&new.ca]);
+    let mut fresh = ws_open(
+        &format!("wss://localhost:{}/ws", https.tls_port),
+        connect_tls(https.tls_port, "localhost", &only_new).unwrap(),
+    );
+    ws_round_trip(&mut fresh, "under the new certificate").unwrap();
+    ws_close(&mut ws);
+    ws_close(&mut wss);
+}
+
+#[test]
+fn sigterm_closes_open_tunnels_only_after_the_grace_period() {
+    let backend_port = free_port();
+    let _backend = start_backend("ws-stop", backend_port);
+    let mut lb = start_balancer(&format!(
+        "grace_period = \"2s\"\n{}",
+        upstream_at(backend_port, "")
+    ));
+    let mut ws = ws_plain(lb.port);
+    ws_round_trip(&mut ws, "before SIGTERM").unwrap();
+    lb.proc.terminate();
+    let signalled = Instant::now();
+    let mut n = 0;
+    let closed_after = loop {
+        n += 1;
+        match ws_round_trip(&mut ws, &format!("during the grace period, {n}")) {
+            Ok(()) => {}
+            Err(_) => break signalled.elapsed(),
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(10),
+            "the tunnel outlived the grace period"
+        );
+        // The cadence of the traffic is what is tested.
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        closed_after >= Duration::from_millis(1800),
+        "the tunnel closed {closed_after:?} after SIGTERM, before the grace period of 2s was over"
+    );
+    let exited = wait_for(Duration::from_secs(10), "the balancer to exit", || {
+        lb.proc.child.try_wait().ok().flatten()
+    });
+    assert!(exited.success(), "{exited:?}\n{}", lb.proc.log_text());
+    let log = lb.proc.log_text();
+    assert!(
+        log.contains("tunnel_closed_by=stop"),
+        "the tunnel's line says the stop closed it:\n{log}"
     );
 }
 

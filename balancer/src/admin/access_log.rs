@@ -46,6 +46,21 @@ pub struct Record<'a> {
     pub time: Duration,
     pub retries: u32,
     pub cache: Option<&'static str>,
+    /// How a WebSocket tunnel ended, for a request that opened one.
+    pub tunnel: Option<Tunnel>,
+}
+
+/// What the line of a WebSocket says about its tunnel: `time` is then the
+/// tunnel's duration, from the request to the close.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Tunnel {
+    /// `client`, `backend`, `idle` (idle_timeout), `stop` (the grace period
+    /// of a graceful stop was over) or `error`.
+    pub closed_by: &'static str,
+    /// Bytes from the client to the backend, after the `101`.
+    pub bytes_up: u64,
+    /// Bytes from the backend to the client, after the `101`.
+    pub bytes_down: u64,
 }
 
 /// The bytes of lines a thread may have waiting for the writer; beyond it,
@@ -242,6 +257,13 @@ fn text(line: &mut Vec<u8>, r: &Record<'_>) {
             r.request_id
         },
     );
+    if let Some(t) = r.tunnel {
+        let _ = write!(
+            line,
+            " tunnel_closed_by={} bytes_up={} bytes_down={}",
+            t.closed_by, t.bytes_up, t.bytes_down
+        );
+    }
 }
 
 /// The path and query, as an HTTP/1.1 request line has them (an HTTP/2
@@ -263,6 +285,8 @@ struct JsonLine<'a> {
     route: Option<&'a str>,
     status: u16,
     time: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tunnel: Option<Tunnel>,
     upstream: Option<&'a str>,
     upstream_time: Option<f64>,
     uri: &'a str,
@@ -282,6 +306,7 @@ fn json(line: &mut Vec<u8>, r: &Record<'_>) {
         route: r.route,
         status: r.status,
         time: r.time.as_secs_f64(),
+        tunnel: r.tunnel,
         upstream: r.upstream,
         upstream_time: r.upstream_time.map(|d| d.as_secs_f64()),
         uri: origin_form(r.uri),
@@ -308,6 +333,7 @@ mod tests {
             time: Duration::from_millis(15),
             retries: 1,
             cache: Some("MISS"),
+            tunnel: None,
         }
     }
 
@@ -361,6 +387,23 @@ mod tests {
                 && text(&none).ends_with("cache=- route=- group=- request_id=-")
         );
         assert!(json(&none).contains("\"upstream\":null"));
+        assert!(!json(&none).contains("tunnel"), "{}", json(&none));
+
+        let tunnel = Record {
+            status: 101,
+            tunnel: Some(Tunnel {
+                closed_by: "client",
+                bytes_up: 12,
+                bytes_down: 34,
+            }),
+            ..record(&uri)
+        };
+        assert!(text(&tunnel)
+            .ends_with(" request_id=abc tunnel_closed_by=client bytes_up=12 bytes_down=34"));
+        let v: serde_json::Value = serde_json::from_str(&json(&tunnel)).unwrap();
+        assert_eq!(v["tunnel"]["closed_by"], "client");
+        assert_eq!(v["tunnel"]["bytes_up"], 12);
+        assert_eq!(v["tunnel"]["bytes_down"], 34);
     }
 
     #[test]

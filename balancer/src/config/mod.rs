@@ -7,12 +7,14 @@
 //! knows), so the rest of the program never re-checks it. What a valid file
 //! becomes at run time is `runtime`'s; watching and reloading it is `reload`'s.
 
+mod compression;
 pub mod diff;
 pub mod reload;
 mod routes;
 mod tls;
 mod units;
 
+pub use compression::{Compression, Encoding, Levels, TypePattern};
 pub use routes::{
     HashKey, HeaderEdits, HostPattern, Part, RateLimit, Redirect, Respond, Route, Template,
     Variable,
@@ -89,6 +91,9 @@ pub struct Config {
     /// Response caching; absent: nothing is cached.
     #[serde(default)]
     pub cache: Option<Cache>,
+    /// Response compression; absent: nothing is compressed.
+    #[serde(default)]
+    pub compression: Option<Compression>,
 }
 
 /// Bounds on what clients may send, and on how long an idle client is kept.

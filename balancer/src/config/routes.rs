@@ -49,6 +49,14 @@ pub struct Route {
     pub response_headers: HeaderEdits,
     #[serde(default)]
     pub rate_limit: Option<RateLimit>,
+    /// `false`: responses to this route's requests are never compressed,
+    /// whatever `[compression]` says.
+    #[serde(default = "yes")]
+    pub compression: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn root() -> UriPath {

@@ -20,6 +20,10 @@
 //! (resetting the backlog) and then sleep a grace period fixed at start-up.
 //! `SIGINT` stops at once; `SIGQUIT` (Pingora's upgrade signal, which this
 //! balancer does not use) stops like `SIGTERM`.
+//!
+//! Open WebSocket tunnels count as requests in flight: they get the grace
+//! period too. When it is over, [`Stopping::grace_over`] tells them to
+//! close, and the drain waits a moment for their access-log lines.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,11 +47,17 @@ use crate::runtime::Live;
 /// handshake, where it is not counted yet.
 const SETTLE: Duration = Duration::from_millis(200);
 
+/// How long the tunnels closed at the end of the grace period have to
+/// close and log before the process exits.
+const TUNNELS_CLOSE: Duration = Duration::from_secs(1);
+
 /// Whether the process is draining; the proxy and the connection guard read it.
 #[derive(Debug)]
 pub struct Stopping {
     set: AtomicBool,
     watch: watch::Sender<bool>,
+    /// Becomes `true` when the grace period is over: open tunnels close.
+    grace_over: watch::Sender<bool>,
 }
 
 impl Default for Stopping {
@@ -55,6 +65,7 @@ impl Default for Stopping {
         Stopping {
             set: AtomicBool::new(false),
             watch: watch::Sender::new(false),
+            grace_over: watch::Sender::new(false),
         }
     }
 }
@@ -73,6 +84,14 @@ impl Stopping {
     fn set(&self) {
         self.set.store(true, Ordering::Relaxed);
         self.watch.send_replace(true);
+    }
+
+    /// Resolves once a graceful stop's grace period is over (never, unless
+    /// one is under way).
+    pub async fn grace_over(&self) {
+        let mut over = self.grace_over.subscribe();
+        // The sender lives as long as `self`: the wait cannot fail.
+        let _ = over.wait_for(|over| *over).await;
     }
 }
 
@@ -134,8 +153,18 @@ impl Drain {
                     "graceful stop: grace period {grace} over with {} requests still in flight, exiting",
                     self.in_flight.count()
                 );
+                self.close_tunnels().await;
                 return;
             }
+            sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Tells open tunnels to close, and gives them [`TUNNELS_CLOSE`] to do so.
+    async fn close_tunnels(&self) {
+        self.stopping.grace_over.send_replace(true);
+        let deadline = Instant::now() + TUNNELS_CLOSE;
+        while super::tunnel::open() > 0 && Instant::now() < deadline {
             sleep(Duration::from_millis(10)).await;
         }
     }

@@ -3,7 +3,8 @@
 //! ```text
 //! early_request_filter   limits on the head (431/413/400/405), keep-alive, pipelining
 //! request_filter         /health-check; X-Request-Id; the route (429, respond,
-//!                        redirect, or a group); extensions; a fresh cache hit
+//!                        redirect, or a group); extensions; a fresh cache hit;
+//!                        a WebSocket upgrade, carried to its end by `tunnel`
 //! request_cache_filter … the cache (see `cache`)
 //! upstream_peer          a backend of the group, by its algorithm
 //! upstream_request_filter  Host, strip_prefix, the route's header edits,
@@ -17,11 +18,13 @@
 //! Each request reads the runtime snapshot that was in force when it
 //! arrived, to its end. Finding and checking backends is `upstream`'s job.
 
+pub mod compression;
 pub mod connections;
 pub mod drain;
 pub mod forwarded;
 pub mod limits;
 pub mod listeners;
+pub mod tunnel;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -73,6 +76,8 @@ pub struct Balancer {
     /// Set when the drain starts: every response then closes its
     /// connection, and `/health-check` answers 503.
     pub stopping: Arc<Stopping>,
+    /// Connects WebSocket tunnels to their backends (see `tunnel`).
+    pub tunnels: pingora::connectors::TransportConnector,
 }
 
 /// Client mistakes are logged at most once a second: a flood of bad
@@ -141,6 +146,8 @@ pub struct RequestCtx {
     unreachable: Vec<SocketAddr>,
     upstream_started: Option<Instant>,
     upstream_elapsed: Option<Duration>,
+    /// How the WebSocket tunnel of this request ended.
+    tunnel: Option<access_log::Tunnel>,
     /// Counts the request in the process-wide figure that graceful stop waits on.
     _counted: InFlightGuard,
 }
@@ -175,9 +182,12 @@ impl RequestCtx {
 impl ProxyHttp for Balancer {
     type CTX = RequestCtx;
 
-    /// No downstream modules: Pingora's default adds response compression,
-    /// disabled, which every request would still pass through.
-    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+    /// Only the balancer's compression (see `compression`), instead of
+    /// Pingora's default, whose choices (the first encoding listed, its own
+    /// types and a 20-byte minimum) are not `[compression]`'s.
+    fn init_downstream_modules(&self, modules: &mut pingora::modules::http::HttpModules) {
+        modules.add_module(Box::new(compression::CompressBuilder));
+    }
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
@@ -200,6 +210,7 @@ impl ProxyHttp for Balancer {
             unreachable: Vec::new(),
             upstream_started: None,
             upstream_elapsed: None,
+            tunnel: None,
             _counted: self.in_flight.enter(),
         }
     }
@@ -410,6 +421,12 @@ impl ProxyHttp for Balancer {
             self.answer(session, ctx, &reply).await?;
             return Ok(true);
         }
+        if tunnel::is_websocket_upgrade(session.req_header()) {
+            self.tunnel(session, ctx).await?;
+            return Ok(true);
+        }
+        let route_allows = ctx.route().is_none_or(|r| r.written().compression);
+        compression::offer(session, &ctx.snapshot, route_allows);
         // A request an extension sent elsewhere is not answered from (or
         // stored in) the cache, whose key knows nothing of that choice.
         let redirected_by_extension = ctx.chosen_backend.is_some() || extension_chose_group;
@@ -846,6 +863,7 @@ impl ProxyHttp for Balancer {
             time: ctx.started.elapsed(),
             retries: ctx.tries.saturating_sub(1),
             cache: ctx.cache_status,
+            tunnel: ctx.tunnel,
         };
         metrics::observe(&record);
         // Docker probes every few seconds: that is not traffic worth a line.

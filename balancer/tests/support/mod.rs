@@ -437,6 +437,8 @@ fn serve(stream: TcpStream, state: &OriginState) {
             return; // a stopped origin answers nothing, on kept-alive connections too
         }
         let path = line.split(' ').nth(1).unwrap_or("").to_owned();
+        // A HEAD is answered with the head a GET would have, and no body.
+        let head_only = line.starts_with("HEAD ");
         let mut headers = Vec::new();
         let mut content_length = 0usize;
         loop {
@@ -488,7 +490,9 @@ fn serve(stream: TcpStream, state: &OriginState) {
                     response.push_str(&format!("{name}: {value}\r\n"));
                 }
                 response.push_str("\r\n");
-                response.push_str(&text);
+                if !head_only {
+                    response.push_str(&text);
+                }
                 if writer.write_all(response.as_bytes()).is_err() {
                     return;
                 }
@@ -521,7 +525,9 @@ fn serve(stream: TcpStream, state: &OriginState) {
             response.push_str(&format!("{name}: {value}\r\n"));
         }
         response.push_str("\r\n");
-        response.push_str(&text);
+        if !head_only {
+            response.push_str(&text);
+        }
         if writer.write_all(response.as_bytes()).is_err() {
             return;
         }
@@ -716,6 +722,21 @@ pub fn run_example(
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code().unwrap_or(-1), text)
+}
+
+/// A balancer in front of `origin`, once it has answered a `GET /`;
+/// `extra` (top-level keys, then tables) goes first.
+pub fn in_front_of(origin: &Origin, extra: &str) -> Balancer {
+    let lb = start_balancer(&format!(
+        "{extra}\n[upstream]\nservers = [\"127.0.0.1:{}\"]\nread_timeout = \"2s\"\n",
+        origin.port
+    ));
+    wait_for(
+        Duration::from_secs(10),
+        "the origin through the balancer",
+        || get(&lb.url("/")).ok().filter(|r| r.status == 200),
+    );
+    lb
 }
 
 /// A balancer in front of `origin` with one cache rule for `/c` (`rule` is

@@ -1,0 +1,293 @@
+//! WebSockets: an HTTP/1.1 `Upgrade: websocket` request is carried by the
+//! balancer itself, from the connect to the end of the tunnel.
+//!
+//! Pingora 0.9.1's HTTP/1 proxy can end a tunnel right after its `101`: when
+//! the backend's answer is read before the upgrade request's empty body has
+//! been handled, the end of that body is taken for the end of the tunnel
+//! (cloudflare/pingora#946). So the request is routed, rate-limited and
+//! shown to extensions as any other; then `request_filter` hands it here
+//! instead of to Pingora's proxy. This connects to the backend that
+//! `upstream_peer` picks (a failed connect is retried on another, as
+//! `fail_to_connect` decides), sends the head with the edits of
+//! `upstream_request_filter`, relays the answer (with the edits of any
+//! response), and after a `101` copies bytes both ways until one side
+//! closes, `idle_timeout` passes with nothing either way, or the grace
+//! period of a graceful stop is over.
+//!
+//! The client's bytes are read only once the `101` is written: Pingora then
+//! reads the connection as a close-delimited body that starts with whatever
+//! the client sent early, so nothing sent before the `101` is lost.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pingora::connectors::TransportConnector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::protocols::http::v1::client::HttpSession as BackendSession;
+use pingora::ErrorType;
+
+use super::{Balancer, RequestCtx};
+use crate::admin::access_log;
+
+/// Tunnels open right now; a graceful stop waits for them to close.
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+
+/// Upgrade attempts per request at most, as Pingora's own retry limit.
+const MAX_TRIES: u32 = 16;
+
+/// How many tunnels are open.
+pub fn open() -> usize {
+    OPEN.load(Ordering::Acquire)
+}
+
+/// Counts one open tunnel while it lives.
+struct OpenGuard;
+
+impl OpenGuard {
+    fn enter() -> OpenGuard {
+        OPEN.fetch_add(1, Ordering::AcqRel);
+        OpenGuard
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        OPEN.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Whether the balancer carries this request itself: an HTTP/1.1 WebSocket
+/// upgrade. Other upgrades go through Pingora, which forwards them as plain
+/// requests (without `Upgrade`).
+pub fn is_websocket_upgrade(req: &RequestHeader) -> bool {
+    req.version == http::Version::HTTP_11
+        && req
+            .headers
+            .get(http::header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+}
+
+/// The connector for tunnels: Pingora's, with the server's options.
+pub fn connector(conf: &pingora::server::configuration::ServerConf) -> TransportConnector {
+    TransportConnector::new(Some(
+        pingora::connectors::ConnectorOptions::from_server_conf(conf),
+    ))
+}
+
+impl Balancer {
+    /// Answers an upgrade request: the backend's answer, and after a `101`
+    /// the tunnel, to its end. An error before the answer is the backend's
+    /// (`fail_to_proxy` makes it a 502/503/504).
+    pub(super) async fn tunnel(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        let mut backend = self.connect(session, ctx).await?;
+        let read_timeout = ctx
+            .group
+            .as_ref()
+            .map(|g| g.settings.read_timeout.0)
+            .unwrap_or(Duration::from_secs(60));
+        let mut request = session.req_header().clone();
+        keep_only_the_upgrade(&mut request)?;
+        pingora::proxy::ProxyHttp::upstream_request_filter(self, session, &mut request, ctx)
+            .await?;
+        backend
+            .write_request_header(Box::new(request))
+            .await
+            .map_err(|e| e.into_up())?;
+        let mut header = read_answer(&mut backend, read_timeout).await?;
+        self.finish_response(session, ctx, &mut header).await?;
+        if !backend.was_upgraded() {
+            let relayed = relay_answer(session, &mut backend, header).await;
+            ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
+            return relayed;
+        }
+        let _open = OpenGuard::enter();
+        session.write_response_header(header, false).await?;
+        // The tunnel's silence is measured both ways below, not per side.
+        session.set_read_timeout(None);
+        backend.maybe_upgrade_body_writer();
+        let idle = ctx
+            .group
+            .as_ref()
+            .map_or(Duration::from_secs(3600), |g| g.settings.idle_timeout.0);
+        let end = self.pump(session, &mut backend, idle).await;
+        backend.shutdown().await;
+        ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
+        ctx.at_backend = None;
+        ctx.tunnel = Some(end);
+        Ok(())
+    }
+
+    /// A connection to a backend of the request's group, retried elsewhere
+    /// when one cannot be reached (the same choices as for any request).
+    async fn connect(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<BackendSession> {
+        use pingora::proxy::ProxyHttp;
+        loop {
+            let peer = self.upstream_peer(session, ctx).await?;
+            match self.tunnels.new_stream(&*peer).await {
+                Ok(stream) => return Ok(BackendSession::new_with_options(stream, &*peer)),
+                Err(e) => {
+                    let e = self.fail_to_connect(session, &peer, ctx, e.into_up());
+                    if !e.retry() || ctx.tries >= MAX_TRIES {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Copies bytes both ways until the tunnel ends, and says how it did.
+    async fn pump(
+        &self,
+        session: &mut Session,
+        backend: &mut BackendSession,
+        idle: Duration,
+    ) -> access_log::Tunnel {
+        let mut end = access_log::Tunnel {
+            closed_by: "client",
+            bytes_up: 0,
+            bytes_down: 0,
+        };
+        let mut last = Instant::now();
+        let failure = loop {
+            let step = tokio::select! {
+                read = session.read_request_body() => Step::Client(read),
+                read = backend.read_body_bytes() => Step::Backend(read),
+                () = tokio::time::sleep_until((last + idle).into()) => Step::Idle,
+                () = self.stopping.grace_over() => Step::Stop,
+            };
+            last = Instant::now();
+            match step {
+                Step::Client(Ok(Some(bytes))) => {
+                    end.bytes_up += bytes.len() as u64;
+                    if let Err(e) = backend.write_body(&bytes).await {
+                        end.closed_by = "backend";
+                        break Some(e);
+                    }
+                }
+                Step::Backend(Ok(Some(bytes))) => {
+                    end.bytes_down += bytes.len() as u64;
+                    if session
+                        .write_response_body(Some(bytes), false)
+                        .await
+                        .is_err()
+                    {
+                        break None; // the client is gone
+                    }
+                }
+                // A reset is a close too, only a ruder one.
+                Step::Client(_) => break None,
+                Step::Backend(read) => {
+                    end.closed_by = "backend";
+                    let _ = session.write_response_body(None, true).await;
+                    break read.err();
+                }
+                Step::Idle => {
+                    end.closed_by = "idle";
+                    break None;
+                }
+                Step::Stop => {
+                    end.closed_by = "stop";
+                    break None;
+                }
+            }
+        };
+        if let Some(e) = failure {
+            // A backend that drops a WebSocket without closing it is worth
+            // an operator's look; a client that does is not.
+            log::warn!(
+                "WebSocket tunnel cut by the backend after {} bytes up and {} down: {e}",
+                end.bytes_up,
+                end.bytes_down
+            );
+        }
+        end
+    }
+}
+
+/// What one turn of the tunnel brought.
+enum Step {
+    Client(Result<Option<Bytes>>),
+    Backend(Result<Option<Bytes>>),
+    Idle,
+    Stop,
+}
+
+/// Strips the hop-by-hop fields of the client's request (and those its
+/// `Connection` names) and asks for the WebSocket upgrade alone, as
+/// Pingora's proxy does for the requests it forwards.
+fn keep_only_the_upgrade(req: &mut RequestHeader) -> Result<()> {
+    let nominated: Vec<http::HeaderName> = req
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|token| http::HeaderName::from_bytes(token.trim_ascii()).ok())
+        .filter(|name| name != http::header::UPGRADE)
+        .take(32)
+        .collect();
+    for name in nominated {
+        req.remove_header(&name);
+    }
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "http2-settings",
+    ] {
+        req.remove_header(name);
+    }
+    req.insert_header(http::header::CONNECTION, "Upgrade")?;
+    req.insert_header(http::header::UPGRADE, "websocket")?;
+    Ok(())
+}
+
+/// The backend's answer to the upgrade, past any `1xx` but a `101`, within
+/// `read_timeout`.
+async fn read_answer(
+    backend: &mut BackendSession,
+    read_timeout: Duration,
+) -> Result<Box<ResponseHeader>> {
+    let answer = async {
+        loop {
+            backend.read_response().await.map_err(|e| e.into_up())?;
+            let header = backend.resp_header().ok_or_else(|| {
+                Error::explain(ErrorType::InvalidHTTPHeader, "no response header").into_up()
+            })?;
+            if header.status.as_u16() == 101 || !header.status.is_informational() {
+                return Ok(Box::new(header.clone()));
+            }
+        }
+    };
+    match tokio::time::timeout(read_timeout, answer).await {
+        Ok(answer) => answer,
+        Err(_) => Err(Error::explain(
+            ErrorType::ReadTimedout,
+            "the backend did not answer the upgrade within read_timeout",
+        )
+        .into_up()),
+    }
+}
+
+/// Relays an answer that refuses the upgrade as a normal response.
+async fn relay_answer(
+    session: &mut Session,
+    backend: &mut BackendSession,
+    header: Box<ResponseHeader>,
+) -> Result<()> {
+    let head_only = session.req_header().method == http::Method::HEAD;
+    let no_body = head_only || backend.is_body_done();
+    session.write_response_header(header, no_body).await?;
+    if no_body {
+        return Ok(());
+    }
+    while let Some(chunk) = backend.read_body_bytes().await.map_err(|e| e.into_up())? {
+        session.write_response_body(Some(chunk), false).await?;
+    }
+    session.write_response_body(None, true).await
+}
