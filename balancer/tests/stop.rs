@@ -81,13 +81,8 @@ fn ready(lb: &Balancer) {
 
 #[test]
 fn sigterm_under_a_loop_of_new_connections_fails_no_request_it_accepted() {
-    let origin = Origin::start();
+    let (origin, mut lb) = balancer_with("grace_period = \"5s\"");
     origin.on("/", Act::Slow(Duration::from_millis(100), 200, "done"));
-    let mut lb = start_balancer(&format!(
-        "grace_period = \"5s\"\n{}",
-        upstream_at(origin.port)
-    ));
-    ready(&lb);
     let forwarded_before = origin.hits("/");
     let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::default();
     let to = addr(&lb);
@@ -152,9 +147,7 @@ fn sigterm_under_a_loop_of_new_connections_fails_no_request_it_accepted() {
 
 #[test]
 fn connections_waiting_in_the_listen_backlog_at_sigterm_are_served() {
-    let origin = Origin::start();
-    let mut lb = start_balancer(&upstream_at(origin.port));
-    ready(&lb);
+    let (origin, mut lb) = balancer_with("");
     // Stopped, the balancer accepts nothing: the kernel completes the
     // connections and queues them, with their requests, in the backlog.
     // (Whether the drain or the accept loop runs first once it goes on is
@@ -186,13 +179,8 @@ fn connections_waiting_in_the_listen_backlog_at_sigterm_are_served() {
 
 #[test]
 fn while_draining_kept_alive_connections_are_served_and_closed_and_the_health_check_fails() {
-    let origin = Origin::start();
+    let (origin, mut lb) = balancer_with("http2_cleartext = true");
     origin.on("/slow", Act::Slow(Duration::from_millis(1500), 200, "slow"));
-    let mut lb = start_balancer(&format!(
-        "http2_cleartext = true\n{}",
-        upstream_at(origin.port)
-    ));
-    ready(&lb);
     let connect = || {
         let stream = TcpStream::connect(addr(&lb)).unwrap();
         stream
@@ -260,12 +248,7 @@ fn while_draining_kept_alive_connections_are_served_and_closed_and_the_health_ch
 
 #[test]
 fn shutdown_delay_serves_as_usual_before_the_drain_starts() {
-    let origin = Origin::start();
-    let mut lb = start_balancer(&format!(
-        "shutdown_delay = \"3s\"\n{}",
-        upstream_at(origin.port)
-    ));
-    ready(&lb);
+    let (_origin, mut lb) = balancer_with("shutdown_delay = \"3s\"");
     let signalled = Instant::now();
     lb.proc.terminate();
     lb.wait_for_log("SIGTERM: serving as usual for 3s (shutdown_delay), then draining");
@@ -285,6 +268,15 @@ fn shutdown_delay_serves_as_usual_before_the_drain_starts() {
     );
     assert_eq!(exit.code(), Some(0), "{}", lb.proc.log_text());
     assert!(lb.proc.log_text().contains("graceful stop, grace period"));
+}
+
+/// A test origin and a balancer in front of it with `top` (top-level keys)
+/// in its file, ready.
+fn balancer_with(top: &str) -> (Origin, Balancer) {
+    let origin = Origin::start();
+    let lb = start_balancer(&format!("{top}\n{}", upstream_at(origin.port)));
+    ready(&lb);
+    (origin, lb)
 }
 
 fn upstream_at(port: u16) -> String {
@@ -372,4 +364,28 @@ fn a_rolling_update_on_one_host_with_reuse_port_fails_no_request() {
         slowest.lock().unwrap()
     );
     drop(new);
+}
+
+#[test]
+fn a_connection_that_sends_nothing_does_not_hold_the_stop_for_the_grace_period() {
+    let (_origin, mut lb) = balancer_with("grace_period = \"20s\"");
+    // A browser's preconnected socket: connected, nothing sent yet (in the
+    // backlog or accepted, the drain waits for it the same way).
+    let _silent = TcpStream::connect(addr(&lb)).unwrap();
+    let signalled = Instant::now();
+    lb.proc.terminate();
+    let exit = wait_for_exit(&mut lb, Duration::from_secs(15));
+    assert_eq!(exit.code(), Some(0), "{}", lb.proc.log_text());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "the stop took {:?}, not the grace period",
+        signalled.elapsed()
+    );
+    assert!(
+        lb.proc
+            .log_text()
+            .contains("(1 connections that sent no request closed)"),
+        "{}",
+        lb.proc.log_text()
+    );
 }

@@ -12,9 +12,10 @@
 //! as its shutdown signal), `/health-check` answers `503`; the listening
 //! sockets stop completing new connections, and their backlog is still
 //! accepted (see `listeners`). The drain is over when the backlog is empty,
-//! no accepted connection is still to send its first request and none is
-//! in flight, or when the live `grace_period` is over; only then is Pingora
-//! told to terminate, with no grace period of its own left to sleep.
+//! no accepted connection is still to send its first request (for a moment:
+//! [`SILENT_PATIENCE`]) and none is in flight, or when the live
+//! `grace_period` is over; only then is Pingora told to terminate, with no
+//! grace period of its own left to sleep.
 //!
 //! Pingora's own graceful path would instead stop accepting at once
 //! (resetting the backlog) and then sleep a grace period fixed at start-up.
@@ -46,6 +47,13 @@ use crate::runtime::Live;
 /// reading it, and a connection just accepted may still be in its TLS
 /// handshake, where it is not counted yet.
 const SETTLE: Duration = Duration::from_millis(200);
+
+/// How long, once nothing else is left, the drain still waits for accepted
+/// connections that have not sent a request. A client sends its request as
+/// soon as it has connected; one that stays silent this long (a browser's
+/// preconnected socket) is not about to, and must not hold the stop for the
+/// whole grace period.
+const SILENT_PATIENCE: Duration = Duration::from_secs(2);
 
 /// How long the tunnels closed at the end of the grace period have to
 /// close and log before the process exits.
@@ -139,10 +147,17 @@ impl Drain {
         let mut idle_since: Option<Instant> = None;
         loop {
             let now = Instant::now();
-            let busy = self.in_flight.count() + self.connections.fresh();
-            if busy == 0 && listeners.backlog_empty() {
-                if now.duration_since(*idle_since.get_or_insert(now)) >= SETTLE {
-                    log::info!("graceful stop: no request in flight, exiting");
+            if self.in_flight.count() == 0 && listeners.backlog_empty() {
+                let idle = now.duration_since(*idle_since.get_or_insert(now));
+                let silent = self.connections.fresh();
+                if idle >= SETTLE && (silent == 0 || idle >= SILENT_PATIENCE) {
+                    log::info!(
+                        "graceful stop: no request in flight, exiting{}",
+                        match silent {
+                            0 => String::new(),
+                            n => format!(" ({n} connections that sent no request closed)"),
+                        }
+                    );
                     return;
                 }
             } else {
