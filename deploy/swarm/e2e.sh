@@ -8,7 +8,7 @@
 # removes the stacks and leaves the swarm (when this script made it). Every
 # wait is bounded; the last line is `N passed, M failed`. Needs a Docker
 # engine, the images (BALANCER_IMAGE and BACKEND_IMAGE name others), curl
-# and ports 80 and 8080.
+# and ports 80, 8080 and 8000 (the host-network stack's balancers and backend).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 STACK=${E2E_STACK:-lbe2e}
