@@ -11,8 +11,11 @@
 #   bench/ab.sh [-o REPORT] VARIANT...
 #
 # A VARIANT is NAME=BINARY[,OPTION...], where BINARY is a release build of
-# the balancer (build an earlier one from its commit in a worktree) and the
-# options are:
+# the balancer (build an earlier one from its commit in a worktree), or the
+# floor (target/release/floor, bench/floor: the smallest Pingora proxy doing
+# the same forwarding; it has no cache, so it is measured on the paths other
+# than /cache-me, and the report adds a "vs floor" column), and the options
+# (the balancer's; the floor takes threads=N only) are:
 #   route             one [[route]] sending / to the default upstream
 #   threads=N         worker threads (default 1)
 #   log=text|json     the access log on, in that format, to a file
@@ -21,6 +24,7 @@
 # For example:
 #   bench/ab.sh -o bench/results/ab.md old=/tmp/old/balancer \
 #       new=target/release/balancer new+route=target/release/balancer,route
+#   bench/ab.sh new=target/release/balancer floor=target/release/floor
 #
 # The backend is the one beside the first variant's binary (AB_BACKEND to
 # name another). Environment: AB_ROUNDS (5), AB_DURATION (5 s),
@@ -50,6 +54,7 @@ cleanup() {
 trap cleanup EXIT
 
 NAMES=()
+FLOOR=   # the name of the floor's variant, if there is one
 declare -A BIN PORT THREADS LOG CONFIG VPID
 for spec in "$@"; do
     name=${spec%%=*}
@@ -57,6 +62,7 @@ for spec in "$@"; do
     [[ $name != "$spec" && -x ${fields[0]:-} ]] || { echo "ab.sh: $spec: expected NAME=BINARY[,OPTION...] with an executable BINARY" >&2; exit 2; }
     NAMES+=("$name")
     BIN[$name]=${fields[0]}
+    [[ $(basename "${fields[0]}") == floor ]] && FLOOR=$name
     PORT[$name]=$((BASE + ${#NAMES[@]}))
     THREADS[$name]=1
     LOG[$name]=
@@ -81,6 +87,13 @@ PIDS+=($!)
 mkdir -p "$WORK/logs"
 for t in "${NAMES[@]}"; do
     mkdir -p "$WORK/$t"
+    if [[ $t == "$FLOOR" ]]; then
+        "${BIN[$t]}" --listen "127.0.0.1:${PORT[$t]}" --upstream "127.0.0.1:$BASE" \
+            --threads "${THREADS[$t]}" >"$WORK/logs/$t.log" 2>&1 &
+        PIDS+=($!)
+        VPID[$t]=$!
+        continue
+    fi
     {
         echo "listen = \"127.0.0.1:${PORT[$t]}\""
         echo "threads = ${THREADS[$t]}"
@@ -112,26 +125,15 @@ declare -A RESULTS CPU
 for ((round = 1; round <= ROUNDS; round++)); do
     for path in "${PATHS[@]}"; do
         for t in "${NAMES[@]}"; do
-            url="http://127.0.0.1:${PORT[$t]}$path"
-            wrk -t1 -c64 -d1s "$url" >/dev/null 2>&1 || true
-            cpu_ticks "${VPID[$t]}"
-            ticks=$((CPU_USER + CPU_SYSTEM))
-            out=$(wrk -t1 -c64 -d"${DURATION}s" "$url" 2>/dev/null || true)
-            cpu_ticks "${VPID[$t]}"
-            ticks=$((CPU_USER + CPU_SYSTEM - ticks))
-            rps=$(awk '/Requests\/sec/ { print int($2) }' <<<"$out")
-            requests=$(awk '/requests in/ { print $1 }' <<<"$out")
-            us=$(awk -v t="$ticks" -v hz="$CLK_TCK" -v n="${requests:-0}" 'BEGIN { printf "%.2f", (n > 0 ? t / hz / n * 1e6 : 0) }')
-            RESULTS["$t $path"]+="${rps:-0} "
-            CPU["$t $path"]+="$us "
-            echo "round $round $path $t: ${rps:-0} req/s, $us µs of CPU per request"
+            [[ $t == "$FLOOR" && $path == /cache-me ]] && continue
+            wrk_measured "$DURATION" "http://127.0.0.1:${PORT[$t]}$path" "${VPID[$t]}"
+            RESULTS["$t $path"]+="$RPS "
+            CPU["$t $path"]+="$CPU_US "
+            echo "round $round $path $t: $RPS req/s, $CPU_US µs of CPU per request"
         done
     done
 done
 
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
-range() { tr ' ' '\n' | grep -v '^$' | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { print lo "-" hi }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", (b > 0 ? a / b : 0) }'; }
 first=${NAMES[0]}
 {
     echo "# A/B: ${NAMES[*]}, one interleaved run"
@@ -142,16 +144,6 @@ first=${NAMES[0]}
     echo "|---|---|"
     for spec in "$@"; do echo "| ${spec%%=*} | \`${spec#*=}\` |"; done
     echo
-    echo "| path | variant | median req/s | range | vs $first | CPU µs per request | range | vs $first |"
-    echo "|---|---|---|---|---|---|---|---|"
-    for path in "${PATHS[@]}"; do
-        reference=$(echo "${RESULTS["$first $path"]}" | median)
-        cpu_reference=$(echo "${CPU["$first $path"]}" | median)
-        for t in "${NAMES[@]}"; do
-            m=$(echo "${RESULTS["$t $path"]}" | median)
-            c=$(echo "${CPU["$t $path"]}" | median)
-            echo "| \`$path\` | $t | $m | $(echo "${RESULTS["$t $path"]}" | range) | $(ratio "$m" "$reference") | $c | $(echo "${CPU["$t $path"]}" | range) | $(ratio "$c" "$cpu_reference") |"
-        done
-    done
+    rps_cpu_table variant "$first" "${NAMES[@]}"
 } >"$REPORT"
 cat "$REPORT"

@@ -26,7 +26,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/servers.sh"
 RESULTS=$BENCH_DIR/results
 RAW=$RESULTS/idle
 
-PROXIES=(balancer nginx haproxy)
+PROXIES=(balancer floor nginx haproxy)
 WINDOW=50           # connections being opened at once (idle_clients.py --window)
 SETTLE=2            # seconds between the last connection going idle and the readings
 SAMPLES=5           # readings of the memory with the connections idle, ...
@@ -55,6 +55,9 @@ replace_line() {
     awk -v p="$pattern" -v l="$lines" '$0 ~ p { print l; next } { print }' "$file" >"$file.new"
     mv "$file.new" "$file"
 }
+
+# The floor takes no configuration file: Pingora's defaults.
+edit_floor() { :; }
 
 edit_balancer() {
     ! grep -q '^\[limits\]' "$1" || die "$(basename "$1") has a [limits] table already"
@@ -203,18 +206,20 @@ function mib(kb) { return sprintf("%.1f MiB", kb / 1024) }
 function ratio(x, ref) { return ref > 0 ? sprintf("%.2f", x / ref) : "-" }
 END {
     nc = split(counts, c, " "); np = split(proxies, p, " ")
-    print "| target | N | held | RSS before | RSS with N idle | KiB per connection | × nginx | PSS KiB per connection | × nginx |"
-    print "|---|--:|--:|--:|--:|--:|--:|--:|--:|"
+    print "| target | N | held | RSS before | RSS with N idle | KiB per connection | × floor | × nginx | PSS KiB per connection | × floor | × nginx |"
+    print "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
     for (i = 1; i <= nc; i++) {
         ref = raw "/nginx-" c[i] ".txt"
+        floor = raw "/floor-" c[i] ".txt"
         for (j = 1; j <= np; j++) {
             f = raw "/" p[j] "-" c[i] ".txt"
             if (!((f, "rss_idle_kb") in v)) continue
             held = v[f, "established"]
             if (held < c[i]) { held = held " (!)"; short = 1 }
-            printf "| %s | %d | %s | %s | %s | %.1f | %s | %.1f | %s |\n", p[j], c[i], held,
+            printf "| %s | %d | %s | %s | %s | %.1f | %s | %s | %.1f | %s | %s |\n", p[j], c[i], held,
                 mib(v[f, "rss_before_kb"]), mib(v[f, "rss_idle_kb"]), per(f, "rss"),
-                ratio(per(f, "rss"), per(ref, "rss")), per(f, "pss"), ratio(per(f, "pss"), per(ref, "pss"))
+                ratio(per(f, "rss"), per(floor, "rss")), ratio(per(f, "rss"), per(ref, "rss")),
+                per(f, "pss"), ratio(per(f, "pss"), per(floor, "pss")), ratio(per(f, "pss"), per(ref, "pss"))
             if (f in fail) notes = notes "\n- " p[j] ", N = " c[i] ": the client could not open" fail[f]
         }
     }

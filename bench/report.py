@@ -17,10 +17,11 @@ import statistics
 import sys
 from pathlib import Path
 
-TARGETS = ["balancer", "nginx", "haproxy", "direct"]
+TARGETS = ["balancer", "floor", "nginx", "haproxy", "direct"]
 PATHS = ["/", "/cache-me", "/info"]
 LABEL = {
     "balancer": "balancer (Pingora)",
+    "floor": "floor (Pingora, bench/floor)",
     "nginx": "nginx",
     "haproxy": "HAProxy",
     "direct": "backend directly",
@@ -178,13 +179,16 @@ def throughput_section(runs):
     out = ["## Throughput: `wrk -t1 -c64`, one path at a time", ""]
     out.append(
         "Medians over the rounds; *spread* is half the range of requests/s over the rounds, as a share of "
-        "the median; *× nginx* divides by nginx's median on the same path in this run (for requests/s higher "
+        "the median; *× nginx* divides by nginx's median on the same path in this run, *× floor* by the "
+        "floor's (the smallest Pingora proxy doing the same forwarding: what is above it is the balancer's "
+        "own cost; for requests/s higher "
         "is better, for latency and memory lower is better). *errors* counts non-2xx/3xx answers and socket "
         "errors per run. *peak RSS* is the largest VmRSS sampled every 100 ms during the run (nginx: master + "
         "worker; for *backend directly*: the backend's own)."
     )
     for path in PATHS:
         ref = figures(runs, "nginx", path)
+        floor = figures(runs, "floor", path)
         rows = []
         for target in TARGETS:
             f = figures(runs, target, path)
@@ -192,22 +196,25 @@ def throughput_section(runs):
                 continue
             rows.append([
                 LABEL[target] + measured_note(f),
-                fmt_rps(f["rps"]), fmt_spread(f), fmt_ratio(f["rps"], ref["rps"]),
+                fmt_rps(f["rps"]), fmt_spread(f), fmt_ratio(f["rps"], floor["rps"]),
+                fmt_ratio(f["rps"], ref["rps"]),
                 fmt_ms(f["p50"]), fmt_ratio(f["p50"], ref["p50"]),
                 fmt_ms(f["p99"]), fmt_ratio(f["p99"], ref["p99"]),
                 fmt_errors(f),
-                fmt_mb(f["peak_rss_kb"]), fmt_ratio(f["peak_rss_kb"], ref["peak_rss_kb"]),
+                fmt_mb(f["peak_rss_kb"]), fmt_ratio(f["peak_rss_kb"], floor["peak_rss_kb"]),
+                fmt_ratio(f["peak_rss_kb"], ref["peak_rss_kb"]),
             ])
         what = {
             "/": "proxied (`Hello World!`)",
-            "/cache-me": "cache hit for the balancer and nginx; HAProxy has no cache and is left out; "
+            "/cache-me": "cache hit for the balancer and nginx; HAProxy and the floor have no cache and are "
+            "left out; "
             "*backend directly* is the origin generating it",
             "/info": "proxied (a small JSON built from the forwarded headers)",
         }[path]
         out += ["", f"### `{path}`: {what}", ""]
         out.append(table(
-            ["target", "req/s", "spread", "× nginx", "p50 ms", "× nginx", "p99 ms", "× nginx", "errors",
-             "peak RSS MB", "× nginx"],
+            ["target", "req/s", "spread", "× floor", "× nginx", "p50 ms", "× nginx", "p99 ms", "× nginx",
+             "errors", "peak RSS MB", "× floor", "× nginx"],
             rows,
         ))
     return out
@@ -228,6 +235,8 @@ def cpu_section(runs):
     for path in PATHS:
         ref = figures(runs, "nginx", path)
         ref_total = None if ref["cpu_user_us"] is None else ref["cpu_user_us"] + ref["cpu_system_us"]
+        floor = figures(runs, "floor", path)
+        floor_total = None if floor["cpu_user_us"] is None else floor["cpu_user_us"] + floor["cpu_system_us"]
         rows = []
         for target in TARGETS:
             f = figures(runs, target, path)
@@ -235,17 +244,21 @@ def cpu_section(runs):
                 continue
             total = f["cpu_user_us"] + f["cpu_system_us"]
             rows.append([
-                LABEL[target], fmt_us(f["cpu_user_us"]), fmt_us(f["cpu_system_us"]), fmt_us(total),
+                LABEL[target], fmt_us(f["cpu_user_us"]), fmt_ratio(f["cpu_user_us"], floor["cpu_user_us"]),
+                fmt_us(f["cpu_system_us"]), fmt_ratio(f["cpu_system_us"], floor["cpu_system_us"]),
+                fmt_us(total), fmt_ratio(total, floor_total),
                 fmt_ratio(total, ref_total), "–" if f["rps"] is None else f"{total * f['rps'] / 1e4:.0f} %",
             ])
         if rows:
             out += ["", f"### `{path}`", ""]
-            out.append(table(["target", "user µs", "system µs", "total µs", "× nginx", "CPU"], rows))
+            out.append(table(["target", "user µs", "× floor", "system µs", "× floor", "total µs", "× floor",
+                              "× nginx", "CPU"], rows))
     return out
 
 
 def held_section(runs, conns):
     ref = figures(runs, "nginx")
+    floor = figures(runs, "floor")
     rows = []
     for target in TARGETS:
         f = figures(runs, target)
@@ -254,7 +267,8 @@ def held_section(runs, conns):
         rows.append([
             LABEL[target] + measured_note(f),
             fmt_mb(f["rss_before_kb"]),
-            fmt_mb(f["peak_rss_kb"]), fmt_ratio(f["peak_rss_kb"], ref["peak_rss_kb"]),
+            fmt_mb(f["peak_rss_kb"]), fmt_ratio(f["peak_rss_kb"], floor["peak_rss_kb"]),
+            fmt_ratio(f["peak_rss_kb"], ref["peak_rss_kb"]),
             fmt_rps(f["rps"]), fmt_ms(f["p99"]), fmt_errors(f),
         ])
     return [
@@ -263,7 +277,8 @@ def held_section(runs, conns):
         "*RSS before* is VmRSS just before the run (after everything above); *peak RSS* the largest sampled "
         "during it. Medians over the rounds.",
         "",
-        table(["target", "RSS before MB", "peak RSS MB", "× nginx", "req/s", "p99 ms", "errors"], rows),
+        table(["target", "RSS before MB", "peak RSS MB", "× floor", "× nginx", "req/s", "p99 ms", "errors"],
+              rows),
     ]
 
 
@@ -272,6 +287,7 @@ def rate_section(runs, machine):
     ref = figures(runs, "nginx")
     rows = []
     added = {}
+    added50 = {}
     for target in TARGETS:
         f = figures(runs, target)
         if not f["rounds"]:
@@ -279,6 +295,7 @@ def rate_section(runs, machine):
         add50 = f["p50"] - direct["p50"] if None not in (f["p50"], direct["p50"]) else None
         add99 = f["p99"] - direct["p99"] if None not in (f["p99"], direct["p99"]) else None
         added[target] = add99
+        added50[target] = add50
         rows.append([
             LABEL[target] + measured_note(f),
             fmt_rps(f["rps"]),
@@ -298,6 +315,10 @@ def rate_section(runs, machine):
         table(["target", "achieved req/s", "p50 ms", "× nginx", "p99 ms", "× nginx", "added p50 ms",
                "added p99 ms", "errors"], rows),
     ]
+    if None not in (added50.get("balancer"), added50.get("floor")):
+        out += ["", f"The balancer's added p50 is {fmt_ms(added50['balancer'])} ms against the floor's "
+                    f"{fmt_ms(added50['floor'])} ms: {fmt_ms(added50['balancer'] - added50['floor'])} ms of it "
+                    "is the balancer's own."]
     if added.get("balancer") is not None:
         line = f"**The balancer adds {fmt_ms(added['balancer'])} ms at p99** over calling the backend directly"
         if added.get("nginx") is not None:
@@ -326,16 +347,16 @@ def chart(runs, path):
     except ImportError:
         print("report.py: matplotlib is missing, no chart", file=sys.stderr)
         return False
-    colors = {"balancer": "#d9534f", "nginx": "#2e8b57", "haproxy": "#4a77b4", "direct": "#999999"}
+    colors = {"balancer": "#d9534f", "floor": "#f0ad4e", "nginx": "#2e8b57", "haproxy": "#4a77b4", "direct": "#999999"}
     fig, ax = plt.subplots(figsize=(10, 5.5), dpi=110)
-    width = 0.2
+    width = 0.16
     for i, target in enumerate(TARGETS):
         xs, heights, lo, hi = [], [], [], []
         for j, p in enumerate(PATHS):
             f = figures(runs, target, p)
             if f["rps"] is None:
                 continue
-            xs.append(j + (i - 1.5) * width)
+            xs.append(j + (i - (len(TARGETS) - 1) / 2) * width)
             heights.append(f["rps"])
             lo.append(f["rps"] - f["rps_min"])
             hi.append(f["rps_max"] - f["rps"])
@@ -366,11 +387,12 @@ def main(results):
     held_conns = next((m.group(1) for f in raw.glob("c*-r*.txt") for m in [re.match(r"c(\d+)-", f.name)] if m), "1000")
     has_chart = chart(runs["wrk"], results / "chart.png")
     out = [
-        "# Benchmark: the balancer against nginx and HAProxy",
+        "# Benchmark: the balancer against its floor, nginx and HAProxy",
         "",
         "Written by `bench/run.sh` (see `bench/README.md` for what is measured and how to read it). "
         "Everything on 127.0.0.1: one backend (`backend --workers 1`) behind every proxy; each proxy with one "
-        "worker/thread: the balancer (`threads = 1`, `bench/balancer.toml`), nginx (`worker_processes 1`, "
+        "worker/thread: the balancer (`threads = 1`, `bench/balancer.toml`), the floor (`bench/floor`, "
+        "`--threads 1`), nginx (`worker_processes 1`, "
         "`bench/nginx.conf`), HAProxy (`nbthread 1`, `bench/haproxy.cfg`). Rounds are interleaved: each round "
         "runs every target in turn, in an order that turns by one each round.",
         "",

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# bench/run.sh: the balancer against nginx, HAProxy and the backend called
-# directly, all on 127.0.0.1, one worker/thread each, the same backend behind
+# bench/run.sh: the balancer against its floor (bench/floor: the smallest
+# Pingora proxy doing the same forwarding), nginx, HAProxy and the backend
+# called directly, all on 127.0.0.1, one worker/thread each, the same backend behind
 # every proxy.
 #
 #   1. installs nginx, haproxy, wrk, curl, python3-matplotlib (apt) and oha
 #      (cargo install) when missing;
-#   2. builds the release binaries (balancer, backend);
-#   3. starts the backend, the balancer, nginx and HAProxy as foreground
+#   2. builds the release binaries (balancer, backend, floor);
+#   3. starts the backend, the balancer, the floor, nginx and HAProxy as foreground
 #      processes in a temporary directory (configs: bench/*.toml|conf|cfg);
 #   4. throughput: ROUNDS interleaved rounds of wrk -t1 -c64 on /, /cache-me
 #      and /info, with the peak RSS of the process under test;
@@ -16,7 +17,7 @@
 #
 # Every process it starts is stopped on exit. Settings (environment):
 #   BENCH_ROUNDS (3), BENCH_DURATION (5, seconds), BENCH_RATE_ROUNDS (2),
-#   BENCH_PORT_BASE (19100: backend, +1 balancer, +2 nginx, +3 haproxy),
+#   BENCH_PORT_BASE (19100: backend, +1 balancer, +2 nginx, +3 haproxy, +4 floor),
 #   BENCH_NOTE (a line about the conditions, printed in results.md),
 #   BENCH_SKIP_BUILD=1 (use the binaries in target/release as they are).
 # Starting, stopping and reading the memory of the servers: bench/servers.sh.
@@ -37,7 +38,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/servers.sh"
 RESULTS=$BENCH_DIR/results
 RAW=$RESULTS/raw
 
-TARGETS=(balancer nginx haproxy direct)
+TARGETS=(balancer floor nginx haproxy direct)
 PATHS=(/ /cache-me /info)
 
 # ---------------------------------------------------------------- 1. tools
@@ -59,9 +60,12 @@ install_tools() {
 start_servers() {
     local target
     start_backend
-    for target in balancer nginx haproxy; do start_proxy "$target"; done
-    for target in balancer nginx haproxy; do wait_ready "$target"; done
+    for target in balancer floor nginx haproxy; do start_proxy "$target"; done
+    for target in balancer floor nginx haproxy; do wait_ready "$target"; done
 }
+
+# has_cache TARGET: whether TARGET answers /cache-me from a cache of its own.
+has_cache() { [[ $1 == balancer || $1 == nginx ]]; }
 
 # check_targets: every path answers 200 everywhere; the caches answer HIT on a repeat.
 check_targets() {
@@ -69,6 +73,7 @@ check_targets() {
     : >"$out"
     for target in "${TARGETS[@]}"; do
         for path in "${PATHS[@]}"; do
+            [[ $path == /cache-me ]] && ! has_cache "$target" && continue
             code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://127.0.0.1:${PORT[$target]}$path")
             echo "$target $path -> $code" >>"$out"
             [[ $code == 200 ]] || die "$target $path answered $code"
@@ -149,8 +154,8 @@ throughput_rounds() {
         log "throughput round $round/$ROUNDS: wrk -t1 -c$CONNS -d${DURATION}s on ${PATHS[*]}"
         while read -r target; do
             for path in "${PATHS[@]}"; do
-                # HAProxy has no cache: it is compared on / and /info only.
-                [[ $target == haproxy && $path == /cache-me ]] && continue
+                # HAProxy and the floor have no cache: they are compared on / and /info only.
+                [[ $path == /cache-me ]] && ! has_cache "$target" && continue
                 if [[ $path == /cache-me ]]; then # fill the cache before the warm-up
                     curl -s -o /dev/null --max-time 5 "http://127.0.0.1:${PORT[$target]}$path" || true
                 fi

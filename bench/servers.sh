@@ -1,12 +1,13 @@
 # bench/servers.sh: the targets of the benchmarks, sourced by run.sh and
-# idle.sh. It starts the backend and, in front of it, the balancer, nginx and
-# HAProxy, each a foreground process in a temporary directory with its
+# idle.sh. It starts the backend and, in front of it, the balancer, the floor
+# (bench/floor: the smallest Pingora proxy forwarding as the balancer does),
+# nginx and HAProxy, each a foreground process in a temporary directory with its
 # configuration from bench/ (balancer.toml, nginx.conf, haproxy.cfg, the
 # @NAME@ placeholders filled in), reads their memory, and stops everything it
 # started when the script exits. What is measured, and how, is the caller's.
 #
 # Before sourcing, the caller sets PORT_BASE (the backend; +1 balancer,
-# +2 nginx, +3 HAProxy, all on 127.0.0.1) and RAW (where the servers' last
+# +2 nginx, +3 HAProxy, +4 the floor, all on 127.0.0.1) and RAW (where the servers' last
 # log lines are kept on exit), then calls open_work_dir before starting any.
 # shellcheck shell=bash
 
@@ -21,6 +22,7 @@ declare -A PORT=(
     [balancer]=$((PORT_BASE + 1))
     [nginx]=$((PORT_BASE + 2))
     [haproxy]=$((PORT_BASE + 3))
+    [floor]=$((PORT_BASE + 4))
 )
 BACKEND_PORT=${PORT[direct]}
 declare -A PID=()       # the process we started, per target (direct = the backend)
@@ -60,10 +62,10 @@ build() {
     if [[ ${BENCH_SKIP_BUILD:-0} == 1 ]]; then
         log "BENCH_SKIP_BUILD=1: using $TARGET_DIR/release as it is"
     else
-        log "cargo build --release -p balancer -p backend"
-        (cd "$ROOT" && cargo build --release --quiet -p balancer -p backend)
+        log "cargo build --release -p balancer -p backend -p floor"
+        (cd "$ROOT" && cargo build --release --quiet -p balancer -p backend -p floor)
     fi
-    [[ -x $TARGET_DIR/release/balancer && -x $TARGET_DIR/release/backend ]] ||
+    [[ -x $TARGET_DIR/release/balancer && -x $TARGET_DIR/release/backend && -x $TARGET_DIR/release/floor ]] ||
         die "no release binaries in $TARGET_DIR/release"
 }
 
@@ -129,12 +131,21 @@ start_backend() {
     wait_ready direct
 }
 
-# start_proxy TARGET [EDIT]: starts the balancer, nginx or haproxy with its
-# configuration rendered into WORK/TARGET; EDIT, a function, is given the
-# rendered file to change before the start. It does not wait (wait_ready).
+# start_proxy TARGET [EDIT]: starts the balancer, the floor, nginx or haproxy
+# with its configuration rendered into WORK/TARGET (the floor takes its few
+# settings on its command line); EDIT, a function, is given the rendered file
+# to change before the start. It does not wait (wait_ready).
 start_proxy() {
     local target=$1 edit=${2:-} dir=$WORK/$1 config
     claim "$target"
+    if [[ $target == floor ]]; then
+        log "starting floor on 127.0.0.1:${PORT[floor]}"
+        "$TARGET_DIR/release/floor" --listen "127.0.0.1:${PORT[floor]}" \
+            --upstream "127.0.0.1:$BACKEND_PORT" --threads 1 >"$dir/out.log" 2>&1 &
+        PID[floor]=$!
+        WATCH[floor]=$!
+        return 0
+    fi
     case $target in
         balancer) config=$dir/balancer.toml ;;
         nginx) config=$dir/nginx.conf ;;
@@ -188,7 +199,7 @@ stop() {
 }
 
 # stop_all: every server we started, the proxies first.
-stop_all() { stop balancer nginx haproxy direct; }
+stop_all() { stop balancer floor nginx haproxy direct; }
 
 cleanup() {
     local rc=$? pid

@@ -526,7 +526,7 @@ step "up -d: two containers, both healthy" step_up
 step "GET / answers Hello World!" step_hello
 step "GET /info answers JSON with ${INFO_KEYS[*]}" step_info
 step "GET /cache-me twice: MISS then HIT, same body" step_cache
-step "an edit of deploy/balancer.toml on the host takes effect live" step_live_edit
+step "an edit of the mounted balancer.toml on the host takes effect live" step_live_edit
 step "containers are hardened" step_hardening
 step "the admin port is on the host's loopback; PURGE needs the token" step_admin
 step "compose run --rm --no-deps balancer ... --check validates the mounted TOML" step_check_in_image

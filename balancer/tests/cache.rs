@@ -94,8 +94,11 @@ fn stale_while_revalidate_serves_the_old_body_during_one_refresh() {
     );
     let first = get(&lb.url("/c")).unwrap();
     std::thread::sleep(Duration::from_millis(1200));
-    origin.on("/c", Act::Slow(Duration::from_millis(500), 200, "v{n}"));
+    // The refresh is held at the origin until the five requests are answered.
+    let refresh = Gate::default();
+    origin.on("/c", Act::Held(refresh.clone(), 200, "v{n}"));
     let stale: Vec<Reply> = (0..5).map(|_| get(&lb.url("/c")).unwrap()).collect();
+    refresh.open();
     assert_eq!(cache_status(&stale[0]), "UPDATING");
     for r in &stale {
         assert_eq!(r.body, first.body, "the old body while the refresh runs");

@@ -1118,9 +1118,12 @@ fn redirect_http_sends_plain_requests_to_https_except_the_health_check() {
 fn redirect_http_leaves_out_port_443() {
     // A loopback address of its own, so that no other 443 is in the way.
     let tls_listen = "127.0.4.43:443";
+    // A privileged port: .ci/prerequisites checks that the tests may bind it.
     if let Err(e) = std::net::TcpListener::bind(tls_listen) {
-        eprintln!("skipped: cannot listen on {tls_listen} here ({e})");
-        return;
+        panic!(
+            "this test needs to listen on {tls_listen} ({e}): run the tests as root, or \
+             allow unprivileged ports (sysctl -w net.ipv4.ip_unprivileged_port_start=0)"
+        );
     }
     let pki = Pki::new(&["localhost"]);
     let origin = Origin::start();
@@ -1827,6 +1830,67 @@ fn sigterm_closes_open_tunnels_only_after_the_grace_period() {
         log.contains("tunnel_closed_by=stop"),
         "the tunnel's line says the stop closed it:\n{log}"
     );
+}
+
+#[test]
+fn a_websocket_reaches_a_tls_backend_verified_with_sni() {
+    let backend_port = free_port();
+    let _backend = start_backend("ws-tls-backend", backend_port);
+    let pki = Pki::new(&["localhost"]);
+    // nginx over TLS, passing /ws on to the backend as its manual says.
+    let nginx = Nginx::start(
+        "ssl",
+        &format!(
+            "ssl_certificate {};\nssl_certificate_key {};\n\
+             location /ws {{ proxy_pass http://127.0.0.1:{backend_port}; proxy_http_version 1.1;\n\
+             proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; }}",
+            pki.cert.display(),
+            pki.key.display()
+        ),
+    );
+    let lb = start_balancer(&upstream_at(
+        nginx.port,
+        &format!(
+            "tls = true\nsni = \"localhost\"\nca_file = {}",
+            toml_path(&pki.ca)
+        ),
+    ));
+    let mut ws = ws_plain(lb.port);
+    for n in 0..3 {
+        ws_round_trip(&mut ws, &format!("over TLS to the backend, {n}")).unwrap();
+    }
+    ws_close(&mut ws);
+    let log = nginx.access_log_with("GET /ws");
+    assert!(
+        log.contains("GET /ws HTTP/1.1 sni=localhost"),
+        "nginx should have seen the upgrade over TLS with SNI localhost:\n{log}"
+    );
+}
+
+#[test]
+fn open_tunnels_count_against_max_connections() {
+    let backend_port = free_port();
+    let _backend = start_backend("ws-max", backend_port);
+    let lb = start_balancer(&format!(
+        "[limits]\nmax_connections = 2\n{}",
+        upstream_at(backend_port, "")
+    ));
+    let mut first = ws_plain(lb.port);
+    let mut second = ws_plain(lb.port);
+    ws_round_trip(&mut first, "one").unwrap();
+    ws_round_trip(&mut second, "two").unwrap();
+    let (reply, closed) = raw_exchange(lb.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(reply.starts_with("HTTP/1.1 503 ") && closed, "{reply:?}");
+    // A tunnel that closes frees its place.
+    ws_close(&mut first);
+    wait_for(Duration::from_secs(10), "a free place", || {
+        let (reply, _) = raw_exchange(
+            lb.port,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        reply.starts_with("HTTP/1.1 200 ").then_some(())
+    });
+    ws_round_trip(&mut second, "still open").unwrap();
 }
 
 // 11. --check.

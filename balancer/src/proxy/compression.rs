@@ -269,20 +269,17 @@ impl Encode for Brotli {
 }
 
 impl Compress {
-    fn encode(&mut self, data: &[u8], end: bool) -> Option<Bytes> {
-        let encoder = self.encoder.as_mut()?;
-        let out = match encoder.encode(data, end) {
-            Ok(out) => Some(out),
-            Err(e) => {
-                // Bytes already sent cannot be taken back: the body ends here.
-                log::warn!("compression failed, the response is cut short: {e}");
-                Some(Bytes::new())
-            }
+    /// The encoded form of `data` (the end of the stream with `end`). A
+    /// failure ends the response: what was sent cannot be taken back.
+    fn encode(&mut self, data: &[u8], end: bool) -> Result<Option<Bytes>> {
+        let Some(encoder) = self.encoder.as_mut() else {
+            return Ok(None);
         };
-        if end {
+        let out = encoder.encode(data, end);
+        if end || out.is_err() {
             self.encoder = None;
         }
-        out
+        out.map(Some)
     }
 }
 
@@ -334,12 +331,12 @@ impl HttpModule for Compress {
             return Ok(());
         }
         let data = body.take().unwrap_or_default();
-        *body = self.encode(&data, end_of_stream);
+        *body = self.encode(&data, end_of_stream)?;
         Ok(())
     }
 
     fn response_done_filter(&mut self) -> Result<Option<Bytes>> {
-        Ok(self.encode(&[], true))
+        self.encode(&[], true)
     }
 }
 
@@ -432,6 +429,32 @@ mod tests {
             &response(200, &[("content-type", "text/plain")]),
             &settings
         ));
+    }
+
+    #[test]
+    fn each_encoder_ends_its_stream_so_a_strict_decoder_reads_it_whole() {
+        use std::io::Read as _;
+        let text: Vec<u8> = (0..20_000u32)
+            .flat_map(|i| (i % 251).to_string().into_bytes())
+            .collect();
+        for encoding in [Gzip, Br, Zstd] {
+            let mut encoder = encoder(encoding, 3).unwrap();
+            let mut out = Vec::new();
+            for (i, chunk) in text.chunks(7_000).enumerate() {
+                let last = (i + 1) * 7_000 >= text.len();
+                out.extend_from_slice(&encoder.encode(chunk, last).unwrap());
+            }
+            let mut decoded = Vec::new();
+            let read = match encoding {
+                Gzip => flate2::read::GzDecoder::new(out.as_slice()).read_to_end(&mut decoded),
+                // Fails with "Invalid Data" on a stream that was only flushed.
+                Br => brotli::Decompressor::new(out.as_slice(), 4096).read_to_end(&mut decoded),
+                Zstd => zstd::stream::read::Decoder::new(out.as_slice())
+                    .and_then(|mut d| d.read_to_end(&mut decoded)),
+            };
+            assert!(read.is_ok(), "{encoding:?}: {read:?}");
+            assert_eq!(decoded, text, "{encoding:?}");
+        }
     }
 
     #[test]

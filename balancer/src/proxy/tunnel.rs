@@ -98,6 +98,8 @@ impl Balancer {
         let mut header = read_answer(&mut backend, read_timeout).await?;
         self.finish_response(session, ctx, &mut header).await?;
         if !backend.was_upgraded() {
+            // A refusal's body is read as any response's: within read_timeout.
+            backend.read_timeout = Some(read_timeout);
             let relayed = relay_answer(session, &mut backend, header).await;
             ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
             return relayed;
@@ -149,13 +151,27 @@ impl Balancer {
             bytes_up: 0,
             bytes_down: 0,
         };
+        // One timer and one stop watch for the whole tunnel, not one per
+        // message: traffic only notes its time, and the timer, when it
+        // fires, is moved to idle_timeout after the last traffic.
         let mut last = Instant::now();
+        let silence = tokio::time::sleep(idle);
+        tokio::pin!(silence);
+        let stop = self.stopping.grace_over();
+        tokio::pin!(stop);
         let failure = loop {
             let step = tokio::select! {
                 read = session.read_request_body() => Step::Client(read),
                 read = backend.read_body_bytes() => Step::Backend(read),
-                () = tokio::time::sleep_until((last + idle).into()) => Step::Idle,
-                () = self.stopping.grace_over() => Step::Stop,
+                () = &mut silence => {
+                    let deadline = last + idle;
+                    if deadline > Instant::now() {
+                        silence.as_mut().reset(deadline.into());
+                        continue;
+                    }
+                    Step::Idle
+                }
+                () = &mut stop => Step::Stop,
             };
             last = Instant::now();
             match step {

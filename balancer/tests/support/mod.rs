@@ -322,9 +322,31 @@ pub enum Act {
     Cut,
     /// Answer bytes that are not HTTP.
     Garbage,
+    /// Answer with this status and body (`{n}` as above) once the gate is
+    /// opened (or after 30 s): a request that is in flight for as long as
+    /// the test needs, whatever the machine's load.
+    Held(Gate, u16, &'static str),
     /// Answer with this status, exactly these headers (no default
     /// `content-type`; `content-length` is added) and this body (`{n}` as above).
     Exact(u16, Vec<(&'static str, &'static str)>, &'static str),
+}
+
+/// A gate that holds an origin's answers until the test opens it.
+#[derive(Clone, Debug, Default)]
+pub struct Gate(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+impl Gate {
+    pub fn open(&self) {
+        *self.0 .0.lock().unwrap() = true;
+        self.0 .1.notify_all();
+    }
+
+    /// Waits until the gate is open, at most `within`.
+    fn pass(&self, within: Duration) {
+        let (open, opened) = &*self.0;
+        let guard = open.lock().unwrap();
+        let _ = opened.wait_timeout_while(guard, within, |open| !*open);
+    }
 }
 
 /// One request as the origin saw it.
@@ -500,6 +522,10 @@ fn serve(stream: TcpStream, state: &OriginState) {
             }
             Act::Slow(delay, status, text) => {
                 thread::sleep(delay);
+                (status, Vec::new(), text)
+            }
+            Act::Held(gate, status, text) => {
+                gate.pass(Duration::from_secs(30));
                 (status, Vec::new(), text)
             }
             Act::Hang => {

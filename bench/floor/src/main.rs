@@ -1,0 +1,105 @@
+//! The floor of the benchmarks: the smallest Pingora `ProxyHttp` that
+//! forwards a request as the balancer does for `/`. One upstream, Pingora's
+//! upstream keep-alive pool, and the three headers that bench/nginx.conf
+//! sets (`Host` as the client sent it, `X-Real-IP`, `X-Forwarded-For`
+//! appended), nothing else: no routing, health checks, access log, metrics,
+//! request ids or connection guard, and none of Pingora's downstream modules
+//! (as in the balancer). Built with the balancer's release profile and
+//! allocator (mimalloc, without transparent huge pages), so that what the
+//! balancer costs above it is the balancer's own.
+//!
+//!   floor --listen 127.0.0.1:19104 --upstream 127.0.0.1:19100 [--threads 1]
+
+use std::net::SocketAddr;
+
+use async_trait::async_trait;
+use clap::Parser;
+use pingora::prelude::*;
+use pingora::proxy::{ProxyHttp, Session};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "floor",
+    about = "Pingora's floor: one upstream, nginx's forwarded headers"
+)]
+struct Cli {
+    /// Where to listen (plain HTTP/1.1).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// The one backend.
+    #[arg(long)]
+    upstream: SocketAddr,
+    /// Worker threads, as the balancer's `threads`.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+struct Floor {
+    upstream: SocketAddr,
+}
+
+#[async_trait]
+impl ProxyHttp for Floor {
+    type CTX = ();
+
+    fn new_ctx(&self) {}
+
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
+        Ok(Box::new(HttpPeer::new(self.upstream, false, String::new())))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        _ctx: &mut (),
+    ) -> Result<()> {
+        // Host is the client's, as `proxy_set_header Host $host` keeps it.
+        let Some(ip) = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string())
+        else {
+            return Ok(());
+        };
+        let forwarded_for = match upstream_request.headers.get("x-forwarded-for") {
+            Some(earlier) => format!("{}, {ip}", String::from_utf8_lossy(earlier.as_bytes())),
+            None => ip.clone(),
+        };
+        upstream_request.insert_header("X-Forwarded-For", forwarded_for)?;
+        upstream_request.insert_header("X-Real-IP", ip)?;
+        Ok(())
+    }
+}
+
+fn main() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_THP_DISABLE takes integers and touches no memory of ours,
+    // as in the balancer's main.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+    let cli = Cli::parse();
+    let conf = pingora::server::configuration::ServerConf {
+        threads: cli.threads,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let mut service = http_proxy_service(
+        &server.configuration,
+        Floor {
+            upstream: cli.upstream,
+        },
+    );
+    service.add_tcp(&cli.listen.to_string());
+    server.add_service(service);
+    server.run_forever();
+}
