@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions};
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
 use pingora::server::RunArgs;
@@ -41,7 +41,7 @@ pub fn run(
 ) -> ExitCode {
     let server_conf = ServerConf {
         threads: config.threads(),
-        // `drain` has waited for the requests in flight (at most the live
+        // `drain` has served what was accepted (at most the live
         // grace_period) before it lets Pingora stop: nothing is left to sleep for.
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(1),
@@ -51,6 +51,7 @@ pub fn run(
     server.bootstrap();
 
     let listen = config.listen;
+    let socket_options = client_socket_options(config.reuse_port);
     let admin_listen = config.admin_listen;
     let http2_cleartext = config.http2_cleartext;
     // The certificates are read before anything listens: a broken one is a
@@ -90,8 +91,12 @@ pub fn run(
     );
     let drain = drain::Drain {
         in_flight: Arc::clone(&in_flight),
+        connections: Arc::clone(&connections),
         stopping: Arc::clone(&stopping),
         live: Arc::clone(&live),
+        listen: std::iter::once(listen)
+            .chain(tls.as_ref().map(|(settings, _)| settings.listen))
+            .collect(),
     };
     let mut balancer = pingora::proxy::http_proxy(
         &server.configuration,
@@ -125,6 +130,7 @@ pub fn run(
     // no read buffer at all.
     proxy.add_listener(
         ListenerConfig::tcp(listen.to_string())
+            .tcp_socket_options(socket_options.clone())
             .l4_buffer(L4BufferSettings::new(0, CLIENT_WRITE_BUFFER)),
     );
     if let Some((settings, store)) = &tls {
@@ -141,6 +147,7 @@ pub fn run(
         }
         proxy.add_listener(
             ListenerConfig::tcp(settings.listen.to_string())
+                .tcp_socket_options(socket_options)
                 .tls(acceptor)
                 .l4_buffer(L4BufferSettings::new(
                     TLS_CLIENT_READ_BUFFER,
@@ -210,4 +217,12 @@ pub fn run(
     });
     admin::access_log::flush(std::time::Duration::from_secs(1));
     ExitCode::SUCCESS
+}
+
+/// The options of the client listeners' sockets (Pingora's defaults but for
+/// `reuse_port`).
+fn client_socket_options(reuse_port: bool) -> TcpSocketOptions {
+    let mut options = TcpSocketOptions::default();
+    options.so_reuseport = reuse_port.then_some(true);
+    options
 }

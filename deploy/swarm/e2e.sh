@@ -3,14 +3,21 @@
 # the stack from the images compose.yaml builds, checks curl through the
 # published port, that every backend task gets requests, that scaling the
 # backend up and down is followed without restarting the balancer, that a new
-# balancer config rolls out, then removes the stack and leaves the swarm (when
-# this script made it). Every wait is bounded; the last line is
-# `N passed, M failed`. Needs a Docker engine, the images, curl and port 80.
+# balancer config rolls out, that the balancer itself is rolled over under
+# load with no failed request (stack.hostnet.yaml, on port 8080), then
+# removes the stacks and leaves the swarm (when this script made it). Every
+# wait is bounded; the last line is `N passed, M failed`. Needs a Docker
+# engine, the images (BALANCER_IMAGE and BACKEND_IMAGE name others), curl
+# and ports 80, 8080 and 8000 (the host-network stack's balancers and backend).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 STACK=${E2E_STACK:-lbe2e}
 URL=${E2E_URL:-http://localhost}
-export URL STACK   # the checks run in child shells (within bash -c)
+HOSTNET_URL=${E2E_HOSTNET_URL:-http://localhost:8080}
+BALANCER_IMAGE=${BALANCER_IMAGE:-pingora-lb/balancer:latest}
+BACKEND_IMAGE=${BACKEND_IMAGE:-pingora-lb/backend:latest}
+# The checks run in child shells (within bash -c); the stack files read the images.
+export URL HOSTNET_URL STACK BALANCER_IMAGE BACKEND_IMAGE
 work=$(mktemp -d)
 passed=0
 failed=0
@@ -18,13 +25,15 @@ failed=0
 say() { printf '    %s\n' "$*"; }
 cleanup() {
     local rc=$?
-    docker stack rm "$STACK" >/dev/null 2>&1 || true
+    [ -f "$work/loops" ] && kill $(cat "$work/loops") 2>/dev/null
+    docker stack rm "$STACK" "${STACK}h" >/dev/null 2>&1 || true
     for _ in $(seq 60); do
-        [ -z "$(docker ps -aq --filter "label=com.docker.stack.namespace=$STACK")" ] && break
+        [ -z "$(docker ps -aq --filter "label=com.docker.stack.namespace=$STACK")" ] \
+            && [ -z "$(docker ps -aq --filter "label=com.docker.stack.namespace=${STACK}h")" ] && break
         sleep 1
     done
     docker config rm "${STACK}_toml_v2" >/dev/null 2>&1 || true
-    docker config rm lb_balancer_toml_v1 >/dev/null 2>&1 || true
+    docker config rm lb_balancer_toml_v1 lb_balancer_hostnet_toml_v1 >/dev/null 2>&1 || true
     # A file, not a variable: steps run in subshells.
     if [ -f "$work/made-swarm" ]; then
         docker swarm leave --force >/dev/null 2>&1 && echo "left the swarm this test made"
@@ -82,7 +91,7 @@ step_swarm() {
         docker swarm init --advertise-addr 127.0.0.1 >/dev/null 2>&1 || docker swarm init >/dev/null
         touch "$work/made-swarm"
     fi
-    docker image inspect pingora-lb/balancer:latest pingora-lb/backend:latest >/dev/null
+    docker image inspect "$BALANCER_IMAGE" "$BACKEND_IMAGE" >/dev/null
 }
 
 step_deploy() {
@@ -130,9 +139,62 @@ step_config_update() {
     say "the rolled-out config caches /info"
 }
 
+hostnet_balancers() {  # the ids of the running, healthy balancer containers of stack.hostnet.yaml
+    docker ps -q --filter "label=com.docker.swarm.service.name=${STACK}h_balancer" --filter health=healthy | sort
+}
+
+# Request loops until $work/stop exists, one line per request in $work/rolling:
+# two open a new connection per request, one keeps its connection (curl reuses
+# it across the URLs of one command; a reused connection the server closed is
+# retried on a new one, as every HTTP client does).
+start_rolling_loops() {
+    : > "$work/rolling"; rm -f "$work/stop"
+    local pids=()
+    for _ in 1 2; do
+        ( while [ ! -f "$work/stop" ]; do
+              curl -s --max-time 10 -o /dev/null -w 'new %{http_code} %{time_total} %{errormsg}\n' "$HOSTNET_URL/info" >> "$work/rolling"
+          done ) & pids+=($!)
+    done
+    ( args=(); for _ in $(seq 50); do args+=(-o /dev/null "$HOSTNET_URL/info"); done
+      while [ ! -f "$work/stop" ]; do
+          curl -s --max-time 60 -w 'kept %{http_code} %{num_connects} %{errormsg}\n' "${args[@]}" >> "$work/rolling"
+      done ) & pids+=($!)
+    echo "${pids[*]}" > "$work/loops"
+}
+
+step_rolling_update() {
+    docker stack deploy -c "$here/stack.hostnet.yaml" "${STACK}h" >/dev/null
+    within 120 bash -c "$(declare -f hostnet_balancers); [ \$(hostnet_balancers | wc -l) -eq 2 ]"
+    within 60 bash -c "curl -sf --max-time 3 '$HOSTNET_URL/' | grep -qx 'Hello World!'"
+    local before after total failed kept reused slowest
+    before=$(hostnet_balancers)
+    start_rolling_loops
+    within 30 bash -c "[ \$(wc -l < '$work/rolling') -ge 100 ]"
+    local started=$SECONDS
+    docker service update --force --quiet "${STACK}h_balancer" >/dev/null
+    # The last old task drains after the update is reported done.
+    within 60 bash -c "$(declare -f hostnet_balancers); [ \$(docker ps -q --filter label=com.docker.swarm.service.name=${STACK}h_balancer | wc -l) -eq 2 ] && [ \$(hostnet_balancers | wc -l) -eq 2 ]"
+    local took=$((SECONDS - started))
+    sleep 2   # a last stretch on the new tasks alone
+    touch "$work/stop"
+    wait $(cat "$work/loops") 2>/dev/null || true
+    rm -f "$work/loops"
+    after=$(hostnet_balancers)
+    if [ -n "$(comm -12 <(echo "$before") <(echo "$after"))" ]; then
+        say "a balancer task was not replaced: $before -> $after"; return 1
+    fi
+    total=$(wc -l < "$work/rolling")
+    failed=$(grep -cv '^[a-z]* 200 ' "$work/rolling" || true)
+    kept=$(grep -c '^kept ' "$work/rolling" || true)
+    reused=$(grep -c '^kept 200 0 ' "$work/rolling" || true)
+    slowest=$(awk '$1 == "new" && $3 > max { max = $3 } END { print max + 0 }' "$work/rolling")
+    say "both balancer tasks replaced start-first in ${took}s under load: $total requests ($kept on a kept-alive loop, $reused of them on a reused connection), $failed failed; the slowest new connection took ${slowest}s"
+    if [ "$failed" -ne 0 ]; then grep -v '^[a-z]* 200 ' "$work/rolling" | head -20 >&2; return 1; fi
+}
+
 step_remove() {
-    docker stack rm "$STACK" >/dev/null
-    within 60 bash -c "[ -z \"\$(docker ps -aq --filter label=com.docker.stack.namespace=$STACK)\" ]"
+    docker stack rm "$STACK" "${STACK}h" >/dev/null
+    within 60 bash -c "[ -z \"\$(docker ps -aq --filter label=com.docker.stack.namespace=$STACK)\" ] && [ -z \"\$(docker ps -aq --filter label=com.docker.stack.namespace=${STACK}h)\" ]"
     say "no container of the stack is left"
 }
 
@@ -141,5 +203,6 @@ step "stack deploy, curl through the published port" step_deploy
 step "requests reach every backend task" step_every_task
 step "scale up and down under load, balancer not restarted" step_scale
 step "a balancer config update rolls out" step_config_update
+step "the balancer rolled over (start-first, host network) under load, nothing fails" step_rolling_update
 step "stack removed" step_remove
 echo "$passed passed, $failed failed"

@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 use toml::{Table, Value};
 
 /// Dotted keys whose new value is kept out until a restart.
-pub const RESTART_ONLY: [&str; 8] = [
+pub const RESTART_ONLY: [&str; 9] = [
     "listen",
+    "reuse_port",
     "admin_listen",
     "threads",
     "http2_cleartext",
@@ -211,6 +212,7 @@ fn absent(key: &str) -> String {
     match key {
         "admin_listen" => "(off)",
         "threads" => "(one per CPU)",
+        "reuse_port" => "false",
         _ => "(absent)",
     }
     .to_owned()

@@ -40,6 +40,12 @@ pub struct Config {
     /// Where clients connect.
     #[serde(default = "default_listen", deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
+    /// The client listeners are opened with `SO_REUSEPORT`, so that a second
+    /// balancer on the same host and port (the next version, in a rolling
+    /// update on the host network) shares the new connections with this one
+    /// until it stops. Off, a second one fails to start: the port is taken.
+    #[serde(default)]
+    pub reuse_port: bool,
     /// Metrics and status; off when absent.
     #[serde(default, deserialize_with = "optional_socket_addr")]
     pub admin_listen: Option<SocketAddr>,
@@ -57,9 +63,15 @@ pub struct Config {
     /// to give it. The token itself is never written in this file.
     #[serde(default)]
     pub admin_token_file: Option<PathBuf>,
-    /// How long SIGTERM waits for in-flight requests before the process exits.
+    /// How long the drain that follows SIGTERM (and `shutdown_delay`) waits
+    /// for in-flight requests before the process exits.
     #[serde(default = "default_grace_period")]
     pub grace_period: Positive,
+    /// How long after SIGTERM the balancer goes on accepting and serving as
+    /// usual before it drains: an orchestrator keeps routing new connections
+    /// to a stopping task for a moment after it signals it.
+    #[serde(default)]
+    pub shutdown_delay: Span,
     /// The upstream group named `default`: where requests no route claims go.
     #[serde(default)]
     pub upstream: Option<Upstream>,

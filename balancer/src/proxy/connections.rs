@@ -40,8 +40,8 @@ use crate::admin::logging::Throttle;
 use crate::proxy::drain::Stopping;
 use crate::runtime::Live;
 
-/// How long a connection turned away (beyond `max_connections`, or while
-/// stopping) is read from after its 503: it holds no slot, so it is kept short.
+/// How long a connection turned away (beyond `max_connections`) is read from
+/// after its 503: it holds no slot, so it is kept short.
 const REFUSAL_LINGER: Duration = Duration::from_millis(500);
 
 /// A complete plain-text response that closes the connection, written
@@ -60,6 +60,8 @@ fn closing_response(status: &str, headers: &str, body: &str) -> Vec<u8> {
 #[derive(Debug, Default)]
 pub struct Connections {
     open: AtomicUsize,
+    /// Open connections that have not sent (all of) their first request head.
+    fresh: AtomicUsize,
     refused: AtomicU64,
     header_timeouts: AtomicU64,
     lingering: AtomicUsize,
@@ -70,6 +72,12 @@ pub struct Connections {
 impl Connections {
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// Accepted connections whose first request has not begun: a stopping
+    /// balancer waits for them, since their clients chose it.
+    pub fn fresh(&self) -> usize {
+        self.fresh.load(Ordering::Relaxed)
     }
 
     /// Connections turned away by `limits.max_connections`.
@@ -114,7 +122,9 @@ pub struct Guarded<A> {
     app: Arc<A>,
     live: Arc<Live>,
     connections: Arc<Connections>,
-    stopping: Arc<Stopping>,
+    /// The drain's start, handed to the proxy as its shutdown signal:
+    /// Pingora's own comes only once the drain is over.
+    draining: ShutdownWatch,
 }
 
 impl<A> Guarded<A> {
@@ -128,7 +138,7 @@ impl<A> Guarded<A> {
             app: Arc::new(app),
             live,
             connections,
-            stopping,
+            draining: stopping.watch(),
         }
     }
 }
@@ -138,17 +148,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
-        shutdown: &ShutdownWatch,
+        _shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        if self.stopping.is_set() {
-            refuse(
-                stream,
-                "503 Service Unavailable",
-                "the server is shutting down; try again\n",
-            )
-            .await;
-            return None;
-        }
+        let shutdown = &self.draining;
         // min_version = "1.3": the certificate resolver turns away clients
         // that offer no TLS 1.3 suite, but a client may list them and still
         // speak only 1.2; the version negotiated is what counts.
@@ -325,6 +327,10 @@ pub struct Timed {
     lingering_time: Duration,
     lingering_timeout: Duration,
     slot: Option<Slot>,
+    /// Counted in [`Connections::fresh`]: no request head received yet. An
+    /// HTTP/2 connection stays so until it closes, which a draining
+    /// balancer's `GOAWAY` brings about once its last stream is served.
+    fresh: AtomicBool,
     /// Bytes `try_peek` read from the socket and the reads have not taken
     /// yet (`read_at` onwards); empty, and holding no memory, otherwise.
     read_ahead: Vec<u8>,
@@ -334,6 +340,7 @@ pub struct Timed {
 impl Timed {
     fn new(inner: Stream, limits: &crate::config::Limits, slot: Slot) -> Self {
         let limit = limits.client_header_timeout.0;
+        slot.0.fresh.fetch_add(1, Ordering::Relaxed);
         Timed {
             inner,
             limit,
@@ -345,6 +352,7 @@ impl Timed {
             lingering_time: limits.lingering_time.0,
             lingering_timeout: limits.lingering_timeout.0,
             slot: Some(slot),
+            fresh: AtomicBool::new(true),
             read_ahead: Vec::new(),
             read_at: 0,
         }
@@ -352,6 +360,15 @@ impl Timed {
 
     fn connections(&self) -> Option<&Connections> {
         self.slot.as_ref().map(|s| &*s.0)
+    }
+
+    /// The connection's first request head has come (or it closes).
+    fn settle(&self) {
+        if self.fresh.swap(false, Ordering::Relaxed) {
+            if let Some(connections) = self.connections() {
+                connections.fresh.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// The deadline passed: answer 408 when part of a head came (a client
@@ -461,6 +478,7 @@ fn peer(stream: &dyn pingora::protocols::IO) -> Option<std::net::SocketAddr> {
 
 impl Drop for Timed {
     fn drop(&mut self) {
+        self.settle();
         if !self.must_linger() {
             return;
         }
@@ -496,6 +514,7 @@ fn timed(session: &Session) -> Option<&Timed> {
 /// A request head has been read: its deadline no longer applies.
 pub fn head_received(session: &Session) {
     if let Some(t) = timed(session) {
+        t.settle();
         t.state.store(IN_REQUEST, Ordering::Relaxed);
     }
 }

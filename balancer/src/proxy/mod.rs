@@ -24,6 +24,7 @@ pub mod connections;
 pub mod drain;
 pub mod forwarded;
 pub mod limits;
+pub mod listeners;
 pub mod tunnel;
 
 use std::net::SocketAddr;
@@ -92,7 +93,8 @@ pub struct Balancer {
     pub extensions: Vec<Arc<dyn Extension>>,
     pub in_flight: Arc<InFlight>,
     pub cache: &'static ResponseCache,
-    /// Set on SIGTERM: every response then closes its connection.
+    /// Set when the drain starts: every response then closes its
+    /// connection, and `/health-check` answers 503.
     pub stopping: Arc<Stopping>,
     /// Connects WebSocket tunnels to their backends (see `tunnel`).
     pub tunnels: pingora::connectors::TransportConnector,
@@ -300,7 +302,13 @@ impl ProxyHttp for Balancer {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         if session.req_header().uri.path() == HEALTH_CHECK_PATH {
-            respond_text(session, 200, "success").await?;
+            // A draining balancer still serves what it is sent, but asks a
+            // health-checking front to send it nothing more.
+            if self.stopping.is_set() {
+                respond_text(session, 503, "shutting down").await?;
+            } else {
+                respond_text(session, 200, "success").await?;
+            }
             return Ok(true);
         }
         ctx.request_id = request_id::for_request(session.req_header());
@@ -564,6 +572,10 @@ impl ProxyHttp for Balancer {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if self.stopping.is_set() && !ctx.upgrade {
+            // The drain began while this request was in flight.
+            session.set_keepalive(None);
+        }
         // The balancer is the surrogate that Surrogate-Control speaks to.
         upstream_response.remove_header("surrogate-control");
         if let (CachePhase::RevalidatedNoCache(_), Some(not_modified)) =

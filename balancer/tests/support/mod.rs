@@ -611,6 +611,37 @@ pub fn start_program(program: &Path, body: &str, env: &[(&str, &str)]) -> Balanc
 
 /// [`start_program`] with its plain listener on `port`.
 pub fn start_program_on(program: &Path, port: u16, body: &str, env: &[(&str, &str)]) -> Balancer {
+    let mut balancer = spawn_balancer(program, port, body, env);
+    let name = program.display().to_string();
+    wait_for(
+        Duration::from_secs(10),
+        &format!("{name} to listen"),
+        || {
+            balancer.proc.assert_running(&name);
+            TcpStream::connect(("127.0.0.1", balancer.port)).ok()
+        },
+    );
+    balancer
+}
+
+/// A second balancer on the port of another (`reuse_port = true` in both),
+/// ready: it has served a request of its own.
+pub fn start_balancer_beside(other: &Balancer, body: &str) -> Balancer {
+    let mut balancer = spawn_balancer(&binary("balancer"), other.port, body, &[]);
+    wait_for(
+        Duration::from_secs(20),
+        "the second balancer to take a share of the new connections",
+        || {
+            balancer.proc.assert_running("the second balancer");
+            let _ = get(&balancer.url("/?beside"));
+            balancer.proc.log_text().contains("/?beside").then_some(())
+        },
+    );
+    balancer
+}
+
+/// Starts `program` on `body`, listening on `port`.
+fn spawn_balancer(program: &Path, port: u16, body: &str, env: &[(&str, &str)]) -> Balancer {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("balancer.toml");
     std::fs::write(&config, config_text(port, body)).unwrap();
@@ -618,16 +649,7 @@ pub fn start_program_on(program: &Path, port: u16, body: &str, env: &[(&str, &st
     cmd.arg("--config").arg(&config).env("RUST_LOG", "info");
     cmd.envs(env.iter().copied());
     let log = dir.path().join("balancer.log");
-    let mut proc = spawn_logged(cmd, log, Some(dir));
-    let name = program.display().to_string();
-    wait_for(
-        Duration::from_secs(10),
-        &format!("{name} to listen"),
-        || {
-            proc.assert_running(&name);
-            TcpStream::connect(("127.0.0.1", port)).ok()
-        },
-    );
+    let proc = spawn_logged(cmd, log, Some(dir));
     Balancer { proc, port, config }
 }
 
