@@ -12,11 +12,11 @@
 #
 # Environment: CZ_ROUNDS (5), CZ_DURATION (5 s), CZ_ACCEPT (the requests'
 # Accept-Encoding, default gzip; identity measures the same paths with
-# nothing compressed), BENCH_PORT_BASE (28500), BENCH_SKIP_BUILD (1: use
+# nothing compressed), BENCH_PORT_BASE (19600), BENCH_SKIP_BUILD (1: use
 # target/release as it is).
 set -euo pipefail
 
-PORT_BASE=${BENCH_PORT_BASE:-28500}
+PORT_BASE=${BENCH_PORT_BASE:-19600}
 RAW=$(cd "$(dirname "$0")" && pwd)/results/raw
 # shellcheck source=bench/servers.sh
 source "$(dirname "$0")/servers.sh"

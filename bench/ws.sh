@@ -11,10 +11,10 @@
 #   bench/ws.sh [-o REPORT]
 #
 # Environment: WS_ROUNDS (5), WS_DURATION (5 s), WS_CONNECTIONS (50),
-# BENCH_PORT_BASE (28400), BENCH_SKIP_BUILD (1: use target/release as it is).
+# BENCH_PORT_BASE (19500), BENCH_SKIP_BUILD (1: use target/release as it is).
 set -euo pipefail
 
-PORT_BASE=${BENCH_PORT_BASE:-28400}
+PORT_BASE=${BENCH_PORT_BASE:-19500}
 RAW=$(cd "$(dirname "$0")" && pwd)/results/raw
 # shellcheck source=bench/servers.sh
 source "$(dirname "$0")/servers.sh"

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 /// range below the kernel's ephemeral ones (where test origins and client
 /// sockets get theirs), each at most once per test process, so parallel tests
 /// do not race for the same port. The benchmarks in `bench/` keep below it
-/// (19100-19499), so that a benchmark run beside the tests takes none of them.
+/// (19100-19699), so that a benchmark run beside the tests takes none of them.
 pub fn free_port() -> u16 {
     static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU16> = std::sync::OnceLock::new();
     let next = NEXT.get_or_init(|| {
