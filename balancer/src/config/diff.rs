@@ -4,7 +4,7 @@
 //! a line of code here. The keys that apply only at start-up are declared
 //! once, in [`RESTART_ONLY`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use toml::{Table, Value};
 
@@ -31,24 +31,20 @@ const RESTART_ONLY_SECTIONS: [&str; 2] = ["tls", "tls.acme"];
 /// `[[route]]`, an `[upstreams.NAME]` removed) is one entry, `route[2] added`,
 /// not one per key in it.
 pub fn changes(old: &Table, new: &Table) -> Vec<String> {
-    let (old_tables, new_tables) = (tables(old), tables(new));
-    let added = topmost(&new_tables, &old_tables);
-    let removed = topmost(&old_tables, &new_tables);
+    let (old, new) = (flatten(old), flatten(new));
+    let added = topmost(&new.tables, &old.tables);
+    let removed = topmost(&old.tables, &new.tables);
     let mut lines: Vec<String> = added
         .iter()
         .map(|p| format!("{p} added"))
         .chain(removed.iter().map(|p| format!("{p} removed")))
         .collect();
-    let inside = |key: &str| {
-        added.iter().chain(&removed).any(|p| {
-            key.strip_prefix(p.as_str())
-                .is_some_and(|rest| rest.starts_with(['.', '[']))
-        })
-    };
-    let (old, new) = (flatten(old), flatten(new));
-    let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
-    for key in keys.into_iter().filter(|key| !inside(key)) {
-        match (old.get(key), new.get(key)) {
+    let keys: BTreeSet<&String> = old.leaves.keys().chain(new.leaves.keys()).collect();
+    for key in keys {
+        if added.iter().chain(&removed).any(|table| within(key, table)) {
+            continue;
+        }
+        match (old.leaves.get(key), new.leaves.get(key)) {
             (Some(Leaf::List(a)), Some(Leaf::List(b))) => {
                 lines.extend(
                     b.iter()
@@ -68,58 +64,18 @@ pub fn changes(old: &Table, new: &Table) -> Vec<String> {
     lines
 }
 
-/// The dotted path of every table in `table` (`upstreams.api`, `route[2]`),
-/// the top one excluded, and so is a table that only names others
-/// (`upstreams`): its tables are what appears or goes away.
-fn tables(table: &Table) -> std::collections::BTreeSet<String> {
-    let mut out = std::collections::BTreeSet::new();
-    collect_tables("", table, &mut out);
-    out
-}
-
-fn collect_tables(prefix: &str, table: &Table, out: &mut std::collections::BTreeSet<String>) {
-    for (key, value) in table {
-        let path = if prefix.is_empty() {
-            key.clone()
-        } else {
-            format!("{prefix}.{key}")
-        };
-        match value {
-            Value::Table(inner) => {
-                collect_tables(&path, inner, out);
-                if inner.is_empty() || !inner.values().all(Value::is_table) {
-                    out.insert(path);
-                }
-            }
-            Value::Array(items) => {
-                for (i, item) in items.iter().enumerate() {
-                    if let Value::Table(inner) = item {
-                        let path = format!("{path}[{i}]");
-                        collect_tables(&path, inner, out);
-                        out.insert(path);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
+/// Whether the dotted `path` lies inside the table at `table` (`route[2].path` in `route[2]`).
+fn within(path: &str, table: &str) -> bool {
+    path.strip_prefix(table)
+        .is_some_and(|rest| rest.starts_with(['.', '[']))
 }
 
 /// The tables of `these` that `those` lacks, without the ones inside another such table.
-fn topmost(
-    these: &std::collections::BTreeSet<String>,
-    those: &std::collections::BTreeSet<String>,
-) -> Vec<String> {
+fn topmost<'a>(these: &'a BTreeSet<String>, those: &BTreeSet<String>) -> Vec<&'a String> {
     let only: Vec<&String> = these.iter().filter(|p| !those.contains(*p)).collect();
     only.iter()
-        .filter(|p| {
-            !only.iter().any(|outer| {
-                outer.len() < p.len()
-                    && p.starts_with(outer.as_str())
-                    && p[outer.len()..].starts_with(['.', '['])
-            })
-        })
-        .map(|p| (*p).clone())
+        .filter(|p| !only.iter().any(|outer| within(p, outer)))
+        .copied()
         .collect()
 }
 
@@ -161,13 +117,23 @@ enum Leaf {
     List(Vec<String>),
 }
 
-fn flatten(table: &Table) -> BTreeMap<String, Leaf> {
-    let mut out = BTreeMap::new();
+/// A file walked once: every value by its dotted key, and the dotted path of
+/// every table (`upstreams.api`, `route[2]`), the top one excluded, and so is
+/// a table that only names others (`upstreams`): its tables are what appears
+/// or goes away.
+#[derive(Default)]
+struct Flat {
+    leaves: BTreeMap<String, Leaf>,
+    tables: BTreeSet<String>,
+}
+
+fn flatten(table: &Table) -> Flat {
+    let mut out = Flat::default();
     walk("", &Value::Table(table.clone()), &mut out);
     out
 }
 
-fn walk(prefix: &str, value: &Value, out: &mut BTreeMap<String, Leaf>) {
+fn walk(prefix: &str, value: &Value, out: &mut Flat) {
     let join = |key: &str| {
         if prefix.is_empty() {
             key.to_owned()
@@ -180,6 +146,12 @@ fn walk(prefix: &str, value: &Value, out: &mut BTreeMap<String, Leaf>) {
             for (key, value) in table {
                 walk(&join(key), value, out);
             }
+            // An element of an array of tables is one whatever it holds.
+            let names_others =
+                !prefix.ends_with(']') && !table.is_empty() && table.values().all(Value::is_table);
+            if !prefix.is_empty() && !names_others {
+                out.tables.insert(prefix.to_owned());
+            }
         }
         // An array of tables (`[[route]]`): each by its position.
         Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_table) => {
@@ -188,13 +160,14 @@ fn walk(prefix: &str, value: &Value, out: &mut BTreeMap<String, Leaf>) {
             }
         }
         Value::Array(items) => {
-            out.insert(
+            out.leaves.insert(
                 prefix.to_owned(),
                 Leaf::List(items.iter().map(plain).collect()),
             );
         }
         other => {
-            out.insert(prefix.to_owned(), Leaf::One(plain(other)));
+            out.leaves
+                .insert(prefix.to_owned(), Leaf::One(plain(other)));
         }
     }
 }
