@@ -1,4 +1,5 @@
-//! An extension that sends some requests to a canary upstream group.
+//! An extension kind, `canary`, that sends some requests to a canary
+//! upstream group.
 //!
 //! **It routes; it does not authenticate.** The JWT it reads is NOT
 //! verified: its signature is never checked, nor its expiry, issuer or
@@ -8,9 +9,11 @@
 //! reach differ in what they allow; authenticate in front of it (see the
 //! `api_keys` example) or in the backends.
 //!
-//! A request goes to another group than its route's when, in this order:
+//! A request (on a route that lists the instance, or any request when it is
+//! in `global_extensions`) goes to another group than its route's when, in
+//! this order:
 //!
-//! 1. it has `X-Canary: 1`: to the canary group;
+//! 1. it has the instance's `header` set to `1`: to the canary group;
 //! 2. its `Authorization: Bearer <jwt>` has a payload (the middle segment,
 //!    base64url-decoded JSON) whose `"group"` claim names an allowed group:
 //!    to that group;
@@ -20,23 +23,36 @@
 //! says. The response to a request it routed (any of the three, a group
 //! claim naming the route's own group included) gets `X-Canary-Routed: 1`.
 //!
-//! ```text
-//! CANARY_UPSTREAM=canary cargo run --example canary -- --config balancer.toml
+//! ```toml
+//! [extensions.canary]
+//! kind = "canary"
+//! upstream = "canary"          # the canary group: an [upstreams.NAME]
+//! header = "x-canary"          # the default
+//! groups = ["default", "canary"]   # what a "group" claim may name; the
+//!                                  # default: default and the canary group
+//!
+//! [[route]]
+//! path = "/"
+//! upstream = "default"
+//! extensions = ["canary"]
 //! ```
 //!
-//! - `CANARY_UPSTREAM` (default `canary`): the canary group, an
-//!   `[upstreams.NAME]` of the configuration.
-//! - `CANARY_GROUPS` (default: `default` and the canary group): the groups a
-//!   `"group"` claim may name, comma-separated. An extension cannot see the
-//!   configuration, so these names are not checked against it: a group that
-//!   is not defined answers `500`. A claim naming any other group is ignored.
+//! ```text
+//! cargo run --example canary -- --config balancer.toml
+//! ```
+//!
+//! Every group named is checked when the configuration is loaded (and by
+//! `--check`, and by each reload): a group that is not defined is refused
+//! with the instance's name and line, never a `500` at request time.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use balancer::extension::{Decision, Extension, HookResult, RequestView, ResponseView};
+use balancer::extension::{
+    Build, Decision, Extension, GroupRef, HookResult, Registry, RequestView, ResponseView,
+};
 use base64::Engine;
+use http::HeaderName;
 use pingora::http::RequestHeader;
 
 /// Larger tokens are not looked into; request headers are bounded anyway,
@@ -44,53 +60,60 @@ use pingora::http::RequestHeader;
 const MAX_TOKEN_LEN: usize = 8 * 1024;
 
 fn main() -> ExitCode {
-    match Canary::from_env() {
-        Ok(canary) => balancer::cli::main_with(vec![Arc::new(canary)]),
-        Err(e) => {
-            eprintln!("canary: {e}");
-            ExitCode::from(2)
-        }
-    }
+    balancer::cli::main_with(Registry::new().register("canary", Canary::build))
 }
 
-/// Why the extension cannot start.
-#[derive(Debug, thiserror::Error)]
-enum SetupError {
-    #[error("{var}={name:?} is not a group name: letters, digits, - and _ (at most 64)")]
-    BadGroup { var: &'static str, name: String },
-    #[error("{0} is not valid UTF-8")]
-    NotUnicode(&'static str),
+/// The settings of a `canary` instance.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    upstream: String,
+    #[serde(default = "default_header")]
+    header: String,
+    #[serde(default)]
+    groups: Option<Vec<String>>,
+}
+
+fn default_header() -> String {
+    "x-canary".to_owned()
 }
 
 struct Canary {
-    upstream: String,
+    upstream: GroupRef,
+    header: HeaderName,
     /// The groups a `"group"` claim may name.
-    groups: HashSet<String>,
+    groups: HashMap<String, GroupRef>,
 }
 
 impl Canary {
-    fn from_env() -> Result<Canary, SetupError> {
-        let upstream = env("CANARY_UPSTREAM")?.unwrap_or_else(|| "canary".to_owned());
-        group_name("CANARY_UPSTREAM", &upstream)?;
-        let groups = match env("CANARY_GROUPS")? {
-            Some(list) => list
-                .split(',')
-                .map(str::trim)
-                .filter(|n| !n.is_empty())
-                .map(|n| group_name("CANARY_GROUPS", n).map(|()| n.to_owned()))
-                .collect::<Result<_, _>>()?,
-            None => HashSet::from(["default".to_owned(), upstream.clone()]),
-        };
-        Ok(Canary { upstream, groups })
+    fn build(settings: Settings, build: &mut Build<'_>) -> Result<Canary, String> {
+        let upstream = build
+            .group(&settings.upstream)
+            .map_err(|e| format!("upstream: {e}"))?;
+        let header = HeaderName::try_from(settings.header.as_str())
+            .map_err(|_| format!("header: {:?} is not a header name", settings.header))?;
+        let names = settings
+            .groups
+            .unwrap_or_else(|| vec!["default".to_owned(), settings.upstream.clone()]);
+        let mut groups = HashMap::new();
+        for name in names {
+            let group = build.group(&name).map_err(|e| format!("groups: {e}"))?;
+            groups.insert(name, group);
+        }
+        Ok(Canary {
+            upstream,
+            header,
+            groups,
+        })
     }
 
     /// The group `req` is sent to instead of its route's, if any. A pure
     /// function of the request head, so that the response hook can tell
     /// which requests were sent elsewhere without state of its own.
-    fn choice<'a>(&'a self, req: &RequestHeader) -> Option<&'a str> {
+    fn choice(&self, req: &RequestHeader) -> Option<&GroupRef> {
         let flagged = req
             .headers
-            .get("x-canary")
+            .get(&self.header)
             .is_some_and(|v| v.as_bytes().trim_ascii() == b"1");
         if flagged {
             return Some(&self.upstream);
@@ -102,33 +125,6 @@ impl Canary {
             }
         }
         (claims.get("canary") == Some(&serde_json::Value::Bool(true))).then_some(&self.upstream)
-    }
-}
-
-/// An environment variable; `None` when unset or empty.
-fn env(var: &'static str) -> Result<Option<String>, SetupError> {
-    match std::env::var(var) {
-        Ok(v) if v.trim().is_empty() => Ok(None),
-        Ok(v) => Ok(Some(v.trim().to_owned())),
-        Err(std::env::VarError::NotPresent) => Ok(None),
-        Err(std::env::VarError::NotUnicode(_)) => Err(SetupError::NotUnicode(var)),
-    }
-}
-
-/// The same rule the configuration applies to `[upstreams.NAME]`.
-fn group_name(var: &'static str, name: &str) -> Result<(), SetupError> {
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if valid {
-        Ok(())
-    } else {
-        Err(SetupError::BadGroup {
-            var,
-            name: name.to_owned(),
-        })
     }
 }
 
@@ -161,13 +157,9 @@ fn bearer_claims(req: &RequestHeader) -> Option<serde_json::Map<String, serde_js
 
 #[async_trait::async_trait]
 impl Extension for Canary {
-    fn name(&self) -> &str {
-        "canary"
-    }
-
     async fn on_request(&self, req: &mut RequestView<'_>) -> HookResult<Decision> {
         Ok(match self.choice(req.header) {
-            Some(group) => Decision::Upstream(group.to_owned()),
+            Some(group) => Decision::Upstream(group.clone()),
             None => Decision::Continue,
         })
     }
@@ -178,7 +170,7 @@ impl Extension for Canary {
         // did go there (an extension before this one may have decided
         // otherwise).
         if let Some(group) = self.choice(resp.request) {
-            if resp.upstream == Some(group) {
+            if resp.upstream == Some(group.name()) {
                 resp.header.insert_header("x-canary-routed", "1")?;
             }
         }

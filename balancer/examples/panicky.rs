@@ -1,20 +1,15 @@
-//! A test fixture, not an example to follow: an extension whose request
-//! hook panics on `/boom`, so that the tests can see the balancer answer
+//! A test fixture, not an example to follow: an extension kind, `panicky`,
+//! whose request hook panics on `/boom`, so that the tests can see the balancer answer
 //! that request `500`, log the extension's name, and go on serving.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use balancer::extension::{Decision, Extension, HookResult, RequestView};
+use balancer::extension::{Build, Decision, Extension, HookResult, Registry, RequestView};
 
 struct Panicky;
 
 #[async_trait::async_trait]
 impl Extension for Panicky {
-    fn name(&self) -> &str {
-        "panicky"
-    }
-
     async fn on_request(&self, req: &mut RequestView<'_>) -> HookResult<Decision> {
         if req.header.uri.path() == "/boom" {
             panic!("boom, on purpose");
@@ -24,5 +19,7 @@ impl Extension for Panicky {
 }
 
 fn main() -> ExitCode {
-    balancer::cli::main_with(vec![Arc::new(Panicky)])
+    let registry =
+        Registry::new().register("panicky", |_: toml::Table, _: &mut Build<'_>| Ok(Panicky));
+    balancer::cli::main_with(registry)
 }

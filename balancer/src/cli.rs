@@ -7,13 +7,12 @@ mod probe;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
-use crate::extension::Extension;
+use crate::extension::Registry;
 use crate::{admin, proxy, server, tls};
 
 #[derive(Parser)]
@@ -56,19 +55,10 @@ enum Command {
     },
 }
 
-/// Runs the command line with `extensions` in the request path.
-pub fn main_with(extensions: Vec<Arc<dyn Extension>>) -> ExitCode {
-    main_with_setup(move |_| Ok(extensions))
-}
-
-/// Runs the command line; `setup` makes the extensions once the command
-/// line is parsed and the configuration read, so `--help`, `healthcheck`
-/// and `cert` never need what only serving needs, `--check` runs it too (a
-/// setup error fails the check), and an extension can check itself against
-/// the configuration (its routes' and groups' names).
-pub fn main_with_setup(
-    setup: impl FnOnce(&Config) -> Result<Vec<Arc<dyn Extension>>, String>,
-) -> ExitCode {
+/// Runs the command line with the extension kinds of `registry` (to which
+/// the balancer's own are added): the configuration's `[extensions.NAME]`
+/// instances are built from them, by `--check` too.
+pub fn main_with(registry: Registry) -> ExitCode {
     let mut cli = Cli::parse();
     // `balancer healthcheck --config FILE` and `balancer --config FILE healthcheck` alike.
     if let Some(Command::Healthcheck { config }) = &mut cli.command {
@@ -125,10 +115,7 @@ pub fn main_with_setup(
             let (acme_errors, acme_warnings) = tls::acme::check(&config);
             errors.extend(acme_errors);
             cert_warnings.extend(acme_warnings);
-            if let Err(e) = crate::runtime::Snapshot::compile(config.clone(), None) {
-                errors.push(e);
-            }
-            if let Err(e) = setup(&config) {
+            if let Err(e) = crate::runtime::Snapshot::compile(config.clone(), None, &registry) {
                 errors.push(e);
             }
             for warning in config.warnings(&text).into_iter().chain(cert_warnings) {
@@ -148,13 +135,7 @@ pub fn main_with_setup(
             for warning in config.warnings(&text) {
                 log::warn!("{}: {warning}", path.display());
             }
-            match setup(&config) {
-                Ok(extensions) => server::run(config, path, text, extensions),
-                Err(e) => {
-                    eprintln!("balancer: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            server::run(config, path, text, registry)
         }
     }
 }

@@ -1,6 +1,6 @@
-//! The `balancer` command: the command line of the library with no
-//! extensions. A program with extensions of its own is the same few lines
-//! (see `balancer/examples/`).
+//! The `balancer` command: the command line of the library with the
+//! extension kinds it ships. A program with kinds of its own is the same few
+//! lines (see `balancer/examples/`).
 
 use std::process::ExitCode;
 
@@ -11,7 +11,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     no_transparent_huge_pages();
-    balancer::cli::main_with(Vec::new())
+    balancer::cli::main_with(balancer::extension::Registry::new())
 }
 
 /// Keeps this process's memory in 4 KiB pages. mimalloc asks the kernel for

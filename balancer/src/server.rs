@@ -19,7 +19,7 @@ use crate::admin::{self, metrics};
 use crate::cache::ResponseCache;
 use crate::config::reload::Reloader;
 use crate::config::Config;
-use crate::extension::Extension;
+use crate::extension::Registry;
 use crate::proxy::{self, connections, drain};
 use crate::runtime::Snapshot;
 use crate::tls::acme::{AcmeStatus, Renewal};
@@ -33,12 +33,7 @@ const TLS_CLIENT_READ_BUFFER: usize = 8 << 10;
 const CLIENT_WRITE_BUFFER: usize = 1460;
 
 /// Runs the balancer on `config` (read from `path` as `text`) until it is stopped.
-pub fn run(
-    config: Config,
-    path: PathBuf,
-    text: String,
-    extensions: Vec<Arc<dyn Extension>>,
-) -> ExitCode {
+pub fn run(config: Config, path: PathBuf, text: String, registry: Registry) -> ExitCode {
     let server_conf = ServerConf {
         threads: config.threads(),
         // `drain` has served what was accepted (at most the live
@@ -67,7 +62,8 @@ pub fn run(
         None => None,
     };
     let cache = ResponseCache::leak(config.cache.as_ref());
-    let snapshot = match Snapshot::compile(config, None) {
+    let registry = Arc::new(registry);
+    let snapshot = match Snapshot::compile(config, None, &registry) {
         Ok(snapshot) => snapshot,
         Err(e) => {
             eprintln!("balancer: {}: {e}", path.display());
@@ -77,7 +73,13 @@ pub fn run(
     let live = Arc::new(ArcSwap::from_pointee(snapshot));
     let in_flight = Arc::new(proxy::InFlight::default());
     let reloaded = Arc::new(tokio::sync::Notify::new());
-    let reloader = Reloader::new(path.clone(), Arc::clone(&live), Arc::clone(&reloaded), text);
+    let reloader = Reloader::new(
+        path.clone(),
+        Arc::clone(&live),
+        Arc::clone(&reloaded),
+        text,
+        registry,
+    );
     let reloads = Arc::clone(&reloader.stats);
     let connections = Arc::new(connections::Connections::default());
     let stopping = Arc::new(drain::Stopping::default());
@@ -102,7 +104,6 @@ pub fn run(
         &server.configuration,
         proxy::Balancer {
             live: Arc::clone(&live),
-            extensions,
             in_flight,
             cache,
             stopping: Arc::clone(&stopping),

@@ -9,12 +9,14 @@
 
 mod compression;
 pub mod diff;
+mod extensions;
 pub mod reload;
 mod routes;
 mod tls;
 mod units;
 
 pub use compression::{Compression, Encoding, Levels, TypePattern};
+pub use extensions::ExtensionDecl;
 pub use routes::{
     HashKey, HeaderEdits, HostPattern, Part, RateLimit, Redirect, Respond, Route, Template,
     Variable,
@@ -96,6 +98,14 @@ pub struct Config {
     /// Response compression; absent: nothing is compressed.
     #[serde(default)]
     pub compression: Option<Compression>,
+    /// Extension instances by name: `[extensions.NAME]` with `kind` and the
+    /// kind's settings. Routes list the ones they run.
+    #[serde(default)]
+    pub extensions: BTreeMap<String, toml::Spanned<ExtensionDecl>>,
+    /// Instances that run for every request (before the route's own),
+    /// requests that match no route included.
+    #[serde(default)]
+    pub global_extensions: Vec<toml::Spanned<String>>,
 }
 
 /// Bounds on what clients may send, and on how long an idle client is kept.
@@ -355,7 +365,14 @@ impl Config {
                     message,
                 }
             })
-            .and_then(|config: Config| {
+            .and_then(|mut config: Config| {
+                let dir = path.parent().map(Path::to_owned).unwrap_or_default();
+                for decl in config.extensions.values_mut() {
+                    let line = Position::of(text, decl.span().start).line;
+                    let decl = decl.get_mut();
+                    decl.line = line;
+                    decl.dir.clone_from(&dir);
+                }
                 config
                     .validate()
                     .map_err(|(span, message)| ConfigError::Invalid {
@@ -454,6 +471,50 @@ impl Config {
                 .get_ref()
                 .validate(|name| self.groups().any(|(n, _)| n == name))
                 .map_err(|message| (Some(route.span()), message))?;
+        }
+        self.validate_extensions()
+    }
+
+    /// Instance names are well formed, and every list names declared ones.
+    fn validate_extensions(&self) -> Result<(), (Option<std::ops::Range<usize>>, String)> {
+        for (name, decl) in &self.extensions {
+            if !extensions::valid_name(name) {
+                return Err((
+                    Some(decl.span()),
+                    format!("extensions.{name}: an instance name is letters, digits, - and _ (at most 64)"),
+                ));
+            }
+        }
+        let declared = || {
+            let names: Vec<&str> = self.extensions.keys().map(String::as_str).collect();
+            if names.is_empty() {
+                "no [extensions.NAME] is declared".to_owned()
+            } else {
+                format!("declared: {}", names.join(", "))
+            }
+        };
+        let lists = self
+            .global_extensions
+            .iter()
+            .map(|n| ("global_extensions", n))
+            .chain(self.routes.iter().flat_map(|r| {
+                r.get_ref()
+                    .extensions
+                    .iter()
+                    .map(|n| ("route's extensions", n))
+            }));
+        for (list, name) in lists {
+            if !self.extensions.contains_key(name.get_ref()) {
+                return Err((
+                    Some(name.span()),
+                    format!(
+                        "{list} names {:?}, which is not an extension instance: declare it as [extensions.{}] with its kind ({})",
+                        name.get_ref(),
+                        name.get_ref(),
+                        declared()
+                    ),
+                ));
+            }
         }
         Ok(())
     }

@@ -22,6 +22,7 @@ use pingora::services::background::BackgroundService;
 use tokio::sync::{mpsc, Notify};
 
 use super::{diff, Config, ConfigError};
+use crate::extension::Registry;
 use crate::runtime::{Live, Snapshot};
 use crate::upstream::health;
 
@@ -36,8 +37,12 @@ pub struct Reloader {
     /// Tells the upstream upkeep that a new configuration is in force.
     pub reloaded: Arc<Notify>,
     pub stats: Arc<ReloadStats>,
+    /// The extension kinds the file's instances are built from.
+    pub registry: Arc<Registry>,
     /// The text last read, valid or not: unchanged text is not parsed again.
     last_text: Mutex<String>,
+    /// The digest of the extensions' files last read (see `last_text`).
+    last_sources: Mutex<u64>,
     /// The text in force, as TOML: what the next change is compared with.
     in_force: Mutex<toml::Table>,
 }
@@ -66,18 +71,28 @@ impl Default for ReloadStats {
 
 impl Reloader {
     /// A reloader for `path`, whose `text` is the configuration in force.
-    pub fn new(path: PathBuf, live: Arc<Live>, reloaded: Arc<Notify>, text: String) -> Reloader {
+    pub fn new(
+        path: PathBuf,
+        live: Arc<Live>,
+        reloaded: Arc<Notify>,
+        text: String,
+        registry: Arc<Registry>,
+    ) -> Reloader {
+        let sources = live.load().extensions.sources_digest();
         Reloader {
             path,
             live,
             reloaded,
+            registry,
             stats: Arc::default(),
             in_force: Mutex::new(text.parse().unwrap_or_default()),
+            last_sources: Mutex::new(sources),
             last_text: Mutex::new(text),
         }
     }
 
-    /// Re-reads the file; when it changed (or `force`), applies it if valid.
+    /// Re-reads the file; when it changed, or a file an extension instance
+    /// was built from did (or `force`), applies it if valid.
     pub async fn reload(&self, force: bool) {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
@@ -90,11 +105,16 @@ impl Reloader {
             }
         };
         {
+            // An edit of a file an extension was built from (a script) is
+            // applied like an edit of the configuration, and tried once.
+            let sources = self.live.load().extensions.sources_digest();
             let mut last = lock(&self.last_text);
-            if *last == text && !force {
+            let mut last_sources = lock(&self.last_sources);
+            if *last == text && *last_sources == sources && !force {
                 return;
             }
             *last = text.clone();
+            *last_sources = sources;
         }
         match self.apply(&text).await {
             Ok(changes) => {
@@ -141,10 +161,12 @@ impl Reloader {
         };
         let previous = self.live.load_full();
         let snapshot =
-            Snapshot::compile(config, Some(&previous)).map_err(|message| ConfigError::Invalid {
-                path: self.path.clone(),
-                position: None,
-                message,
+            Snapshot::compile(config, Some(&previous), &self.registry).map_err(|message| {
+                ConfigError::Invalid {
+                    path: self.path.clone(),
+                    position: None,
+                    message,
+                }
             })?;
         // A group that is new in this file is resolved (and its addresses
         // probed) before the file takes effect: a route to it must not meet

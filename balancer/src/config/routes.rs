@@ -53,6 +53,10 @@ pub struct Route {
     /// whatever `[compression]` says.
     #[serde(default = "yes")]
     pub compression: bool,
+    /// The extension instances (`[extensions.NAME]`) this route runs, in
+    /// order, after the global ones.
+    #[serde(default)]
+    pub extensions: Vec<toml::Spanned<String>>,
 }
 
 fn yes() -> bool {

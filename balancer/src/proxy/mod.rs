@@ -52,10 +52,10 @@ use crate::admin::logging::Throttle;
 use crate::admin::{access_log, metrics};
 use crate::cache::{self, ResponseCache};
 use crate::config::{Algorithm, CacheRule, HashKey, Protocol};
-use crate::extension::{Decision, Extension, Reply, RequestView, ResponseView};
+use crate::extension::{Decision, Instance, Reply, RequestView, ResponseView};
 use crate::proxy::drain::Stopping;
 use crate::routing::{self, request_id, Action, RequestFacts, Route, Vars};
-use crate::runtime::{Group, Live, Snapshot};
+use crate::runtime::{Chain, Group, Live, Snapshot};
 use crate::upstream::{Backend, BackendGuard};
 
 /// The answer to an ACME HTTP-01 challenge on the plain listener, before
@@ -90,7 +90,6 @@ const H2_STREAMS: usize = 100;
 
 pub struct Balancer {
     pub live: Arc<Live>,
-    pub extensions: Vec<Arc<dyn Extension>>,
     pub in_flight: Arc<InFlight>,
     pub cache: &'static ResponseCache,
     /// Set when the drain starts: every response then closes its
@@ -127,6 +126,15 @@ impl Drop for InFlightGuard {
     }
 }
 
+/// The parts of a request's state that an extension's view borrows.
+struct HookParts<'a> {
+    route: Option<&'a str>,
+    group: Option<&'a str>,
+    request_id: &'a str,
+    host: &'a str,
+    memo: &'a mut http::Extensions,
+}
+
 /// Per-request state.
 pub struct RequestCtx {
     /// The snapshot in force when the request arrived, used throughout it.
@@ -142,6 +150,9 @@ pub struct RequestCtx {
     /// What extensions keep for this request between their hooks.
     memo: http::Extensions,
     request_id: String,
+    /// Its host, lower case without port; worked out once, and only when
+    /// a route or an extension may read it (empty otherwise).
+    host: String,
     /// Which `cache.rule` covers the request, if any.
     cache_rule: Option<usize>,
     started: Instant,
@@ -186,15 +197,27 @@ impl RequestCtx {
         self.route().map(|r| &*r.label)
     }
 
+    /// The extension instances this request runs.
+    fn chain(&self) -> Chain {
+        match self.route {
+            Some(i) => Arc::clone(&self.snapshot.route_chains[i]),
+            None => Arc::clone(&self.snapshot.unrouted_chain),
+        }
+    }
+
     /// What an extension's view shows of the request (its route, its group,
-    /// its id), with the memo it may change.
-    fn hook_parts(&mut self) -> (Option<&str>, Option<&str>, &str, &mut http::Extensions) {
-        let route = self
-            .route
-            .and_then(|i| self.snapshot.routes.get(i))
-            .map(|r| &*r.label);
-        let group = self.group.as_ref().map(|g| &*g.name);
-        (route, group, &self.request_id, &mut self.memo)
+    /// its id, its host), with the memo it may change.
+    fn hook_parts(&mut self) -> HookParts<'_> {
+        HookParts {
+            route: self
+                .route
+                .and_then(|i| self.snapshot.routes.get(i))
+                .map(|r| &*r.label),
+            group: self.group.as_ref().map(|g| &*g.name),
+            request_id: &self.request_id,
+            host: &self.host,
+            memo: &mut self.memo,
+        }
     }
 }
 
@@ -218,6 +241,7 @@ impl ProxyHttp for Balancer {
             upgrade: false,
             memo: http::Extensions::new(),
             request_id: String::new(),
+            host: String::new(),
             cache_rule: None,
             started: Instant::now(),
             current: None,
@@ -332,18 +356,18 @@ impl ProxyHttp for Balancer {
                     routing::path_and_query(session.req_header())
                 );
                 let reply = Reply::text(308, format!("308 permanent redirect to {location}\n"))
-                    .header("location", location);
+                    .with_header(http::header::LOCATION, header_value(&location)?);
                 self.answer(session, ctx, &reply).await?;
                 return Ok(true);
             }
         }
         // The host is looked at (lower-cased, without port) only when a
-        // route matches on it or a redirect is written with it.
-        let host = if snapshot.uses_host {
-            routing::request_host(session.req_header())
-        } else {
-            String::new()
-        };
+        // route matches on it or writes a redirect with it, or an extension
+        // may read it.
+        if snapshot.uses_host || !snapshot.extensions.is_empty() {
+            ctx.host = routing::request_host(session.req_header());
+        }
+        let host = ctx.host.clone();
         let facts = RequestFacts {
             host: &host,
             req: session.req_header(),
@@ -362,7 +386,7 @@ impl ProxyHttp for Balancer {
                     429,
                     "429 too many requests: the rate limit of this route is reached\n",
                 )
-                .header("retry-after", wait.as_secs().to_string());
+                .with_header(http::header::RETRY_AFTER, wait.as_secs().into());
                 self.answer(session, ctx, &reply).await?;
                 return Ok(true);
             }
@@ -376,12 +400,9 @@ impl ProxyHttp for Balancer {
                 content_type,
             }) => {
                 decision = Decision::Respond(Reply {
-                    status: *status,
-                    headers: vec![(
-                        "content-type".to_owned(),
-                        content_type.to_str().unwrap_or_default().to_owned(),
-                    )],
                     body: body.clone(),
+                    ..Reply::new(*status)
+                        .with_header(http::header::CONTENT_TYPE, content_type.clone())
                 })
             }
             Some(Action::Redirect { location, status }) => {
@@ -392,12 +413,10 @@ impl ProxyHttp for Balancer {
                     path_and_query: &path,
                     request_id: &ctx.request_id,
                 };
+                let location = vars.render(location);
                 decision = Decision::Respond(
-                    Reply::text(
-                        *status,
-                        format!("{status} redirect to {}\n", vars.render(location)),
-                    )
-                    .header("location", vars.render(location)),
+                    Reply::text(*status, format!("{status} redirect to {location}\n"))
+                        .with_header(http::header::LOCATION, header_value(&location)?),
                 )
             }
             None => ctx.group = snapshot.default.clone(),
@@ -412,18 +431,8 @@ impl ProxyHttp for Balancer {
                 self.answer(session, ctx, &reply).await?;
                 return Ok(true);
             }
-            Decision::Upstream(name) => match snapshot.groups.get(&name) {
-                Some(group) => ctx.group = Some(Arc::clone(group)),
-                None => {
-                    log::error!("an extension chose upstream {name:?}, which is not defined");
-                    let reply = Reply::text(
-                        500,
-                        format!("500 internal error: upstream {name:?} is not defined\n"),
-                    );
-                    self.answer(session, ctx, &reply).await?;
-                    return Ok(true);
-                }
-            },
+            // Found when the instance was built against this snapshot's groups.
+            Decision::Upstream(group) => ctx.group = snapshot.groups.get(group.name()).cloned(),
             Decision::Backend(addr) => {
                 ctx.chosen_backend = Some(addr);
                 if ctx.group.is_none() {
@@ -903,24 +912,26 @@ impl Balancer {
     /// error or a panic answers `500`.
     async fn run_extensions(&self, session: &mut Session, ctx: &mut RequestCtx) -> Decision {
         let client_ip = client_ip(session);
-        for extension in &self.extensions {
-            let (route, upstream, request_id, memo) = ctx.hook_parts();
+        let chain = ctx.chain();
+        for instance in chain.iter() {
+            let parts = ctx.hook_parts();
             let mut view = RequestView {
                 header: session.req_header_mut(),
-                memo,
+                memo: parts.memo,
                 client_ip,
-                route,
-                upstream,
-                request_id,
+                host: parts.host,
+                route: parts.route,
+                upstream: parts.group,
+                request_id: parts.request_id,
             };
-            let outcome = AssertUnwindSafe(extension.on_request(&mut view))
+            let outcome = AssertUnwindSafe(instance.extension.on_request(&mut view))
                 .catch_unwind()
                 .await;
             match outcome {
                 Ok(Ok(Decision::Continue)) => {}
                 Ok(Ok(decision)) => return decision,
-                Ok(Err(e)) => return extension_failed(extension.as_ref(), &e.to_string()),
-                Err(panic) => return extension_failed(extension.as_ref(), &panic_text(&panic)),
+                Ok(Err(e)) => return extension_failed(instance, &e.to_string()),
+                Err(panic) => return extension_failed(instance, &panic_text(&panic)),
             }
         }
         Decision::Continue
@@ -936,18 +947,19 @@ impl Balancer {
     ) -> Result<()> {
         let req = session.req_header();
         route_response_edits(session, ctx, resp)?;
-        for extension in &self.extensions {
-            let (route, upstream, request_id, memo) = ctx.hook_parts();
+        let chain = ctx.chain();
+        for instance in chain.iter() {
+            let parts = ctx.hook_parts();
             let mut view = ResponseView {
                 header: resp,
                 request: req,
-                memo,
+                memo: parts.memo,
                 client_ip: client_ip(session),
-                route,
-                upstream,
-                request_id,
+                route: parts.route,
+                upstream: parts.group,
+                request_id: parts.request_id,
             };
-            let outcome = AssertUnwindSafe(extension.on_response(&mut view))
+            let outcome = AssertUnwindSafe(instance.extension.on_response(&mut view))
                 .catch_unwind()
                 .await;
             let failure = match outcome {
@@ -956,12 +968,13 @@ impl Balancer {
                 Err(panic) => panic_text(&panic),
             };
             log::error!(
-                "extension {}: response hook failed: {failure}",
-                extension.name()
+                "extension {} (kind {}): response hook failed: {failure}",
+                instance.name,
+                instance.kind
             );
             return Err(Error::explain(
                 ErrorType::HTTPStatus(500),
-                format!("extension {} failed", extension.name()),
+                format!("extension {} failed", instance.name),
             ));
         }
         Ok(())
@@ -972,7 +985,7 @@ impl Balancer {
     async fn answer(&self, session: &mut Session, ctx: &RequestCtx, reply: &Reply) -> Result<()> {
         let mut header = ResponseHeader::build(reply.status, Some(reply.headers.len() + 3))?;
         for (name, value) in &reply.headers {
-            header.append_header(name.clone(), value.as_str())?;
+            header.append_header(name.clone(), value.clone())?;
         }
         header.insert_header("content-length", reply.body.len())?;
         if !header.headers.contains_key(http::header::CACHE_CONTROL) {
@@ -1047,8 +1060,12 @@ fn route_response_edits(
 }
 
 /// The 500 that an extension's failure answers, logged with its name.
-fn extension_failed(extension: &dyn Extension, why: &str) -> Decision {
-    log::error!("extension {}: request hook failed: {why}", extension.name());
+fn extension_failed(instance: &Instance, why: &str) -> Decision {
+    log::error!(
+        "extension {} (kind {}): request hook failed: {why}",
+        instance.name,
+        instance.kind
+    );
     Decision::Respond(Reply::text(
         500,
         "500 internal error: the request could not be handled\n",
@@ -1057,11 +1074,13 @@ fn extension_failed(extension: &dyn Extension, why: &str) -> Decision {
 
 /// What a panic said, when it said it in text.
 fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .map_or_else(|| "panicked".to_owned(), |s| format!("panicked: {s}"))
+    format!("panicked: {}", crate::extension::panic_text(&**panic))
+}
+
+/// A header value the balancer writes from the request's own parts.
+fn header_value(text: &str) -> Result<http::HeaderValue> {
+    http::HeaderValue::from_str(text)
+        .map_err(|e| Error::because(ErrorType::InternalError, "invalid header value", e))
 }
 
 /// The client's protocol, as the access log names it.

@@ -17,6 +17,7 @@ use pingora::protocols::tls::CaType;
 use pingora::utils::tls::{parse_x509, WrappedX509};
 
 use crate::config::{self, Config};
+use crate::extension::{Instance, Instances, Registry};
 use crate::routing::Route;
 use crate::upstream::discovery::Resolver;
 use crate::upstream::Pool;
@@ -36,7 +37,17 @@ pub struct Snapshot {
     /// Whether a route matches on the host or writes a redirect with it:
     /// otherwise requests need not have their host looked at.
     pub uses_host: bool,
+    /// The extension instances the file declares.
+    pub extensions: Instances,
+    /// What runs for a request no route matched: the global instances.
+    pub unrouted_chain: Chain,
+    /// What runs for each route's requests (by route position): the global
+    /// instances, then the route's own.
+    pub route_chains: Vec<Chain>,
 }
+
+/// The extension instances one request runs, in order.
+pub type Chain = Arc<[Arc<Instance>]>;
 
 /// One upstream group as this snapshot configures it.
 pub struct Group {
@@ -59,7 +70,11 @@ impl Snapshot {
     /// Compiles `config`, carrying over the state of `previous` where the
     /// same group or the same rate limit is still configured. The error
     /// names a file the configuration points at that cannot be used.
-    pub fn compile(config: Config, previous: Option<&Snapshot>) -> Result<Snapshot, String> {
+    pub fn compile(
+        config: Config,
+        previous: Option<&Snapshot>,
+        registry: &Registry,
+    ) -> Result<Snapshot, String> {
         let mut groups = BTreeMap::new();
         for (name, settings) in config.groups() {
             let state = previous
@@ -91,7 +106,36 @@ impl Snapshot {
             let r = r.get_ref();
             r.host.is_some() || r.redirect.is_some()
         });
+        let extensions = Instances::build(&config, registry, previous.map(|p| &p.extensions))?;
+        let chain = |names: &mut dyn Iterator<Item = &toml::Spanned<String>>| -> Chain {
+            let mut chain: Vec<Arc<Instance>> = Vec::new();
+            for name in names {
+                // Declared: the configuration checked every list's names.
+                if let Some(instance) = extensions.get(name.get_ref()) {
+                    if !chain.iter().any(|i| Arc::ptr_eq(i, instance)) {
+                        chain.push(Arc::clone(instance));
+                    }
+                }
+            }
+            chain.into()
+        };
+        let unrouted_chain = chain(&mut config.global_extensions.iter());
+        let route_chains = config
+            .routes
+            .iter()
+            .map(|r| {
+                chain(
+                    &mut config
+                        .global_extensions
+                        .iter()
+                        .chain(&r.get_ref().extensions),
+                )
+            })
+            .collect();
         Ok(Snapshot {
+            extensions,
+            unrouted_chain,
+            route_chains,
             config: Arc::new(config),
             default: groups.get(Config::DEFAULT_GROUP).cloned(),
             groups,
