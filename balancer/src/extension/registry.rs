@@ -126,6 +126,12 @@ impl Build<'_> {
         Ok(GroupRef(name))
     }
 
+    /// The names of every upstream group of the configuration (a name that
+    /// is used must still be taken with [`Build::group`]).
+    pub fn group_names(&self) -> impl Iterator<Item = &str> {
+        self.groups.iter().copied()
+    }
+
     /// `path` as the configuration means it: relative to the configuration
     /// file's folder, unless absolute.
     pub fn path(&self, path: impl AsRef<Path>) -> PathBuf {
