@@ -28,8 +28,12 @@ impl KeyFile {
         KeyFile { path, _dir: dir }
     }
 
-    fn env(&self) -> &str {
-        self.path.to_str().expect("a UTF-8 temp path")
+    /// `[extensions.keys]` reading this file.
+    fn instance(&self) -> String {
+        format!(
+            "[extensions.keys]\nkind = \"api_keys\"\nkeys_file = {:?}\n",
+            self.path.to_str().expect("a UTF-8 temp path")
+        )
     }
 }
 
@@ -45,11 +49,12 @@ fn status_of(url: &str, headers: &[(&str, &str)]) -> u16 {
 fn api_keys_let_in_only_requests_with_a_key_of_the_file() {
     let origin = Origin::start();
     let keys = KeyFile::new("# rotated monthly\n\nk-alpha\n  k-beta  \n#k-commented\n");
-    let lb = start_example(
-        "api_keys",
-        &upstream(origin.port),
-        &[("API_KEYS_FILE", keys.env())],
+    let body = format!(
+        "global_extensions = [\"keys\"]\n{}{}",
+        keys.instance(),
+        upstream(origin.port)
     );
+    let lb = start_example("api_keys", &body, &[]);
     let url = lb.url("/data");
 
     let r = get(&url).unwrap();
@@ -132,18 +137,15 @@ fn api_keys_let_in_only_requests_with_a_key_of_the_file() {
 }
 
 #[test]
-fn api_keys_guard_only_the_routes_named() {
+fn api_keys_guard_only_the_routes_that_list_them() {
     let origin = Origin::start();
     let keys = KeyFile::new("k-alpha\n");
     let body = format!(
-        "{}[[route]]\nname = \"api\"\npath = \"/api/\"\nupstream = \"default\"\n[[route]]\nname = \"public\"\npath = \"/public/\"\nupstream = \"default\"\n",
+        "{}{}[[route]]\nname = \"api\"\npath = \"/api/\"\nupstream = \"default\"\nextensions = [\"keys\"]\n[[route]]\nname = \"public\"\npath = \"/public/\"\nupstream = \"default\"\n",
+        keys.instance(),
         upstream(origin.port)
     );
-    let lb = start_example(
-        "api_keys",
-        &body,
-        &[("API_KEYS_FILE", keys.env()), ("API_KEYS_ROUTES", " api ,")],
-    );
+    let lb = start_example("api_keys", &body, &[]);
 
     assert_eq!(
         status_of(&lb.url("/api/x"), &[]),
@@ -157,43 +159,33 @@ fn api_keys_guard_only_the_routes_named() {
     assert_eq!(
         status_of(&lb.url("/public/x"), &[]),
         200,
-        "route public is not in API_KEYS_ROUTES"
+        "route public does not list the instance"
     );
     assert_eq!(
         status_of(&lb.url("/elsewhere"), &[]),
         200,
-        "a request no route matches is not guarded when API_KEYS_ROUTES is set"
+        "a request no route matches runs only the global instances (none)"
     );
     assert_eq!(status_of(&lb.url("/health-check"), &[]), 200);
-
-    assert_eq!(
-        status_of(&lb.url("/public/y"), &[("x-api-key", "k-alpha")]),
-        200
-    );
-    let forwarded = origin.seen().pop().expect("the origin saw the request");
-    assert_eq!(
-        (forwarded.path.as_str(), forwarded.header("x-api-key")),
-        ("/public/y", None),
-        "X-Api-Key is removed on open routes too: {forwarded:?}"
-    );
 }
 
 #[test]
 fn api_keys_follow_the_key_file_without_a_restart() {
     let origin = Origin::start();
     let keys = KeyFile::new("k-old\n");
-    let mut lb = start_example(
-        "api_keys",
-        &upstream(origin.port),
-        &[("API_KEYS_FILE", keys.env())],
+    let body = format!(
+        "global_extensions = [\"keys\"]\n{}{}",
+        keys.instance(),
+        upstream(origin.port)
     );
+    let mut lb = start_example("api_keys", &body, &[]);
     let url = lb.url("/data");
     assert_eq!(status_of(&url, &[("x-api-key", "k-old")]), 200);
     assert_eq!(status_of(&url, &[("x-api-key", "k-new")]), 401);
 
     std::fs::write(&keys.path, "# rotated\nk-new\n").unwrap();
     wait_for(
-        Duration::from_millis(2500),
+        Duration::from_secs(10),
         "the new key to be accepted",
         || (status_of(&url, &[("x-api-key", "k-new")]) == 200).then_some(()),
     );
@@ -202,60 +194,162 @@ fn api_keys_follow_the_key_file_without_a_restart() {
         401,
         "the old key, removed from the file, must be refused"
     );
-    lb.wait_for_log("keys now");
+    lb.wait_for_log("config reloaded");
+
+    // A key file that cannot be read any more keeps the keys in force.
+    std::fs::remove_file(&keys.path).unwrap();
+    let line = lb.wait_for_log("config reload failed");
+    assert!(
+        line.contains("[extensions.keys]") && line.contains("api-keys"),
+        "the failure names the instance and the file: {line}"
+    );
+    assert_eq!(
+        status_of(&url, &[("x-api-key", "k-new")]),
+        200,
+        "the keys in force still let their requests in"
+    );
     assert!(
         lb.proc.child.try_wait().unwrap().is_none(),
         "the same process serves on, not a restarted one"
     );
 }
 
+/// `--check` on `body` (written as `balancer.toml` in `dir`) with the
+/// example `program`: (exit code, what it said).
+fn check(program: &str, dir: &std::path::Path, body: &str) -> (i32, String) {
+    let config = dir.join("balancer.toml");
+    std::fs::write(&config, config_text(free_port(), body)).unwrap();
+    run_example(
+        program,
+        &["--check", "--config", config.to_str().unwrap()],
+        &[],
+        &[],
+    )
+}
+
 #[test]
-fn api_keys_refuse_to_start_without_a_readable_key_file() {
+fn check_refuses_instances_that_cannot_run_naming_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("balancer.toml");
-    std::fs::write(&config, config_text(free_port(), &upstream(free_port()))).unwrap();
-    let args = ["--config", config.to_str().unwrap()];
+    std::fs::write(dir.path().join("keys.txt"), "k-alpha\n").unwrap();
+    let group = upstream(free_port());
+    let route = |extensions: &str| {
+        format!("[[route]]\npath = \"/api/\"\nupstream = \"default\"\nextensions = {extensions}\n")
+    };
+    let keys = "[extensions.keys]\nkind = \"api_keys\"\nkeys_file = \"keys.txt\"\n";
 
-    let (code, out) = run_example("api_keys", &args, &[], &["API_KEYS_FILE"]);
-    assert_eq!(
-        code, 2,
-        "API_KEYS_FILE unset: expected exit 2, got {code}: {out}"
-    );
-    assert!(
-        out.contains("API_KEYS_FILE is not set"),
-        "the message names the variable: {out}"
-    );
-
-    let missing = dir.path().join("no-such-file");
-    let (code, out) = run_example(
+    // A key file named relative to the configuration's folder: valid.
+    let (code, out) = check(
         "api_keys",
-        &args,
-        &[("API_KEYS_FILE", missing.to_str().unwrap())],
-        &[],
+        dir.path(),
+        &format!("{keys}{group}{}", route("[\"keys\"]")),
     );
-    assert_eq!(
-        code, 2,
-        "an unreadable file: expected exit 2, got {code}: {out}"
+    assert_eq!(code, 0, "a valid configuration: {out}");
+
+    let cases = [
+        (
+            "a misspelt instance on a route",
+            format!("{keys}{group}{}", route("[\"kyes\"]")),
+            vec!["\"kyes\"", "line 13", "[extensions.kyes]", "declared: keys"],
+        ),
+        (
+            "a misspelt instance in global_extensions",
+            format!("global_extensions = [\"key\"]\n{keys}{group}"),
+            vec!["global_extensions", "\"key\"", "line 3"],
+        ),
+        (
+            "an unknown kind",
+            format!("[extensions.keys]\nkind = \"api_key\"\n{group}"),
+            vec![
+                "[extensions.keys] (line 3)",
+                "unknown kind \"api_key\"",
+                "knows: api_keys",
+            ],
+        ),
+        (
+            "an instance without kind",
+            format!("[extensions.keys]\nkeys_file = \"keys.txt\"\n{group}"),
+            vec!["line 3", "kind"],
+        ),
+        (
+            "a key file that cannot be read",
+            format!("[extensions.keys]\nkind = \"api_keys\"\nkeys_file = \"nope.txt\"\n{group}"),
+            vec!["[extensions.keys] (line 3)", "keys_file", "nope.txt"],
+        ),
+        (
+            "a setting the kind does not know",
+            format!("[extensions.keys]\nkind = \"api_keys\"\nkey_file = \"keys.txt\"\n{group}"),
+            vec!["[extensions.keys] (line 3)", "key_file"],
+        ),
+    ];
+    for (what, body, expected) in cases {
+        let (code, out) = check("api_keys", dir.path(), &body);
+        assert_eq!(code, 1, "{what}: expected exit 1, got {code}: {out}");
+        for text in expected {
+            assert!(out.contains(text), "{what}: expected {text:?} in: {out}");
+        }
+    }
+
+    let (code, out) = check(
+        "canary",
+        dir.path(),
+        &format!("[extensions.canary]\nkind = \"canary\"\nupstream = \"canaries\"\n{group}"),
     );
+    assert_eq!(code, 1, "a group that is not defined: {out}");
     assert!(
-        out.contains("API_KEYS_FILE") && out.contains("no-such-file"),
-        "the message names the variable and the file: {out}"
+        out.contains("[extensions.canary] (line 3)")
+            && out.contains("\"canaries\" is not defined")
+            && out.contains("default"),
+        "names the instance, the group and the groups there are: {out}"
+    );
+}
+
+#[test]
+fn a_reload_that_breaks_an_instance_is_refused_and_one_that_changes_it_rebuilds_it() {
+    let stable = Origin::start();
+    stable.on("/", Act::Answer(200, "stable"));
+    let canary = Origin::start();
+    canary.on("/", Act::Answer(200, "canary"));
+    let body = |instance: &str| {
+        format!(
+            "global_extensions = [\"canary\"]\n[extensions.canary]\nkind = \"canary\"\nupstream = \"canary\"\n{instance}{}[upstreams.canary]\nservers = [\"127.0.0.1:{}\"]\n",
+            upstream(stable.port),
+            canary.port
+        )
+    };
+    let lb = start_example("canary", &body(""), &[]);
+    let url = lb.url("/x");
+    expect_route(&url, "X-Canary", &[("x-canary", "1")], "canary", true);
+
+    lb.rewrite(&body("header = \"x-beta\"\n"));
+    wait_for(
+        Duration::from_secs(10),
+        "the instance rebuilt with its new header",
+        || {
+            get_with(&url, &[("x-beta", "1")])
+                .ok()
+                .filter(|r| r.body == "canary")
+        },
+    );
+    expect_route(
+        &url,
+        "the old header",
+        &[("x-canary", "1")],
+        "stable",
+        false,
     );
 
-    let keys = KeyFile::new("k-alpha\n");
-    let (code, out) = run_example(
-        "api_keys",
-        &args,
-        &[("API_KEYS_FILE", keys.env()), ("API_KEYS_ROUTES", " , ")],
-        &[],
-    );
-    assert_eq!(
-        code, 2,
-        "API_KEYS_ROUTES naming nothing guards nothing: expected exit 2, got {code}: {out}"
-    );
+    lb.rewrite(&body("header = \"not a header\"\n"));
+    let line = lb.wait_for_log("config reload failed");
     assert!(
-        out.contains("API_KEYS_ROUTES"),
-        "the message names the variable: {out}"
+        line.contains("[extensions.canary]") && line.contains("header"),
+        "the refusal names the instance and the setting: {line}"
+    );
+    expect_route(
+        &url,
+        "after a refused reload",
+        &[("x-beta", "1")],
+        "canary",
+        true,
     );
 }
 
@@ -294,12 +388,19 @@ fn canary_sends_flagged_requests_and_tokens_to_their_group() {
     let canary = Origin::start();
     canary.on("/", Act::Answer(200, "canary"));
     let body = format!(
-        "{}[upstreams.canary]\nservers = [\"127.0.0.1:{}\"]\n[[route]]\nname = \"api\"\npath = \"/api/\"\nupstream = \"default\"\n",
+        "[extensions.canary]\nkind = \"canary\"\nupstream = \"canary\"\n{}[upstreams.canary]\nservers = [\"127.0.0.1:{}\"]\n[[route]]\nname = \"api\"\npath = \"/api/\"\nupstream = \"default\"\nextensions = [\"canary\"]\n",
         upstream(stable.port),
         canary.port
     );
     let lb = start_example("canary", &body, &[]);
     let url = lb.url("/api/x");
+    expect_route(
+        &lb.url("/other"),
+        "a route without the instance",
+        &[("x-canary", "1")],
+        "stable",
+        false,
+    );
     let bearer = |claims: &str| format!("Bearer {}", jwt(claims));
     let not_json = format!(
         "Bearer e30.{}.sig",
@@ -347,7 +448,9 @@ fn canary_sends_flagged_requests_and_tokens_to_their_group() {
         expect_route(&url, what, &[("authorization", token)], "stable", false);
     }
     assert!(
-        !lb.proc.log_text().contains("extension canary"),
+        !lb.proc
+            .log_text()
+            .contains("extension canary (kind canary)"),
         "no request made the extension fail:\n{}",
         lb.proc.log_text()
     );
@@ -359,12 +462,16 @@ fn canary_sends_flagged_requests_and_tokens_to_their_group() {
 fn a_panicking_hook_answers_500_and_the_balancer_serves_on() {
     let port = free_port();
     let _backend = start_backend("one", port);
-    let mut lb = start_example("panicky", &upstream(port), &[]);
+    let body = format!(
+        "global_extensions = [\"p\"]\n[extensions.p]\nkind = \"panicky\"\n{}",
+        upstream(port)
+    );
+    let mut lb = start_example("panicky", &body, &[]);
     assert_eq!(get(&lb.url("/")).unwrap().status, 200);
 
     let r = get(&lb.url("/boom")).unwrap();
     assert_eq!(r.status, 500, "the panicking hook's request: {r:?}");
-    let line = lb.wait_for_log("extension panicky: request hook failed: panicked");
+    let line = lb.wait_for_log("extension p (kind panicky): request hook failed: panicked");
     assert!(
         line.contains("boom, on purpose"),
         "the panic's message: {line}"
