@@ -3,9 +3,10 @@
 //! ```text
 //! early_request_filter   limits on the head (431/413/400/405), keep-alive, pipelining
 //! request_filter         /health-check; X-Request-Id; ACME HTTP-01 answers (plain
-//!                        listener, before any route or redirect); the route (429, respond,
-//!                        redirect, or a group); extensions; a fresh cache hit;
-//!                        a WebSocket upgrade, carried to its end by `tunnel`
+//!                        listener, before any route or redirect); then `decide`: the
+//!                        redirect to HTTPS, the route (429, respond, redirect, or a
+//!                        group); then `forward`: extensions; a WebSocket upgrade,
+//!                        carried to its end by `tunnel`; a fresh cache hit
 //! request_cache_filter … the cache (see `cache`)
 //! upstream_peer          a backend of the group, by its algorithm
 //! upstream_request_filter  Host, strip_prefix, the route's header edits,
@@ -21,6 +22,7 @@
 
 pub mod compression;
 pub mod connections;
+mod decide;
 pub mod drain;
 pub mod forwarded;
 pub mod limits;
@@ -54,9 +56,10 @@ use crate::cache::{self, ResponseCache};
 use crate::config::{Algorithm, CacheRule, HashKey, Protocol};
 use crate::extension::{Decision, Instance, Reply, RequestView, ResponseView};
 use crate::proxy::drain::Stopping;
-use crate::routing::{self, request_id, Action, RequestFacts, Route, Vars};
+use crate::routing::{self, request_id, Route, Vars};
 use crate::runtime::{Chain, Group, Live, Snapshot};
 use crate::upstream::{Backend, BackendGuard};
+use decide::Decided;
 
 /// The answer to an ACME HTTP-01 challenge on the plain listener, before
 /// any route, redirect or cache: the CA's request must reach the balancer
@@ -328,11 +331,13 @@ impl ProxyHttp for Balancer {
         if session.req_header().uri.path() == HEALTH_CHECK_PATH {
             // A draining balancer still serves what it is sent, but asks a
             // health-checking front to send it nothing more.
-            if self.stopping.is_set() {
-                respond_text(session, 503, "shutting down").await?;
+            let (status, text) = if self.stopping.is_set() {
+                (503, "shutting down")
             } else {
-                respond_text(session, 200, "success").await?;
-            }
+                (200, "success")
+            };
+            let header = text_header(status, text.len())?;
+            write_answer(session, header, Bytes::from_static(text.as_bytes())).await?;
             return Ok(true);
         }
         ctx.request_id = request_id::for_request(session.req_header());
@@ -341,132 +346,30 @@ impl ProxyHttp for Balancer {
             self.answer(session, ctx, &reply).await?;
             return Ok(true);
         }
-        if let Some(tls) = snapshot.config.tls.as_ref().filter(|t| t.redirect_http) {
-            if !is_tls(session) {
-                let mut host = routing::request_host(session.req_header());
-                if host.contains(':') {
-                    host = format!("[{host}]"); // an IPv6 address
-                }
-                let port = match tls.listen.port() {
-                    443 => String::new(),
-                    port => format!(":{port}"),
-                };
-                let location = format!(
-                    "https://{host}{port}{}",
-                    routing::path_and_query(session.req_header())
-                );
-                let reply = Reply::text(308, format!("308 permanent redirect to {location}\n"))
-                    .with_header(http::header::LOCATION, header_value(&location)?);
-                self.answer(session, ctx, &reply).await?;
-                return Ok(true);
-            }
-        }
-        // The host is looked at (lower-cased, without port) only when a
-        // route matches on it or writes a redirect with it, or an extension
-        // may read it.
-        if snapshot.uses_host || !snapshot.extensions.is_empty() {
+        // Lower-cased, without port: worked out once, and only when a
+        // route, a header edit or an extension reads it.
+        if snapshot.uses_host {
             ctx.host = routing::request_host(session.req_header());
         }
-        let host = ctx.host.clone();
-        let facts = RequestFacts {
-            host: &host,
+        let facts = decide::Facts {
             req: session.req_header(),
+            host: &ctx.host,
+            tls: is_tls(session),
+            client_ip: client_ip(session),
+            request_id: &ctx.request_id,
         };
-        let matched = routing::find(&snapshot.routes, &facts);
-        ctx.route = matched.map(|(i, _)| i);
-        let route = matched.map(|(_, r)| r);
-        if let Some(limiter) = route.and_then(|r| r.rate_limit.as_ref()) {
-            let key = routing::key_of(
-                &limiter.limit().key,
-                session.req_header(),
-                client_ip(session),
-            );
-            if let Err(wait) = limiter.admit(&key) {
-                let reply = Reply::text(
-                    429,
-                    "429 too many requests: the rate limit of this route is reached\n",
-                )
-                .with_header(http::header::RETRY_AFTER, wait.as_secs().into());
+        let plan = decide::plan(&facts, &snapshot);
+        ctx.route = plan.route;
+        match plan.action {
+            Decided::Answer(reply) => {
                 self.answer(session, ctx, &reply).await?;
-                return Ok(true);
+                Ok(true)
+            }
+            Decided::Forward(group) => {
+                ctx.group = group;
+                self.forward(session, ctx).await
             }
         }
-        let mut decision = Decision::Continue;
-        match route.map(|r| &r.action) {
-            Some(Action::Upstream(name)) => ctx.group = snapshot.groups.get(name).cloned(),
-            Some(Action::Respond {
-                status,
-                body,
-                content_type,
-            }) => {
-                decision = Decision::Respond(Reply {
-                    body: body.clone(),
-                    ..Reply::new(*status)
-                        .with_header(http::header::CONTENT_TYPE, content_type.clone())
-                })
-            }
-            Some(Action::Redirect { location, status }) => {
-                let path = routing::path_and_query(session.req_header()).to_owned();
-                let vars = Vars {
-                    client_ip: client_ip(session),
-                    host: &host,
-                    path_and_query: &path,
-                    request_id: &ctx.request_id,
-                };
-                let location = vars.render(location);
-                decision = Decision::Respond(
-                    Reply::text(*status, format!("{status} redirect to {location}\n"))
-                        .with_header(http::header::LOCATION, header_value(&location)?),
-                )
-            }
-            None => ctx.group = snapshot.default.clone(),
-        }
-        if matches!(decision, Decision::Continue) {
-            decision = self.run_extensions(session, ctx).await;
-        }
-        let extension_chose_group = matches!(decision, Decision::Upstream(_));
-        match decision {
-            Decision::Continue => {}
-            Decision::Respond(reply) => {
-                self.answer(session, ctx, &reply).await?;
-                return Ok(true);
-            }
-            // Found when the instance was built against this snapshot's groups.
-            Decision::Upstream(group) => ctx.group = snapshot.groups.get(group.name()).cloned(),
-            Decision::Backend(addr) => {
-                ctx.chosen_backend = Some(addr);
-                if ctx.group.is_none() {
-                    ctx.group = snapshot.default.clone();
-                }
-            }
-        }
-        ctx.upgrade = session.is_upgrade_req();
-        if let (true, Some(group)) = (ctx.upgrade, &ctx.group) {
-            // An upgraded connection lives as long as it carries traffic,
-            // past read_timeout, until idle_timeout of silence.
-            session.set_read_timeout(Some(group.settings.idle_timeout.0));
-        }
-        if ctx.group.is_none() && ctx.chosen_backend.is_none() {
-            let reply = Reply::text(
-                404,
-                "404 not found: no route matches this request, and there is no default upstream\n",
-            );
-            self.answer(session, ctx, &reply).await?;
-            return Ok(true);
-        }
-        if tunnel::is_websocket_upgrade(session.req_header()) {
-            self.tunnel(session, ctx).await?;
-            return Ok(true);
-        }
-        let route_allows = ctx.route().is_none_or(|r| r.written().compression);
-        compression::offer(session, &ctx.snapshot, route_allows);
-        // A request an extension sent elsewhere is not answered from (or
-        // stored in) the cache, whose key knows nothing of that choice.
-        let redirected_by_extension = ctx.chosen_backend.is_some() || extension_chose_group;
-        if let (Some(settings), false) = (&snapshot.config.cache, redirected_by_extension) {
-            ctx.cache_rule = cache::rule_index(&settings.rules, session.req_header().uri.path());
-        }
-        self.serve_fresh_hit(session, ctx).await
     }
 
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
@@ -786,10 +689,9 @@ impl ProxyHttp for Balancer {
                 upstream_request.set_uri(uri);
             }
             if !route.request_headers.is_empty() {
-                let host = routing::request_host(session.req_header());
                 let vars = Vars {
                     client_ip: client_ip(session),
-                    host: &host,
+                    host: &ctx.host,
                     path_and_query: &path_and_query,
                     request_id: &ctx.request_id,
                 };
@@ -908,6 +810,61 @@ impl ProxyHttp for Balancer {
 }
 
 impl Balancer {
+    /// Carries out a forward: the extensions' say (which may answer, or
+    /// send the request elsewhere), then the 404 for a request with nowhere
+    /// to go, a WebSocket's tunnel, or the cache and the proxy.
+    async fn forward(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let decision = if ctx.chain().is_empty() {
+            Decision::Continue
+        } else {
+            self.run_extensions(session, ctx).await
+        };
+        // A request an extension sent elsewhere is not answered from (or
+        // stored in) the cache, whose key knows nothing of that choice.
+        let sent_elsewhere = !matches!(decision, Decision::Continue);
+        match decision {
+            Decision::Continue => {}
+            Decision::Respond(reply) => {
+                self.answer(session, ctx, &reply).await?;
+                return Ok(true);
+            }
+            // Found when the instance was built against this snapshot's groups.
+            Decision::Upstream(group) => {
+                ctx.group = ctx.snapshot.groups.get(group.name()).cloned();
+            }
+            Decision::Backend(addr) => {
+                ctx.chosen_backend = Some(addr);
+                if ctx.group.is_none() {
+                    ctx.group = ctx.snapshot.default.clone();
+                }
+            }
+        }
+        ctx.upgrade = session.is_upgrade_req();
+        if let (true, Some(group)) = (ctx.upgrade, &ctx.group) {
+            // An upgraded connection lives as long as it carries traffic,
+            // past read_timeout, until idle_timeout of silence.
+            session.set_read_timeout(Some(group.settings.idle_timeout.0));
+        }
+        if ctx.group.is_none() && ctx.chosen_backend.is_none() {
+            let reply = Reply::text(
+                404,
+                "404 not found: no route matches this request, and there is no default upstream\n",
+            );
+            self.answer(session, ctx, &reply).await?;
+            return Ok(true);
+        }
+        if tunnel::is_websocket_upgrade(session.req_header()) {
+            self.tunnel(session, ctx).await?;
+            return Ok(true);
+        }
+        let route_allows = ctx.route().is_none_or(|r| r.written().compression);
+        compression::offer(session, &ctx.snapshot, route_allows);
+        if let (Some(settings), false) = (&ctx.snapshot.config.cache, sent_elsewhere) {
+            ctx.cache_rule = cache::rule_index(&settings.rules, session.req_header().uri.path());
+        }
+        self.serve_fresh_hit(session, ctx).await
+    }
+
     /// Runs the extensions' request hooks in turn, until one decides. An
     /// error or a panic answers `500`.
     async fn run_extensions(&self, session: &mut Session, ctx: &mut RequestCtx) -> Decision {
@@ -992,16 +949,7 @@ impl Balancer {
             header.insert_header("cache-control", "no-store")?;
         }
         route_response_edits(session, ctx, &mut header)?;
-        let head_only = session.req_header().method == http::Method::HEAD;
-        session
-            .write_response_header(Box::new(header), head_only || reply.body.is_empty())
-            .await?;
-        if !head_only && !reply.body.is_empty() {
-            session
-                .write_response_body(Some(reply.body.clone()), true)
-                .await?;
-        }
-        Ok(())
+        write_answer(session, header, reply.body.clone()).await
     }
 
     /// Answers a plain GET or HEAD from a fresh cached copy without the rest
@@ -1026,13 +974,7 @@ impl Balancer {
         self.cache.stats.count("HIT");
         ctx.cache_status = Some("HIT");
         self.finish_response(session, ctx, &mut header).await?;
-        let head_only = session.req_header().method == http::Method::HEAD;
-        session
-            .write_response_header(Box::new(header), head_only)
-            .await?;
-        if !head_only {
-            session.write_response_body(Some(hit.body), true).await?;
-        }
+        write_answer(session, header, hit.body).await?;
         Ok(true)
     }
 }
@@ -1046,10 +988,9 @@ fn route_response_edits(
 ) -> Result<()> {
     if let Some(route) = ctx.route().filter(|r| !r.response_headers.is_empty()) {
         let req = session.req_header();
-        let host = routing::request_host(req);
         let vars = Vars {
             client_ip: client_ip(session),
-            host: &host,
+            host: &ctx.host,
             path_and_query: routing::path_and_query(req),
             request_id: &ctx.request_id,
         };
@@ -1075,12 +1016,6 @@ fn extension_failed(instance: &Instance, why: &str) -> Decision {
 /// What a panic said, when it said it in text.
 fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
     format!("panicked: {}", crate::extension::panic_text(&**panic))
-}
-
-/// A header value the balancer writes from the request's own parts.
-fn header_value(text: &str) -> Result<http::HeaderValue> {
-    http::HeaderValue::from_str(text)
-        .map_err(|e| Error::because(ErrorType::InternalError, "invalid header value", e))
 }
 
 /// The client's protocol, as the access log names it.
@@ -1190,14 +1125,20 @@ async fn respond_error_text(
         .await
 }
 
-async fn respond_text(session: &mut Session, code: u16, text: &'static str) -> Result<()> {
-    let header = text_header(code, text.len())?;
+/// Writes an answer the balancer makes itself (a reply, its own endpoint,
+/// a fresh cached copy): the head, then the body unless the request is a
+/// `HEAD` or the body is empty. (A failed request's answer goes through
+/// Pingora's error writer instead, which also settles the connection.)
+async fn write_answer(session: &mut Session, header: ResponseHeader, body: Bytes) -> Result<()> {
+    let head_only = session.req_header().method == http::Method::HEAD;
+    let no_body = head_only || body.is_empty();
     session
-        .write_response_header(Box::new(header), false)
+        .write_response_header(Box::new(header), no_body)
         .await?;
-    session
-        .write_response_body(Some(Bytes::from_static(text.as_bytes())), true)
-        .await
+    if !no_body {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
 }
 
 fn text_header(code: u16, len: usize) -> Result<ResponseHeader> {

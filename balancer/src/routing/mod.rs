@@ -243,6 +243,17 @@ impl Edits {
         self.set.is_empty() && self.remove.is_empty()
     }
 
+    /// Whether a value it sets says `{host}`.
+    pub fn uses_host(&self) -> bool {
+        self.set.iter().any(|(_, value)| match value {
+            Value::Fixed(_) => false,
+            Value::Template(t) => t
+                .parts
+                .iter()
+                .any(|p| matches!(p, config::Part::Variable(config::Variable::Host))),
+        })
+    }
+
     /// Removes, then sets (so a header both removed and set ends up set).
     fn apply(&self, headers: &mut dyn HeaderTarget, vars: &Vars<'_>) -> pingora::Result<()> {
         for name in &self.remove {

@@ -34,8 +34,9 @@ pub struct Snapshot {
     pub routes: Vec<Route>,
     /// The group that requests no route claims go to (`[upstream]`).
     pub default: Option<Arc<Group>>,
-    /// Whether a route matches on the host or writes a redirect with it:
-    /// otherwise requests need not have their host looked at.
+    /// Whether a route matches on the host, writes a redirect or a header
+    /// with it, or an extension may read it: otherwise requests need not
+    /// have their host looked at.
     pub uses_host: bool,
     /// The extension instances the file declares.
     pub extensions: Instances,
@@ -93,7 +94,7 @@ impl Snapshot {
             };
             groups.insert(name.to_owned(), Arc::new(group));
         }
-        let routes = config
+        let routes: Vec<Route> = config
             .routes
             .iter()
             .enumerate()
@@ -105,7 +106,10 @@ impl Snapshot {
         let uses_host = config.routes.iter().any(|r| {
             let r = r.get_ref();
             r.host.is_some() || r.redirect.is_some()
-        });
+        }) || routes
+            .iter()
+            .any(|r: &Route| r.request_headers.uses_host() || r.response_headers.uses_host())
+            || !config.extensions.is_empty();
         let extensions = Instances::build(&config, registry, previous.map(|p| &p.extensions))?;
         let chain = |names: &mut dyn Iterator<Item = &toml::Spanned<String>>| -> Chain {
             let mut chain: Vec<Arc<Instance>> = Vec::new();
