@@ -9,12 +9,14 @@
 
 mod compression;
 pub mod diff;
+mod host;
 pub mod reload;
 mod routes;
 mod tls;
 mod units;
 
 pub use compression::{Compression, Encoding, Levels, TypePattern};
+pub use host::{Authority, ServerAddr};
 pub use routes::{
     HashKey, HeaderEdits, HostPattern, Part, RateLimit, Redirect, Respond, Route, Template,
     Variable,
@@ -23,7 +25,7 @@ pub use tls::{
     Acme, AcmeDirectory, AcmeDomains, CertificateFor, Protocol, Secret, Tls, TlsVersion,
 };
 use units::{header_timeout, optional_socket_addr, socket_addr};
-pub use units::{ByteSize, Positive, ServerAddr, Span, UriPath, MAX_HEADER_TIMEOUT};
+pub use units::{ByteSize, Positive, Span, UriPath, MAX_HEADER_TIMEOUT};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -1003,18 +1005,13 @@ ttl = "1h"
 
     #[test]
     fn server_addresses_are_host_and_port() {
-        assert_eq!(
-            ServerAddr::parse("backend:8000").unwrap(),
-            ServerAddr {
-                host: "backend".into(),
-                port: 8000
-            }
-        );
+        let backend = ServerAddr::parse("backend:8000").unwrap();
+        assert_eq!((backend.host(), backend.port()), ("backend", 8000));
         assert!(ServerAddr::parse("backend:8000")
             .unwrap()
             .literal()
             .is_none());
-        assert_eq!(ServerAddr::parse("[::1]:80").unwrap().host, "::1");
+        assert_eq!(ServerAddr::parse("[::1]:80").unwrap().host(), "::1");
         for bad in [
             "",
             ":80",

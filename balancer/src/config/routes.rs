@@ -182,13 +182,7 @@ impl<'de> Deserialize<'de> for HostPattern {
             Some(rest) => (true, rest),
             None => (false, lower.as_str()),
         };
-        let valid = !name.is_empty()
-            && name.len() <= 253
-            && !name.contains(':')
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
-        if !valid {
+        if !super::host::is_name(name) {
             return Err(de::Error::custom(format!(
                 "invalid host {text:?}: write a name without port, like \"api.example.com\" or \"*.example.com\""
             )));

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 
-use crate::config::{self, HashKey, HostPattern, Template};
+use crate::config::{self, Authority, HashKey, HostPattern, Template};
 pub use rate_limit::Limiter;
 
 /// One route, ready for requests.
@@ -160,18 +160,7 @@ pub fn find<'a>(routes: &'a [Route], facts: &RequestFacts<'_>) -> Option<(usize,
 /// The request's host as routes see it: the `Host` header (or the authority
 /// of an absolute request-target), without port, in lower case.
 pub fn request_host(req: &RequestHeader) -> String {
-    let raw = req
-        .headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri.authority().map(|a| a.as_str()))
-        .unwrap_or("");
-    let without_port = if let Some(v6) = raw.strip_prefix('[') {
-        v6.split(']').next().unwrap_or("")
-    } else {
-        raw.rsplit_once(':').map_or(raw, |(host, _)| host)
-    };
-    without_port.trim_end_matches('.').to_ascii_lowercase()
+    Authority::request_host(&req.headers, &req.uri)
 }
 
 /// The request's path and query, as forwarded and as `{path}` shows it.
