@@ -89,7 +89,7 @@ impl Snapshot {
             .collect();
         let uses_host = config.routes.iter().any(|r| {
             let r = r.get_ref();
-            r.host.is_some() || r.redirect.is_some()
+            r.host.is_some() || matches!(r.action, config::Action::Redirect(_))
         });
         Ok(Snapshot {
             config: Arc::new(config),
