@@ -16,11 +16,7 @@ pub fn for_request(req: &RequestHeader) -> CacheKey {
 
 /// The host a request names, as its key holds it.
 pub fn host_of(req: &RequestHeader) -> &str {
-    req.headers
-        .get("host")
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri.authority().map(|a| a.as_str()))
-        .unwrap_or("")
+    crate::config::Authority::of_request(&req.headers, &req.uri)
 }
 
 /// The key of a request for `path_and_query` on `host`.

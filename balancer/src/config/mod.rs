@@ -10,6 +10,7 @@
 mod compression;
 pub mod diff;
 mod extensions;
+mod host;
 pub mod reload;
 mod routes;
 mod tls;
@@ -17,15 +18,16 @@ mod units;
 
 pub use compression::{Compression, Encoding, Levels, TypePattern};
 pub use extensions::ExtensionDecl;
+pub use host::{Authority, ServerAddr};
 pub use routes::{
-    HashKey, HeaderEdits, HostPattern, Part, RateLimit, Redirect, Respond, Route, Template,
-    Variable,
+    Action, HashKey, HeaderEdits, HeaderMatch, HostPattern, Part, RateLimit, Redirect, Respond,
+    Route, Template, Variable,
 };
 pub use tls::{
     Acme, AcmeDirectory, AcmeDomains, CertificateFor, Protocol, Secret, Tls, TlsVersion,
 };
 use units::{header_timeout, optional_socket_addr, socket_addr};
-pub use units::{ByteSize, Positive, ServerAddr, Span, UriPath, MAX_HEADER_TIMEOUT};
+pub use units::{ByteSize, Positive, Span, UriPath, MAX_HEADER_TIMEOUT};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -1005,6 +1007,54 @@ unhealthy_threshold = 3
     }
 
     #[test]
+    fn a_route_is_one_action_and_its_mistakes_name_their_line() {
+        let base = "[upstream]\nservers = [\"b:1\"]\n\n[[route]]\npath = \"/x\"\n";
+        let c = parse(&format!(
+            "{base}upstream = \"default\"\nstrip_prefix = \"/x\"\n\n[[route]]\n[route.redirect]\nlocation = \"https://example.com{{path}}\"\n\n[[route]]\nrespond = {{ status = 503, content_type = \"text/html\" }}\n"
+        ))
+        .expect("the three actions as the file writes them");
+        let actions: Vec<&Action> = c.routes.iter().map(|r| &r.get_ref().action).collect();
+        assert!(
+            matches!(actions[0], Action::Upstream { group, strip_prefix: Some(p) } if group == "default" && p.as_str() == "/x")
+        );
+        assert!(matches!(actions[1], Action::Redirect(r) if r.status == 308));
+        assert!(matches!(actions[2], Action::Respond(r) if r.content_type == "text/html"));
+        for (text, what) in [
+            ("upstrem = \"default\"\n", "unknown field `upstrem`"),
+            ("", "does nothing"),
+            (
+                "upstream = \"default\"\nrespond = { status = 200 }\n",
+                "more than one",
+            ),
+            (
+                "respond = { status = 200 }\nstrip_prefix = \"/x\"\n",
+                "strip_prefix applies to forwarded requests only",
+            ),
+            (
+                "respond = { status = 200, content_type = \"text/plain\\u0001\" }\n",
+                "respond.content_type",
+            ),
+            (
+                "upstream = \"default\"\nheaders = { \"X-A\" = \"a\\u0001\" }\n",
+                "not a valid header value",
+            ),
+        ] {
+            let err = parse(&format!("{base}{text}")).expect_err(text);
+            assert!(err.contains(what), "{text:?}: expected {what:?} in {err}");
+            let line: usize = err
+                .split(", line ")
+                .nth(1)
+                .and_then(|rest| rest.split(',').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no line in {err}"));
+            assert!(
+                (4..=7).contains(&line),
+                "{text:?}: the error names line {line}, not one of the route's: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn the_cache_section_parses_and_is_optional() {
         let c = parse(
             r#"
@@ -1064,18 +1114,13 @@ ttl = "1h"
 
     #[test]
     fn server_addresses_are_host_and_port() {
-        assert_eq!(
-            ServerAddr::parse("backend:8000").unwrap(),
-            ServerAddr {
-                host: "backend".into(),
-                port: 8000
-            }
-        );
+        let backend = ServerAddr::parse("backend:8000").unwrap();
+        assert_eq!((backend.host(), backend.port()), ("backend", 8000));
         assert!(ServerAddr::parse("backend:8000")
             .unwrap()
             .literal()
             .is_none());
-        assert_eq!(ServerAddr::parse("[::1]:80").unwrap().host, "::1");
+        assert_eq!(ServerAddr::parse("[::1]:80").unwrap().host(), "::1");
         for bad in [
             "",
             ":80",

@@ -12,51 +12,84 @@ use serde::{de, Deserialize, Deserializer};
 
 use super::units::{Positive, UriPath};
 
-/// One `[[route]]`.
+/// One `[[route]]`: what it matches, and its one action.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "Written")]
 pub struct Route {
     /// In logs, metrics and the status page; unnamed routes are `#N` (their position, from 1).
-    #[serde(default)]
     pub name: Option<String>,
     /// `api.example.com` or `*.example.com`; absent: any host.
-    #[serde(default)]
     pub host: Option<HostPattern>,
     /// A path prefix (default `/`: every path).
-    #[serde(default = "root")]
     pub path: UriPath,
     /// Absent: any method.
-    #[serde(default)]
     pub methods: Option<Vec<Method>>,
-    /// Each must be present with this value (`*`: present with any value).
-    #[serde(default)]
-    pub headers: BTreeMap<HeaderName, String>,
-    /// Send matching requests to this upstream group.
-    #[serde(default)]
-    pub upstream: Option<String>,
-    /// Answer with a redirect.
-    #[serde(default)]
-    pub redirect: Option<Redirect>,
-    /// Answer with a fixed response.
-    #[serde(default)]
-    pub respond: Option<Respond>,
-    /// Removed from the front of the path before the request is forwarded.
-    #[serde(default)]
-    pub strip_prefix: Option<UriPath>,
-    #[serde(default)]
+    /// Each must be present, with this value unless `*`.
+    pub headers: BTreeMap<HeaderName, HeaderMatch>,
+    pub action: Action,
     pub request_headers: HeaderEdits,
-    #[serde(default)]
     pub response_headers: HeaderEdits,
-    #[serde(default)]
     pub rate_limit: Option<RateLimit>,
     /// `false`: responses to this route's requests are never compressed,
     /// whatever `[compression]` says.
-    #[serde(default = "yes")]
     pub compression: bool,
     /// The extension instances (`[extensions.NAME]`) this route runs, in
     /// order, after the global ones.
-    #[serde(default)]
     pub extensions: Vec<toml::Spanned<String>>,
+}
+
+/// What a route does with the requests it matches: exactly one thing,
+/// written as one of three keys (`upstream = "NAME"`, `[route.redirect]`,
+/// `[route.respond]`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send them to this upstream group, first removing `strip_prefix` from
+    /// the front of the path.
+    Upstream {
+        group: String,
+        strip_prefix: Option<UriPath>,
+    },
+    /// Answer with a redirect.
+    Redirect(Redirect),
+    /// Answer with a fixed response.
+    Respond(Respond),
+}
+
+/// A `[[route]]` as the file writes it: its action is three keys, of which
+/// [`Route`] admits exactly one. (serde's `flatten` would read the action as
+/// one enum directly, but it cannot refuse unknown keys.)
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Written {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    host: Option<HostPattern>,
+    #[serde(default = "root")]
+    path: UriPath,
+    #[serde(default)]
+    methods: Option<Vec<Method>>,
+    #[serde(default)]
+    headers: BTreeMap<HeaderName, HeaderMatch>,
+    #[serde(default)]
+    upstream: Option<String>,
+    #[serde(default)]
+    redirect: Option<Redirect>,
+    #[serde(default)]
+    respond: Option<Respond>,
+    /// Removed from the front of the path before the request is forwarded.
+    #[serde(default)]
+    strip_prefix: Option<UriPath>,
+    #[serde(default)]
+    request_headers: HeaderEdits,
+    #[serde(default)]
+    response_headers: HeaderEdits,
+    #[serde(default)]
+    rate_limit: Option<RateLimit>,
+    #[serde(default = "yes")]
+    compression: bool,
+    #[serde(default)]
+    extensions: Vec<toml::Spanned<String>>,
 }
 
 fn yes() -> bool {
@@ -67,29 +100,25 @@ fn root() -> UriPath {
     UriPath("/".to_owned())
 }
 
-impl Route {
-    /// How logs, metrics and the status page call the route at `index` (from 0).
-    pub fn label(&self, index: usize) -> String {
-        self.name
-            .clone()
-            .unwrap_or_else(|| format!("#{}", index + 1))
-    }
+impl TryFrom<Written> for Route {
+    type Error = String;
 
-    /// Checks what serde cannot: one action, an upstream that exists.
-    pub(super) fn validate(&self, group_exists: impl Fn(&str) -> bool) -> Result<(), String> {
-        let name = self
+    /// One action, and `strip_prefix` only beside `upstream`.
+    fn try_from(w: Written) -> Result<Route, String> {
+        let name = w
             .name
             .as_deref()
             .map(|n| format!("route {n:?}"))
             .unwrap_or_else(|| "this route".to_owned());
-        let actions = [
-            self.upstream.is_some(),
-            self.redirect.is_some(),
-            self.respond.is_some(),
-        ];
-        match actions.iter().filter(|a| **a).count() {
-            1 => {}
-            0 => {
+        let mut strip_prefix = w.strip_prefix;
+        let action = match (w.upstream, w.redirect, w.respond) {
+            (Some(group), None, None) => Action::Upstream {
+                group,
+                strip_prefix: strip_prefix.take(),
+            },
+            (None, Some(redirect), None) => Action::Redirect(redirect),
+            (None, None, Some(respond)) => Action::Respond(respond),
+            (None, None, None) => {
                 return Err(format!(
                     "{name} does nothing: give it exactly one of upstream, redirect or respond"
                 ))
@@ -99,20 +128,52 @@ impl Route {
                 "{name} has more than one of upstream, redirect and respond: give it exactly one"
             ))
             }
-        }
-        if let Some(group) = &self.upstream {
-            if !group_exists(group) {
-                return Err(format!(
-                    "{name}: upstream {group:?} is not defined; add an [upstreams.{group}] section (or [upstream] for \"default\")"
-                ));
-            }
-        }
-        if self.strip_prefix.is_some() && self.upstream.is_none() {
+        };
+        // Still here: the route forwards nothing.
+        if strip_prefix.is_some() {
             return Err(format!(
                 "{name}: strip_prefix applies to forwarded requests only (it has no upstream)"
             ));
         }
-        Ok(())
+        Ok(Route {
+            name: w.name,
+            host: w.host,
+            path: w.path,
+            methods: w.methods,
+            headers: w.headers,
+            action,
+            request_headers: w.request_headers,
+            response_headers: w.response_headers,
+            rate_limit: w.rate_limit,
+            compression: w.compression,
+            extensions: w.extensions,
+        })
+    }
+}
+
+impl Route {
+    /// How logs, metrics and the status page call the route at `index` (from 0).
+    pub fn label(&self, index: usize) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("#{}", index + 1))
+    }
+
+    /// Checks what a route alone cannot: that its upstream exists.
+    pub(super) fn validate(&self, group_exists: impl Fn(&str) -> bool) -> Result<(), String> {
+        match &self.action {
+            Action::Upstream { group, .. } if !group_exists(group) => {
+                let name = self
+                    .name
+                    .as_deref()
+                    .map(|n| format!("route {n:?}"))
+                    .unwrap_or_else(|| "this route".to_owned());
+                Err(format!(
+                    "{name}: upstream {group:?} is not defined; add an [upstreams.{group}] section (or [upstream] for \"default\")"
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Whether every request `later` matches is matched by `self` first.
@@ -128,13 +189,34 @@ impl Route {
             (Some(_), None) => false,
             (Some(a), Some(b)) => b.iter().all(|m| a.contains(m)),
         };
-        let headers = self.headers.iter().all(|(name, value)| {
-            later
-                .headers
-                .get(name)
-                .is_some_and(|v| value == "*" || v == value)
+        let headers = self.headers.iter().all(|(name, wanted)| {
+            later.headers.get(name).is_some_and(|theirs| match wanted {
+                HeaderMatch::Present => true,
+                HeaderMatch::Equals(_) => theirs == wanted,
+            })
         });
         host && path && methods && headers
+    }
+}
+
+/// What a route's `headers` entry asks of a request's header of that name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderMatch {
+    /// `"*"`: present, with any value.
+    Present,
+    /// Present with this value.
+    Equals(http::HeaderValue),
+}
+
+impl<'de> Deserialize<'de> for HeaderMatch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == "*" {
+            return Ok(HeaderMatch::Present);
+        }
+        http::HeaderValue::from_str(&text)
+            .map(HeaderMatch::Equals)
+            .map_err(|_| de::Error::custom(format!("{text:?} is not a valid header value")))
     }
 }
 
@@ -186,13 +268,7 @@ impl<'de> Deserialize<'de> for HostPattern {
             Some(rest) => (true, rest),
             None => (false, lower.as_str()),
         };
-        let valid = !name.is_empty()
-            && name.len() <= 253
-            && !name.contains(':')
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
-        if !valid {
+        if !super::host::is_name(name) {
             return Err(de::Error::custom(format!(
                 "invalid host {text:?}: write a name without port, like \"api.example.com\" or \"*.example.com\""
             )));
@@ -384,12 +460,21 @@ pub struct Respond {
     pub status: u16,
     #[serde(default)]
     pub body: String,
-    #[serde(default = "default_content_type")]
-    pub content_type: String,
+    #[serde(default = "default_content_type", deserialize_with = "content_type")]
+    pub content_type: http::HeaderValue,
 }
 
-fn default_content_type() -> String {
-    "text/plain; charset=utf-8".to_owned()
+fn default_content_type() -> http::HeaderValue {
+    http::HeaderValue::from_static("text/plain; charset=utf-8")
+}
+
+fn content_type<'de, D: Deserializer<'de>>(d: D) -> Result<http::HeaderValue, D::Error> {
+    let text = String::deserialize(d)?;
+    http::HeaderValue::from_str(&text).map_err(|_| {
+        de::Error::custom(format!(
+            "respond.content_type {text:?} is not a valid header value; write it like \"text/plain; charset=utf-8\""
+        ))
+    })
 }
 
 fn respond_status<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {

@@ -1,5 +1,5 @@
 //! The values a configuration file is written in: durations, sizes,
-//! addresses and paths, each parsed once into a type that cannot hold an
+//! socket addresses and paths (hosts are `host`'s), each parsed once into a type that cannot hold an
 //! invalid value, with an error message that says how to write it.
 
 use std::fmt;
@@ -109,66 +109,6 @@ impl<'de> Deserialize<'de> for ByteSize {
             Raw::Text(t) => ByteSize::parse(&t),
         }
         .map_err(de::Error::custom)
-    }
-}
-
-/// One entry of `upstream.servers`: a host name or IP address and a port.
-/// A host name stands for every address it resolves to.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServerAddr {
-    /// The host as written, without IPv6 brackets.
-    pub host: String,
-    pub port: u16,
-}
-
-impl ServerAddr {
-    pub fn parse(text: &str) -> Result<ServerAddr, String> {
-        let bad = |why: &str| {
-            format!("invalid server {text:?}: {why}; write host:port, like \"backend:8000\" or \"10.0.0.2:8000\"")
-        };
-        let (host, port) = text.rsplit_once(':').ok_or_else(|| bad("no port"))?;
-        let port: u16 = port
-            .parse()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| bad("the port must be a number from 1 to 65535"))?;
-        let host = match host.strip_prefix('[') {
-            Some(v6) => v6
-                .strip_suffix(']')
-                .filter(|h| h.parse::<std::net::Ipv6Addr>().is_ok())
-                .ok_or_else(|| bad("bad IPv6 address"))?,
-            None if host.contains(':') => return Err(bad("put an IPv6 address in brackets")),
-            None => host,
-        };
-        let valid_name = |h: &str| {
-            !h.is_empty()
-                && h.len() <= 253
-                && h.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
-        };
-        if !host.contains(':') && !valid_name(host) {
-            return Err(bad("the host is not a valid name or address"));
-        }
-        Ok(ServerAddr {
-            host: host.to_owned(),
-            port,
-        })
-    }
-
-    /// The address itself when the host is an IP literal (no DNS needed).
-    pub fn literal(&self) -> Option<SocketAddr> {
-        let ip = self.host.parse().ok()?;
-        Some(SocketAddr::new(ip, self.port))
-    }
-}
-
-impl fmt::Display for ServerAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
     }
 }
 

@@ -532,12 +532,12 @@ impl ProxyHttp for Balancer {
                 // group's first one names the backends (an empty SNI would
                 // skip the certificate check altogether).
                 (None, true) => match server {
-                    Some(server) => crate::upstream::host_of(server).to_owned(),
+                    Some(server) => crate::config::Authority::split(server).0.to_owned(),
                     None => settings
                         .servers
                         .addrs()
                         .next()
-                        .map(|a| a.host.clone())
+                        .map(|a| a.host().to_owned())
                         .unwrap_or_default(),
                 },
             };

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 
-use crate::config::{self, HashKey, HostPattern, Template};
+use crate::config::{self, Authority, HashKey, HostPattern, Template};
 pub use rate_limit::Limiter;
 
 /// One route, ready for requests.
@@ -64,24 +64,23 @@ impl Route {
     /// place in the snapshot before, whose rate-limit counts carry over when
     /// the limit is unchanged.
     pub fn compile(index: usize, route: &config::Route, previous: Option<&Route>) -> Route {
-        let action = match (&route.upstream, &route.redirect, &route.respond) {
-            (Some(group), _, _) => Action::Upstream(group.clone()),
-            (_, Some(r), _) => Action::Redirect {
+        let action = match &route.action {
+            config::Action::Upstream { group, .. } => Action::Upstream(group.clone()),
+            config::Action::Redirect(r) => Action::Redirect {
                 location: r.location.clone(),
                 status: r.status,
             },
-            (_, _, Some(r)) => Action::Respond {
+            config::Action::Respond(r) => Action::Respond {
                 status: r.status,
                 body: Bytes::from(r.body.clone()),
-                content_type: HeaderValue::from_str(&r.content_type)
-                    .unwrap_or(HeaderValue::from_static("text/plain; charset=utf-8")),
+                content_type: r.content_type.clone(),
             },
-            // Validation gives every route exactly one action.
-            (None, None, None) => Action::Respond {
-                status: 500,
-                body: Bytes::new(),
-                content_type: HeaderValue::from_static("text/plain; charset=utf-8"),
-            },
+        };
+        let strip_prefix = match &route.action {
+            config::Action::Upstream { strip_prefix, .. } => {
+                strip_prefix.as_ref().map(|p| p.as_str().to_owned())
+            }
+            _ => None,
         };
         let rate_limit = route.rate_limit.as_ref().map(|limit| {
             previous
@@ -101,15 +100,16 @@ impl Route {
             headers: route
                 .headers
                 .iter()
-                .map(|(name, value)| {
-                    let value = (value != "*")
-                        .then(|| HeaderValue::from_str(value).ok())
-                        .flatten();
+                .map(|(name, wanted)| {
+                    let value = match wanted {
+                        config::HeaderMatch::Present => None,
+                        config::HeaderMatch::Equals(value) => Some(value.clone()),
+                    };
                     (name.0.clone(), value)
                 })
                 .collect(),
             action,
-            strip_prefix: route.strip_prefix.as_ref().map(|p| p.as_str().to_owned()),
+            strip_prefix,
             request_headers: Edits::compile(&route.request_headers),
             response_headers: Edits::compile(&route.response_headers),
             rate_limit,
@@ -160,18 +160,7 @@ pub fn find<'a>(routes: &'a [Route], facts: &RequestFacts<'_>) -> Option<(usize,
 /// The request's host as routes see it: the `Host` header (or the authority
 /// of an absolute request-target), without port, in lower case.
 pub fn request_host(req: &RequestHeader) -> String {
-    let raw = req
-        .headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri.authority().map(|a| a.as_str()))
-        .unwrap_or("");
-    let without_port = if let Some(v6) = raw.strip_prefix('[') {
-        v6.split(']').next().unwrap_or("")
-    } else {
-        raw.rsplit_once(':').map_or(raw, |(host, _)| host)
-    };
-    without_port.trim_end_matches('.').to_ascii_lowercase()
+    Authority::request_host(&req.headers, &req.uri)
 }
 
 /// The request's path and query, as forwarded and as `{path}` shows it.

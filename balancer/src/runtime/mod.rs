@@ -105,7 +105,7 @@ impl Snapshot {
             .collect();
         let uses_host = config.routes.iter().any(|r| {
             let r = r.get_ref();
-            r.host.is_some() || r.redirect.is_some()
+            r.host.is_some() || matches!(r.action, config::Action::Redirect(_))
         }) || routes
             .iter()
             .any(|r: &Route| r.request_headers.uses_host() || r.response_headers.uses_host())

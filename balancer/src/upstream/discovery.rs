@@ -58,7 +58,7 @@ impl Resolver {
         if let Some(addr) = server.literal() {
             return vec![addr];
         }
-        let lookup = tokio::net::lookup_host((server.host.as_str(), server.port));
+        let lookup = tokio::net::lookup_host((server.host(), server.port()));
         let outcome = match tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await {
             Ok(Ok(addrs)) => {
                 let mut addrs: Vec<SocketAddr> = addrs.collect();

@@ -87,10 +87,11 @@ async fn check_all(group: &Group, backends: &[Arc<Backend>], hc: &HealthCheck, l
 /// and verification, HTTP/2 in clear text for an `h2c` group.
 async fn probe(group: &Group, backend: &Backend, hc: &HealthCheck) -> Result<(), String> {
     let settings = &group.settings;
-    let sni = settings
-        .sni
-        .clone()
-        .unwrap_or_else(|| super::host_of(&backend.server).to_owned());
+    let sni = settings.sni.clone().unwrap_or_else(|| {
+        crate::config::Authority::split(&backend.server)
+            .0
+            .to_owned()
+    });
     let mut check = HttpHealthCheck::new(&sni, settings.tls);
     check.peer_template.options.verify_cert = settings.verify;
     check.peer_template.options.verify_hostname = settings.verify;

@@ -25,14 +25,6 @@ use pingora_ketama::Continuum;
 
 use crate::config::{Algorithm, HealthCheck};
 
-/// The host of a `servers` entry: `backend` of `backend:8000`, `::1` of `[::1]:80`.
-pub fn host_of(server: &str) -> &str {
-    match server.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(v6),
-        None => server.rsplit_once(':').map_or(server, |(host, _)| host),
-    }
-}
-
 /// One backend address and what is known about it.
 #[derive(Debug)]
 pub struct Backend {
