@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 use crate::extension::Extension;
-use crate::{admin, proxy, server, tls};
+use crate::{proxy, server, telemetry, tls};
 
 #[derive(Parser)]
 #[command(
@@ -144,7 +144,7 @@ pub fn main_with_setup(
             ExitCode::SUCCESS
         }
         None => {
-            admin::logging::init();
+            telemetry::logging::init();
             for warning in config.warnings(&text) {
                 log::warn!("{}: {warning}", path.display());
             }

@@ -23,5 +23,6 @@ pub mod proxy;
 pub mod routing;
 pub mod runtime;
 pub mod server;
+pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -48,14 +48,14 @@ use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
 
-use crate::admin::logging::Throttle;
-use crate::admin::{access_log, metrics};
 use crate::cache::{self, ResponseCache};
 use crate::config::{Algorithm, CacheRule, HashKey, Protocol};
 use crate::extension::{Decision, Extension, Reply, RequestView, ResponseView};
 use crate::proxy::drain::Stopping;
 use crate::routing::{self, request_id, Action, RequestFacts, Route, Vars};
 use crate::runtime::{Group, Live, Snapshot};
+use crate::telemetry::logging::Throttle;
+use crate::telemetry::{access_log, metrics};
 use crate::upstream::{Backend, BackendGuard};
 
 /// The answer to an ACME HTTP-01 challenge on the plain listener, before
