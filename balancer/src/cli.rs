@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 use crate::extension::Registry;
-use crate::{admin, proxy, server, tls};
+use crate::{proxy, server, telemetry, tls};
 
 #[derive(Parser)]
 #[command(
@@ -131,7 +131,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
             ExitCode::SUCCESS
         }
         None => {
-            admin::logging::init();
+            telemetry::logging::init();
             for warning in config.warnings(&text) {
                 log::warn!("{}: {warning}", path.display());
             }

@@ -17,14 +17,16 @@ use pingora::services::listening::Service;
 
 use crate::admin::{self, metrics};
 use crate::cache::ResponseCache;
-use crate::config::reload::Reloader;
 use crate::config::Config;
 use crate::extension::Registry;
 use crate::proxy::{self, connections, drain};
+use crate::runtime::certificates::{CertWatch, RenewalLoop};
+use crate::runtime::reload::Reloader;
+use crate::runtime::upkeep::Upkeep;
 use crate::runtime::Snapshot;
+use crate::telemetry;
 use crate::tls::acme::{AcmeStatus, Renewal};
-use crate::tls::{CertStore, CertWatch};
-use crate::upstream::health::Upkeep;
+use crate::tls::CertStore;
 
 /// The read buffer of a TLS client connection (Pingora's default is 64 KiB):
 /// TLS records are read in pieces, and the buffer saves system calls.
@@ -172,9 +174,11 @@ pub fn run(config: Config, path: PathBuf, text: String, registry: Registry) -> E
     if let Some(status) = &acme {
         server.add_service(background_service(
             "acme renewal",
-            Renewal {
+            RenewalLoop {
                 live: Arc::clone(&live),
-                status: Arc::clone(status),
+                renewal: Renewal {
+                    status: Arc::clone(status),
+                },
             },
         ));
     }
@@ -216,7 +220,7 @@ pub fn run(config: Config, path: PathBuf, text: String, registry: Registry) -> E
     server.run(RunArgs {
         shutdown_signal: Box::new(drain),
     });
-    admin::access_log::flush(std::time::Duration::from_secs(1));
+    telemetry::access_log::flush(std::time::Duration::from_secs(1));
     ExitCode::SUCCESS
 }
 

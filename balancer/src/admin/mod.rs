@@ -8,8 +8,6 @@
 //! `admin_token_file`), and is refused outright when the listener is not on a
 //! loopback address and no token is set.
 
-pub mod access_log;
-pub mod logging;
 pub mod metrics;
 
 use std::path::PathBuf;
@@ -24,17 +22,18 @@ use pingora::protocols::http::ServerSession;
 use pingora_prometheus::PrometheusHttpApp;
 
 use crate::cache::ResponseCache;
-use crate::config::reload::ReloadStats;
 use crate::proxy::connections::Connections;
 use crate::routing::Action;
+use crate::runtime::reload::ReloadStats;
 use crate::runtime::Live;
+use crate::telemetry::logging::Throttle;
 use crate::upstream::Backend;
 
 /// The status page: one self-contained file (no external assets), built on `/status`.
 const STATUS_PAGE: &str = include_str!("status.html");
 
 /// A missing token file is logged once a second at most, however often PURGE is tried.
-static TOKEN_FILE_ERRORS: crate::admin::logging::Throttle = crate::admin::logging::Throttle::new();
+static TOKEN_FILE_ERRORS: Throttle = Throttle::new();
 
 /// The environment variable that may hold the admin token.
 pub const TOKEN_ENV: &str = "BALANCER_ADMIN_TOKEN";

@@ -5,13 +5,14 @@
 //! (durations, socket addresses, non-empty server lists), then checked as a
 //! whole (a route naming a group that does not exist, a variable nobody
 //! knows), so the rest of the program never re-checks it. What a valid file
-//! becomes at run time is `runtime`'s; watching and reloading it is `reload`'s.
+//! becomes at run time is `runtime`'s, and so is watching and reloading it
+//! (`runtime::reload`). The only other module of the crate used here is
+//! `telemetry`, whose access log owns the forms a `log_format` names.
 
 mod compression;
 pub mod diff;
 mod extensions;
 mod host;
-pub mod reload;
 mod routes;
 mod tls;
 mod units;
@@ -28,6 +29,9 @@ pub use tls::{
 };
 use units::{header_timeout, optional_socket_addr, socket_addr};
 pub use units::{ByteSize, Positive, Span, UriPath, MAX_HEADER_TIMEOUT};
+
+/// `log_format`: the access log's, which owns what each one writes.
+pub use crate::telemetry::access_log::LogFormat;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -229,14 +233,6 @@ impl fmt::Display for CacheRule {
         }
         Ok(())
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
 }
 
 /// The pool of servers that requests are balanced over.

@@ -36,9 +36,9 @@ use pingora_timeout::fast_timeout;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::admin::logging::Throttle;
 use crate::proxy::drain::Stopping;
 use crate::runtime::Live;
+use crate::telemetry::logging::Throttle;
 
 /// How long a connection turned away (beyond `max_connections`) is read from
 /// after its 503: it holds no slot, so it is kept short.

@@ -50,14 +50,14 @@ use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
 
-use crate::admin::logging::Throttle;
-use crate::admin::{access_log, metrics};
 use crate::cache::{self, ResponseCache};
 use crate::config::{Algorithm, CacheRule, HashKey, Protocol};
 use crate::extension::{Decision, Instance, Reply, RequestView, ResponseView};
 use crate::proxy::drain::Stopping;
 use crate::routing::{self, request_id, Route, Vars};
 use crate::runtime::{Chain, Group, Live, Snapshot};
+use crate::telemetry::logging::Throttle;
+use crate::telemetry::{access_log, metrics};
 use crate::upstream::{Backend, BackendGuard};
 use decide::Decided;
 

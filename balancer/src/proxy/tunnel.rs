@@ -29,7 +29,7 @@ use pingora::protocols::http::v1::client::HttpSession as BackendSession;
 use pingora::ErrorType;
 
 use super::{Balancer, RequestCtx};
-use crate::admin::access_log;
+use crate::telemetry::access_log;
 
 /// Tunnels open right now; a graceful stop waits for them to close.
 static OPEN: AtomicUsize = AtomicUsize::new(0);

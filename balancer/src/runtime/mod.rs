@@ -7,6 +7,16 @@
 //! What must outlive a reload is carried over by name: a group's pool of
 //! backends (their health, their pooled connections, their counters) and a
 //! route's rate-limit counts while its limit is unchanged.
+//!
+//! Here too is what keeps the snapshot and what it points at current, each a
+//! background service: the reload of the file (`reload`), the upkeep of the
+//! groups' pools (`upkeep`), and the watch over certificates and their ACME
+//! renewal (`certificates`). The work each does on one thing (a probe, a
+//! certificate read, an order) belongs to the module of that thing.
+
+pub mod certificates;
+pub mod reload;
+pub mod upkeep;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -1,7 +1,8 @@
 //! HTTPS: the certificates of the `[tls]` listener, chosen per handshake by
-//! SNI, read at start and re-read when their files change; their checks for
-//! `--check`; and the development certificate `balancer cert --self-signed`
-//! writes (`self_signed`).
+//! SNI, read at start and re-read when their files change ([`CertStore`];
+//! the watch that has it look is `runtime::certificates`'s); their checks
+//! for `--check`; and the development certificate `balancer cert
+//! --self-signed` writes (`self_signed`).
 //!
 //! A renewed certificate (certbot, cert-manager, a mounted secret, or
 //! `acme` writing one into its storage) is served to the next handshake;
@@ -20,22 +21,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use async_trait::async_trait;
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
 use pingora::tls::sign::CertifiedKey;
 use pingora::tls::{ClientHello, CryptoProvider, ResolvesServerCert};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::{Config, HostPattern, TlsVersion};
-use crate::runtime::Live;
 
 /// A certificate within this long of its end is warned about.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
-
-/// How often the files are looked at for a change.
-const POLL: Duration = Duration::from_secs(1);
 
 /// What is known of one certificate in force, for `/status` and `/metrics`.
 #[derive(Debug, Clone)]
@@ -368,40 +362,4 @@ pub fn check(config: &Config) -> (Vec<String>, Vec<String>) {
         }
     }
     (errors, warnings)
-}
-
-/// Looks at the certificate files every second and re-reads them when
-/// they, or the `[tls]` section naming them, changed.
-pub struct CertWatch {
-    pub store: Arc<CertStore>,
-    pub live: Arc<Live>,
-}
-
-#[async_trait]
-impl BackgroundService for CertWatch {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(POLL) => {}
-                _ = shutdown.changed() => return,
-            }
-            let snapshot = self.live.load_full();
-            match self.store.refresh(&snapshot.config) {
-                Ok(true) => {
-                    for c in self.store.certificates() {
-                        log::info!(
-                            "certificate reloaded: {} for {} (valid until {})",
-                            c.file.display(),
-                            c.hosts.join(", "),
-                            httpdate::fmt_http_date(c.not_after)
-                        );
-                    }
-                }
-                Ok(false) => {}
-                Err(e) => log::error!(
-                    "certificate reload refused, keeping the certificates in force: {e}"
-                ),
-            }
-        }
-    }
 }

@@ -1,208 +1,120 @@
-//! Keeps every upstream group's pool current: re-resolves the group's
-//! servers every `resolve_interval` and probes every address every
-//! `health_check.interval`, each group on its own schedule.
-//!
-//! It runs as one Pingora background service, so discovery and health checks
-//! never race each other, and it reads the snapshot in force on every round
-//! (a reloaded file takes effect on the next one; a removed group is no
-//! longer kept up, and its requests in flight finish on the backends they have).
+//! One group's membership and health, a round at a time: its servers
+//! re-resolved and the new membership published ([`Target::refresh_membership`]),
+//! and its addresses probed as its requests reach them ([`Target::check_all`]).
+//! When each round runs, for every group of the snapshot in force, is the
+//! upkeep loop's (`runtime::upkeep`).
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use std::collections::HashMap;
-
-use async_trait::async_trait;
 use pingora::http::RequestHeader;
 use pingora::lb::health_check::{HealthCheck as _, HttpHealthCheck};
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
-use pingora::services::ServiceReadyNotifier;
-use tokio::sync::Notify;
-use tokio::time::{sleep_until, Instant};
+use pingora::protocols::tls::CaType;
 
-use crate::config::{HealthCheck, Protocol};
-use crate::runtime::{Group, Live};
-use crate::upstream::Backend;
+use crate::config::{self, HealthCheck, Protocol};
+use crate::upstream::discovery::Resolver;
+use crate::upstream::{Backend, Pool};
 
-pub struct Upkeep {
-    pub live: Arc<Live>,
-    /// Woken when a new configuration is in force: act on it at once.
-    pub reloaded: Arc<Notify>,
+/// One upstream group, as its upkeep works on it: how its backends are
+/// reached (the same TLS, SNI, CAs and protocol as its requests), and its pool.
+#[derive(Clone, Copy)]
+pub struct Target<'a> {
+    /// The group's name, for the log lines.
+    pub name: &'a str,
+    pub settings: &'a config::Upstream,
+    /// The CAs its backends' certificates are checked against (`ca_file`).
+    pub ca: Option<&'a Arc<CaType>>,
+    pub pool: &'a Pool,
+    pub resolver: &'a Resolver,
 }
 
-/// Re-resolves a group's servers and swaps in the new membership, logging
-/// each change. With checks on, new addresses are probed before they are
-/// published, so a replaced list has its healthy backends from the start.
-pub async fn refresh_membership(group: &Group) {
-    let settings = &group.settings;
-    let pool = &group.state.pool;
-    let found = group.state.resolver.resolve(settings.servers.iter()).await;
-    let checks = settings.health_check.as_ref();
-    let (members, change) = pool.plan(&found, checks.is_none());
-    if let Some(hc) = checks {
-        // Their health goes on the "address added" line below, not on a line of its own.
-        check_all(group, &change.added, hc, false).await;
-    } else {
-        pool.trust_all();
-    }
-    pool.publish(members, &change);
-    let name = &group.name;
-    for b in &change.added {
-        let health = if b.is_healthy() {
-            "healthy"
+impl Target<'_> {
+    /// Re-resolves a group's servers and swaps in the new membership, logging
+    /// each change. With checks on, new addresses are probed before they are
+    /// published, so a replaced list has its healthy backends from the start.
+    pub async fn refresh_membership(self) {
+        let settings = self.settings;
+        let pool = self.pool;
+        let found = self.resolver.resolve(settings.servers.iter()).await;
+        let checks = settings.health_check.as_ref();
+        let (members, change) = pool.plan(&found, checks.is_none());
+        if let Some(hc) = checks {
+            // Their health goes on the "address added" line below, not on a line of its own.
+            self.check_all(&change.added, hc, false).await;
         } else {
-            "not healthy yet"
-        };
-        log::info!(
-            "upstream {name}: address added {} ({}), {health}",
-            b.addr,
-            b.server
-        );
-    }
-    for b in &change.removed {
-        log::info!("upstream {name}: address removed {} ({})", b.addr, b.server);
-    }
-    if found.is_empty() {
-        log::warn!("upstream {name}: no address is known: its requests get 503 until one resolves");
-    }
-}
-
-/// Probes every backend in `backends` once, all at the same time; a change
-/// of health is logged when `log_changes`.
-async fn check_all(group: &Group, backends: &[Arc<Backend>], hc: &HealthCheck, log_changes: bool) {
-    let probes = backends.iter().map(|backend| async move {
-        let outcome = probe(group, backend, hc).await;
-        let changed = backend.record_check(outcome, hc);
-        if log_changes {
-            backend.report(changed, &group.name);
+            pool.trust_all();
         }
-    });
-    // Polled together: a hung backend must not delay the others' checks.
-    futures::future::join_all(probes).await;
-}
-
-/// One HTTP probe of `hc.path` on `backend`, bounded by `hc.timeout`.
-/// It speaks to the backend as requests do: TLS with the group's SNI, CAs
-/// and verification, HTTP/2 in clear text for an `h2c` group.
-async fn probe(group: &Group, backend: &Backend, hc: &HealthCheck) -> Result<(), String> {
-    let settings = &group.settings;
-    let sni = settings.sni.clone().unwrap_or_else(|| {
-        crate::config::Authority::split(&backend.server)
-            .0
-            .to_owned()
-    });
-    let mut check = HttpHealthCheck::new(&sni, settings.tls);
-    check.peer_template.options.verify_cert = settings.verify;
-    check.peer_template.options.verify_hostname = settings.verify;
-    check.peer_template.options.ca = group.ca.clone();
-    if settings.protocol == Protocol::H2c {
-        check.peer_template.options.set_http_version(2, 2);
-    }
-    let mut req = RequestHeader::build("GET", hc.path.as_str().as_bytes(), None)
-        .map_err(|e| e.to_string())?;
-    req.insert_header("host", &*backend.server)
-        .map_err(|e| e.to_string())?;
-    req.insert_header("user-agent", "balancer-health-check")
-        .map_err(|e| e.to_string())?;
-    check.req = req;
-    check.peer_template.options.connection_timeout = Some(hc.timeout.0);
-    check.peer_template.options.read_timeout = Some(hc.timeout.0);
-    check.peer_template.options.write_timeout = Some(hc.timeout.0);
-    let target = pingora::lb::Backend::new(&backend.addr.to_string()).map_err(|e| e.to_string())?;
-    // The connector's own timeouts cover connect and header reads; this bounds the whole probe.
-    match tokio::time::timeout(hc.timeout.0 * 2, check.check(&target)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string().trim().to_owned()),
-        Err(_) => Err(format!("no answer within {}", hc.timeout)),
-    }
-}
-
-/// When a group is next due for each kind of upkeep.
-struct Due {
-    resolve: Instant,
-    check: Instant,
-}
-
-#[async_trait]
-impl BackgroundService for Upkeep {
-    /// Ready once every group's servers have been resolved (and new
-    /// addresses probed) the first time: the proxy listens only then, so its
-    /// first requests do not meet an empty pool.
-    async fn start_with_ready_notifier(
-        &self,
-        shutdown: ShutdownWatch,
-        ready: ServiceReadyNotifier,
-    ) {
-        let snapshot = self.live.load_full();
-        futures::future::join_all(snapshot.groups.values().map(|g| refresh_membership(g))).await;
-        ready.notify_ready();
-        self.start(shutdown).await;
-    }
-
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut due: HashMap<String, Due> = HashMap::new();
-        let first = self.live.load_full();
-        for (name, group) in &first.groups {
-            due.insert(
-                name.clone(),
-                Due {
-                    resolve: Instant::now() + group.settings.resolve_interval.0,
-                    check: Instant::now(),
-                },
+        pool.publish(members, &change);
+        let name = self.name;
+        for b in &change.added {
+            let health = if b.is_healthy() {
+                "healthy"
+            } else {
+                "not healthy yet"
+            };
+            log::info!(
+                "upstream {name}: address added {} ({}), {health}",
+                b.addr,
+                b.server
             );
         }
-        loop {
-            let snapshot = self.live.load_full();
-            due.retain(|name, _| snapshot.groups.contains_key(name));
-            let mut next = Instant::now() + Duration::from_secs(3600);
-            let mut work = Vec::new();
-            for (name, group) in &snapshot.groups {
-                let now = Instant::now();
-                let when = due.entry(name.clone()).or_insert(Due {
-                    resolve: now,
-                    check: now,
-                });
-                let resolve = now >= when.resolve;
-                let check = group
-                    .settings
-                    .health_check
-                    .as_ref()
-                    .filter(|_| now >= when.check);
-                if resolve {
-                    when.resolve = now + group.settings.resolve_interval.0;
-                }
-                if let Some(hc) = check {
-                    when.check = now + hc.interval.0;
-                }
-                next = next.min(when.resolve);
-                if group.settings.health_check.is_some() {
-                    next = next.min(when.check);
-                }
-                if resolve || check.is_some() {
-                    work.push(async move {
-                        if resolve {
-                            refresh_membership(group).await;
-                        }
-                        if let Some(hc) = check {
-                            check_all(group, &group.state.pool.members(), hc, true).await;
-                        }
-                    });
-                }
+        for b in &change.removed {
+            log::info!("upstream {name}: address removed {} ({})", b.addr, b.server);
+        }
+        if found.is_empty() {
+            log::warn!(
+                "upstream {name}: no address is known: its requests get 503 until one resolves"
+            );
+        }
+    }
+
+    /// Probes every backend in `backends` once, all at the same time; a change
+    /// of health is logged when `log_changes`.
+    pub async fn check_all(self, backends: &[Arc<Backend>], hc: &HealthCheck, log_changes: bool) {
+        let probes = backends.iter().map(|backend| async move {
+            let outcome = self.probe(backend, hc).await;
+            let changed = backend.record_check(outcome, hc);
+            if log_changes {
+                backend.report(changed, self.name);
             }
-            // Groups are kept up side by side: one slow group does not hold the others back.
-            futures::future::join_all(work).await;
-            tokio::select! {
-                _ = sleep_until(next.max(Instant::now() + Duration::from_millis(10))) => {}
-                _ = self.reloaded.notified() => {
-                    let now = Instant::now();
-                    for when in due.values_mut() {
-                        when.resolve = now;
-                        when.check = now;
-                    }
-                }
-                _ = shutdown.changed() => return,
-            }
+        });
+        // Polled together: a hung backend must not delay the others' checks.
+        futures::future::join_all(probes).await;
+    }
+
+    /// One HTTP probe of `hc.path` on `backend`, bounded by `hc.timeout`.
+    /// It speaks to the backend as requests do: TLS with the group's SNI, CAs
+    /// and verification, HTTP/2 in clear text for an `h2c` group.
+    async fn probe(&self, backend: &Backend, hc: &HealthCheck) -> Result<(), String> {
+        let settings = self.settings;
+        let sni = settings.sni.clone().unwrap_or_else(|| {
+            crate::config::Authority::split(&backend.server)
+                .0
+                .to_owned()
+        });
+        let mut check = HttpHealthCheck::new(&sni, settings.tls);
+        check.peer_template.options.verify_cert = settings.verify;
+        check.peer_template.options.verify_hostname = settings.verify;
+        check.peer_template.options.ca = self.ca.cloned();
+        if settings.protocol == Protocol::H2c {
+            check.peer_template.options.set_http_version(2, 2);
+        }
+        let mut req = RequestHeader::build("GET", hc.path.as_str().as_bytes(), None)
+            .map_err(|e| e.to_string())?;
+        req.insert_header("host", &*backend.server)
+            .map_err(|e| e.to_string())?;
+        req.insert_header("user-agent", "balancer-health-check")
+            .map_err(|e| e.to_string())?;
+        check.req = req;
+        check.peer_template.options.connection_timeout = Some(hc.timeout.0);
+        check.peer_template.options.read_timeout = Some(hc.timeout.0);
+        check.peer_template.options.write_timeout = Some(hc.timeout.0);
+        let target =
+            pingora::lb::Backend::new(&backend.addr.to_string()).map_err(|e| e.to_string())?;
+        // The connector's own timeouts cover connect and header reads; this bounds the whole probe.
+        match tokio::time::timeout(hc.timeout.0 * 2, check.check(&target)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string().trim().to_owned()),
+            Err(_) => Err(format!("no answer within {}", hc.timeout)),
         }
     }
 }

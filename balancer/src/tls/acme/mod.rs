@@ -4,13 +4,15 @@
 //! - `ca`: the account and one order, through `instant-acme`;
 //! - `storage`: the shared directory (certificates, account, HTTP-01
 //!   answers, the lock that decides which replica orders);
-//! - here: the renewal loop ([`Renewal`]), its per-name state for `/status`
+//! - here: a round of renewal ([`Renewal`]), its per-name state for `/status`
 //!   and `/metrics` ([`AcmeStatus`]), the HTTP-01 answer the plain listener
 //!   gives ([`http01_answer`]), and what `--check` says ([`check`]).
 //!
-//! The loop only writes files: the certificate watch of `tls` reads them
-//! like any other certificate, so a new one reaches the next handshake with
-//! no restart, and a replica that did not order picks it up from the volume.
+//! The loop that runs the rounds with the configuration in force is
+//! `runtime::certificates`'s. It only writes files: the certificate watch
+//! reads them like any other certificate, so a new one reaches the next
+//! handshake with no restart, and a replica that did not order picks it up
+//! from the volume.
 
 mod ca;
 pub mod storage;
@@ -20,15 +22,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use async_trait::async_trait;
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
 use serde::Serialize;
 
 pub use storage::Storage;
 
 use crate::config::{Acme, Config};
-use crate::runtime::Live;
 
 /// Where the CA asks for HTTP-01 answers (RFC 8555, section 8.3).
 pub const CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
@@ -150,15 +148,14 @@ fn retry_delay(failures: u64, retry_after: Option<SystemTime>) -> Duration {
     doubling.max(asked)
 }
 
-/// Obtains and renews the certificates of `[tls.acme]`.
+/// Obtains and renews the certificates of `[tls.acme]`, a round at a time.
 pub struct Renewal {
-    pub live: Arc<Live>,
     pub status: Arc<AcmeStatus>,
 }
 
 /// What the loop remembers between rounds.
 #[derive(Default)]
-struct Round {
+pub struct Round {
     /// The CA account, for the directory it was made at.
     ca: Option<(String, ca::Ca)>,
     /// Names whose last attempt failed: not tried again before `at`.
@@ -171,24 +168,9 @@ struct Retry {
     attempts: u64,
 }
 
-#[async_trait]
-impl BackgroundService for Renewal {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut round = Round::default();
-        loop {
-            let config = Arc::clone(&self.live.load().config);
-            let wait = self.round(&config, &mut round).await;
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => return,
-            }
-        }
-    }
-}
-
 impl Renewal {
     /// Orders what is due; returns how long to sleep before the next look.
-    async fn round(&self, config: &Config, round: &mut Round) -> Duration {
+    pub async fn round(&self, config: &Config, round: &mut Round) -> Duration {
         let Some(acme) = config.tls.as_ref().and_then(|t| t.acme.as_ref()) else {
             return IDLE;
         };

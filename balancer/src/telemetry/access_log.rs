@@ -22,7 +22,16 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::Thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::LogFormat;
+/// A line's form (`log_format` in the configuration file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Fields in a fixed order, separated by spaces.
+    #[default]
+    Text,
+    /// One JSON object.
+    Json,
+}
 
 /// What is known about a request once it is over.
 pub struct Record<'a> {

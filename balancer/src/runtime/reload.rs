@@ -7,8 +7,8 @@
 //! a periodic re-read as the fallback where no event arrives, and SIGHUP. An
 //! invalid file is logged with its file, line and reason and changes nothing;
 //! a valid one is compiled into a new runtime snapshot and published, and
-//! each changed key is logged (`diff`); settings that only apply at start-up
-//! are kept and reported.
+//! each changed key is logged (`config::diff`); settings that only apply at
+//! start-up are kept and reported.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,10 +21,9 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use tokio::sync::{mpsc, Notify};
 
-use super::{diff, Config, ConfigError};
+use crate::config::{diff, Config, ConfigError};
 use crate::extension::Registry;
 use crate::runtime::{Live, Snapshot};
-use crate::upstream::health;
 
 /// How often the file is re-read when no event says it changed.
 const POLL: Duration = Duration::from_secs(2);
@@ -177,7 +176,7 @@ impl Reloader {
                 .get(*name)
                 .is_none_or(|old| !Arc::ptr_eq(&old.state, &group.state))
         });
-        futures::future::join_all(new_groups.map(|(_, g)| health::refresh_membership(g))).await;
+        futures::future::join_all(new_groups.map(|(_, g)| g.upkeep().refresh_membership())).await;
         self.live.store(Arc::new(snapshot));
         *lock(&self.in_force) = table;
         Ok(changes)
