@@ -27,6 +27,7 @@ pub mod drain;
 pub mod forwarded;
 pub mod limits;
 pub mod listeners;
+mod retry;
 pub mod tunnel;
 
 use std::net::SocketAddr;
@@ -58,8 +59,8 @@ use crate::routing::{self, request_id, Route, Vars};
 use crate::runtime::{Chain, Group, Live, Snapshot};
 use crate::telemetry::logging::Throttle;
 use crate::telemetry::{access_log, metrics};
-use crate::upstream::{Backend, BackendGuard};
 use decide::Decided;
+use retry::{Attempts, ProxyFailure};
 
 /// The answer to an ACME HTTP-01 challenge on the plain listener, before
 /// any route, redirect or cache: the CA's request must reach the balancer
@@ -159,12 +160,8 @@ pub struct RequestCtx {
     /// Which `cache.rule` covers the request, if any.
     cache_rule: Option<usize>,
     started: Instant,
-    /// The backend of the current attempt.
-    current: Option<Arc<Backend>>,
-    /// Counts the request in flight at `current` until its response has arrived.
-    at_backend: Option<BackendGuard>,
-    /// Attempts made to reach a backend (1 + retries).
-    tries: u32,
+    /// Its tries of backends, and what decides whether to try again.
+    attempts: Attempts,
     /// Request body bytes received so far.
     body_bytes: u64,
     /// `X-Cache-Status` of the response, when a cache rule covers the request.
@@ -175,9 +172,6 @@ pub struct RequestCtx {
     /// The cache holds an expired copy for this request: if the origin then
     /// fails and no stale copy was served, that copy may not be served stale.
     expired_copy: bool,
-    /// The backends that failed this request (no connection, or dropped it
-    /// unanswered): its retries go elsewhere.
-    unreachable: Vec<SocketAddr>,
     upstream_started: Option<Instant>,
     upstream_elapsed: Option<Duration>,
     /// How the WebSocket tunnel of this request ended.
@@ -247,14 +241,11 @@ impl ProxyHttp for Balancer {
             host: String::new(),
             cache_rule: None,
             started: Instant::now(),
-            current: None,
-            at_backend: None,
-            tries: 0,
+            attempts: Attempts::default(),
             body_bytes: 0,
             cache_status: None,
             not_modified: None,
             expired_copy: false,
-            unreachable: Vec::new(),
             upstream_started: None,
             upstream_elapsed: None,
             tunnel: None,
@@ -567,8 +558,7 @@ impl ProxyHttp for Balancer {
             Box::new(peer)
         };
         if let Some(addr) = ctx.chosen_backend.take() {
-            ctx.unreachable.push(addr);
-            ctx.tries += 1;
+            ctx.attempts.pick_address(addr);
             ctx.upstream_started.get_or_insert_with(Instant::now);
             return Ok(peer_for(addr, None));
         }
@@ -582,8 +572,10 @@ impl ProxyHttp for Balancer {
             }
             _ => Vec::new(),
         };
-        let pool = &group.state.pool;
-        let Some(backend) = pool.select(settings.algorithm, &key, &ctx.unreachable) else {
+        let Some(backend) = ctx
+            .attempts
+            .pick(&group.state.pool, settings.algorithm, &key)
+        else {
             // Sourced upstream, so that a stale cached copy may still be served.
             return Err(Error::create(
                 ErrorType::HTTPStatus(503),
@@ -593,9 +585,6 @@ impl ProxyHttp for Balancer {
             ));
         };
         let peer = peer_for(backend.addr, Some(&backend.server));
-        ctx.at_backend = Some(backend.enter());
-        ctx.current = Some(backend);
-        ctx.tries += 1;
         ctx.upstream_started.get_or_insert_with(Instant::now);
         Ok(peer)
     }
@@ -607,22 +596,8 @@ impl ProxyHttp for Balancer {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let Some(group) = ctx.group.clone() else {
-            return e;
-        };
-        // With active checks on, a refused connect counts as a failed check,
-        // so a dead backend leaves the rotation without waiting for the next probe.
-        let backend = ctx.current.clone();
-        if let (Some(hc), Some(backend)) = (&group.settings.health_check, &backend) {
-            backend.count_failure(&group.name, hc, &e.to_string());
-        }
-        // Nothing reached the backend, so any request may go to another one.
-        if let Some(backend) = backend {
-            ctx.unreachable.push(backend.addr);
-        }
-        if group.state.pool.has_candidate(&ctx.unreachable) {
-            e.set_retry(true);
-            metrics::count_retry();
+        if let Some(group) = &ctx.group {
+            ctx.attempts.connect_failed(group, &mut e);
         }
         e
     }
@@ -636,42 +611,12 @@ impl ProxyHttp for Balancer {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        let replayable = session.req_header().method.is_idempotent()
-            && !session.as_ref().retry_buffer_truncated();
-        let timed_out = matches!(
-            e.etype(),
-            ErrorType::ReadTimedout | ErrorType::WriteTimedout
-        );
-        if !replayable || timed_out {
-            // A timeout is answered 504 rather than doubled on another backend;
-            // a reused connection that timed out is still retried (Pingora's rule).
-            if replayable {
-                e.retry.decide_reuse(client_reused);
-                if e.retry() {
-                    metrics::count_retry();
-                }
-            } else {
-                e.set_retry(false);
-            }
-            return e;
-        }
-        // The backend dropped an idempotent request without answering it: send
-        // it elsewhere. A reused connection may just have been closed by a
-        // healthy backend, so that backend stays a candidate.
-        if !client_reused {
-            if let Some(current) = &ctx.current {
-                ctx.unreachable.push(current.addr);
-            }
-        }
-        let candidate = ctx
-            .group
-            .as_ref()
-            .is_some_and(|g| g.state.pool.has_candidate(&ctx.unreachable));
-        let retry = client_reused || candidate;
-        e.set_retry(retry);
-        if retry {
-            metrics::count_retry();
-        }
+        let how = ProxyFailure {
+            replayable: session.req_header().method.is_idempotent()
+                && !session.as_ref().retry_buffer_truncated(),
+            reused: client_reused,
+        };
+        ctx.attempts.proxy_failed(ctx.group.as_deref(), how, &mut e);
         e
     }
 
@@ -722,7 +667,7 @@ impl ProxyHttp for Balancer {
     ) -> Result<Option<Duration>> {
         if end_of_stream {
             ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
-            ctx.at_backend = None;
+            ctx.attempts.response_done();
         }
         Ok(None)
     }
@@ -792,11 +737,11 @@ impl ProxyHttp for Balancer {
                 .as_ref()
                 .filter(|_| ctx.cache_status != Some("HIT"))
                 .map(|g| &*g.name),
-            upstream: ctx.current.as_ref().map(|b| b.label.as_str()),
+            upstream: ctx.attempts.current().map(|b| b.label.as_str()),
             request_id: &ctx.request_id,
             upstream_time: ctx.upstream_elapsed,
             time: ctx.started.elapsed(),
-            retries: ctx.tries.saturating_sub(1),
+            retries: ctx.attempts.tries().saturating_sub(1),
             cache: ctx.cache_status,
             tunnel: ctx.tunnel,
         };

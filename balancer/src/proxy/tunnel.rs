@@ -116,7 +116,7 @@ impl Balancer {
         let end = self.pump(session, &mut backend, idle).await;
         backend.shutdown().await;
         ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
-        ctx.at_backend = None;
+        ctx.attempts.response_done();
         ctx.tunnel = Some(end);
         Ok(())
     }
@@ -131,7 +131,7 @@ impl Balancer {
                 Ok(stream) => return Ok(BackendSession::new_with_options(stream, &*peer)),
                 Err(e) => {
                     let e = self.fail_to_connect(session, &peer, ctx, e.into_up());
-                    if !e.retry() || ctx.tries >= MAX_TRIES {
+                    if !e.retry() || ctx.attempts.tries() >= MAX_TRIES {
                         return Err(e);
                     }
                 }
