@@ -10,6 +10,7 @@
 //! each changed key is logged (`config::diff`); settings that only apply at
 //! start-up are kept and reported.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -187,13 +188,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Whether a file-system event in the file's directory may have changed the
-/// file named `name`. Opening and reading it do not: counting them would make
-/// every re-read (ours included) trigger the next one. Docker bind mounts
-/// surface as the directory changing, so any other event naming the file
-/// counts; so does the swap of the `..data` link through which Kubernetes
-/// updates a mounted ConfigMap.
-fn may_change(event: &notify::Event, name: &std::ffi::OsStr) -> bool {
+/// Whether a file-system event in a watched directory may have changed one
+/// of the files named `names`. Opening and reading them do not: counting
+/// them would make every re-read (ours included) trigger the next one.
+/// Docker bind mounts surface as the directory changing, so any other event
+/// naming a file counts; so does the swap of the `..data` link through which
+/// Kubernetes updates a mounted ConfigMap.
+fn may_change(event: &notify::Event, names: &[OsString]) -> bool {
     use notify::event::{AccessKind, AccessMode, EventKind};
     let content_may_differ = match event.kind {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
@@ -205,44 +206,76 @@ fn may_change(event: &notify::Event, name: &std::ffi::OsStr) -> bool {
             .paths
             .iter()
             .filter_map(|p| p.file_name())
-            .any(|n| n == name || n == "..data")
+            .any(|n| n == "..data" || names.iter().any(|name| name == n))
 }
 
-/// Forwards file-system events about `file` into a channel. The watch is on
-/// the directory: a file renamed over the old one is a new inode that a watch
-/// on the file itself would miss.
-fn watch(file: &Path) -> Option<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>)> {
-    let dir = file
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = file.file_name()?.to_owned();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let handler = move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event {
-            if may_change(&event, &name) {
-                let _ = tx.send(());
+/// File-system events about the configuration file and the files its
+/// extension instances were built from (scripts, key files), forwarded into
+/// a channel. The watches are on their directories: a file renamed over the
+/// old one is a new inode that a watch on the file itself would miss.
+struct Watch {
+    watcher: notify::RecommendedWatcher,
+    names: Arc<Mutex<Vec<OsString>>>,
+    dirs: Vec<PathBuf>,
+}
+
+impl Watch {
+    fn start(file: &Path) -> Option<(Watch, mpsc::UnboundedReceiver<()>)> {
+        let names = Arc::new(Mutex::new(vec![file.file_name()?.to_owned()]));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let seen = Arc::clone(&names);
+        let handler = move |event: notify::Result<notify::Event>| {
+            if let Ok(event) = event {
+                if may_change(&event, &lock(&seen)) {
+                    let _ = tx.send(());
+                }
+            }
+        };
+        let watcher = match notify::recommended_watcher(handler) {
+            Ok(w) => w,
+            Err(e) => {
+                log::warn!("cannot watch for changes: {e}; re-reading the configuration every {POLL:?} instead");
+                return None;
+            }
+        };
+        let mut watch = Watch {
+            watcher,
+            names,
+            dirs: Vec::new(),
+        };
+        watch.follow(file).then_some((watch, rx))
+    }
+
+    /// Watches `file` too; false when its directory cannot be watched (the
+    /// periodic re-read still finds its changes).
+    fn follow(&mut self, file: &Path) -> bool {
+        let dir = file
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_owned();
+        if let Some(name) = file.file_name() {
+            let mut names = lock(&self.names);
+            if !names.iter().any(|n| n == name) {
+                names.push(name.to_owned());
             }
         }
-    };
-    let mut watcher = match notify::recommended_watcher(handler) {
-        Ok(w) => w,
-        Err(e) => {
+        if self.dirs.contains(&dir) {
+            return true;
+        }
+        if let Err(e) = self
+            .watcher
+            .watch(&dir, notify::RecursiveMode::NonRecursive)
+        {
             log::warn!(
                 "cannot watch {}: {e}; re-reading it every {POLL:?} instead",
                 dir.display()
             );
-            return None;
+            return false;
         }
-    };
-    if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
-        log::warn!(
-            "cannot watch {}: {e}; re-reading it every {POLL:?} instead",
-            dir.display()
-        );
-        return None;
+        self.dirs.push(dir);
+        true
     }
-    Some((watcher, rx))
 }
 
 #[async_trait]
@@ -256,7 +289,7 @@ impl BackgroundService for Reloader {
                 None
             }
         };
-        let (_watcher, mut events) = match watch(&self.path) {
+        let (mut watch, mut events) = match Watch::start(&self.path) {
             Some((w, rx)) => (Some(w), Some(rx)),
             None => (None, None),
         };
@@ -265,6 +298,11 @@ impl BackgroundService for Reloader {
             self.path.display()
         );
         loop {
+            if let Some(watch) = watch.as_mut() {
+                for file in self.live.load().extensions.source_files() {
+                    watch.follow(file);
+                }
+            }
             let force = tokio::select! {
                 Some(()) = async { events.as_mut()?.recv().await } => {
                     tokio::time::sleep(SETTLE).await;
@@ -297,7 +335,7 @@ mod tests {
 
     #[test]
     fn only_events_that_may_change_the_file_trigger_a_reload() {
-        let name = OsStr::new("balancer.toml");
+        let name = &[OsStr::new("balancer.toml").to_owned()];
         let file = "/etc/balancer/balancer.toml";
         let changes = [
             EventKind::Modify(ModifyKind::Data(DataChange::Any)),
@@ -327,6 +365,15 @@ mod tests {
         assert!(
             may_change(&event(swapped, "/etc/balancer/..data"), name),
             "a Kubernetes ConfigMap update"
+        );
+        let with_script = &[name[0].clone(), OsStr::new("auth.lua").to_owned()];
+        let edited = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        assert!(
+            may_change(
+                &event(edited, "/etc/balancer/scripts/auth.lua"),
+                with_script
+            ),
+            "a script an extension instance was built from"
         );
     }
 }
