@@ -306,3 +306,157 @@ pub(crate) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "no message".to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Weak;
+
+    /// A kind that reads one file and may name a group.
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Settings {
+        file: String,
+        #[serde(default)]
+        group: Option<String>,
+    }
+
+    struct Reads;
+
+    impl Extension for Reads {}
+
+    fn registry() -> Registry {
+        Registry::new().register("reads", |s: Settings, build: &mut Build<'_>| {
+            build.read_to_string(&s.file)?;
+            if let Some(group) = &s.group {
+                build.group(group)?;
+            }
+            Ok(Reads)
+        })
+    }
+
+    fn config(dir: &Path, instance: &str, groups: &str) -> Config {
+        let text = format!("[extensions.one]\nkind = \"reads\"\n{instance}\n{groups}");
+        Config::parse(&dir.join("balancer.toml"), &text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const GROUPS: &str = "[upstream]\nservers = [\"127.0.0.1:1\"]\n[upstreams.canary]\nservers = [\"127.0.0.1:2\"]\n";
+
+    #[test]
+    fn a_reload_keeps_what_nothing_changed_for_and_rebuilds_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.txt"), "one").unwrap();
+        let registry = registry();
+        let settings = "file = \"a.txt\"\ngroup = \"canary\"";
+        let first =
+            Instances::build(&config(dir.path(), settings, GROUPS), &registry, None).unwrap();
+        let kept = Instances::build(
+            &config(dir.path(), settings, GROUPS),
+            &registry,
+            Some(&first),
+        )
+        .unwrap();
+        assert!(
+            Arc::ptr_eq(first.get("one").unwrap(), kept.get("one").unwrap()),
+            "the same settings and file: the same instance"
+        );
+
+        let digest = kept.sources_digest();
+        std::fs::write(dir.path().join("a.txt"), "two").unwrap();
+        assert_ne!(
+            kept.sources_digest(),
+            digest,
+            "the file's edit shows in the digest"
+        );
+        let rebuilt = Instances::build(
+            &config(dir.path(), settings, GROUPS),
+            &registry,
+            Some(&kept),
+        )
+        .unwrap();
+        assert!(
+            !Arc::ptr_eq(kept.get("one").unwrap(), rebuilt.get("one").unwrap()),
+            "an edited file: built again"
+        );
+
+        let other = Instances::build(
+            &config(dir.path(), "file = \"a.txt\"", GROUPS),
+            &registry,
+            Some(&rebuilt),
+        )
+        .unwrap();
+        assert!(
+            !Arc::ptr_eq(rebuilt.get("one").unwrap(), other.get("one").unwrap()),
+            "other settings: built again"
+        );
+    }
+
+    #[test]
+    fn an_instance_whose_group_is_gone_is_built_again_and_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.txt"), "one").unwrap();
+        let registry = registry();
+        let settings = "file = \"a.txt\"\ngroup = \"canary\"";
+        let first =
+            Instances::build(&config(dir.path(), settings, GROUPS), &registry, None).unwrap();
+        let without = "[upstream]\nservers = [\"127.0.0.1:1\"]\n";
+        let e = Instances::build(
+            &config(dir.path(), settings, without),
+            &registry,
+            Some(&first),
+        )
+        .err()
+        .expect("the group it names is gone");
+        assert!(
+            e.contains("[extensions.one] (line 1)") && e.contains("\"canary\" is not defined"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_instance_is_dropped_after_the_last_holder_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.txt"), "one").unwrap();
+        let registry = registry();
+        let first = Instances::build(
+            &config(dir.path(), "file = \"a.txt\"", GROUPS),
+            &registry,
+            None,
+        )
+        .unwrap();
+        // A request in flight holds its snapshot, and so the instance.
+        let in_flight = Arc::clone(first.get("one").unwrap());
+        let weak: Weak<Instance> = Arc::downgrade(&in_flight);
+        std::fs::write(dir.path().join("a.txt"), "two").unwrap();
+        let next = Instances::build(
+            &config(dir.path(), "file = \"a.txt\"", GROUPS),
+            &registry,
+            Some(&first),
+        )
+        .unwrap();
+        drop(first);
+        assert!(
+            weak.upgrade().is_some(),
+            "still used by the request in flight"
+        );
+        drop(in_flight);
+        assert!(weak.upgrade().is_none(), "dropped after its last request");
+        assert!(next.get("one").is_some());
+    }
+
+    #[test]
+    fn a_factory_that_panics_refuses_its_settings() {
+        let registry = Registry::new().register("boom", |_: toml::Table, _: &mut Build<'_>| {
+            if true {
+                panic!("no such luck");
+            }
+            Ok(Reads)
+        });
+        let text = "[extensions.b]\nkind = \"boom\"\n[upstream]\nservers = [\"127.0.0.1:1\"]\n";
+        let config = Config::parse(Path::new("b.toml"), text).unwrap();
+        let e = Instances::build(&config, &registry, None)
+            .err()
+            .expect("refused");
+        assert!(e.contains("panicked while building: no such luck"), "{e}");
+    }
+}
