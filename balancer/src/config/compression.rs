@@ -6,6 +6,7 @@ use std::fmt;
 
 use serde::{de, Deserialize, Deserializer};
 
+use super::diff::{Keys, Section};
 use super::ByteSize;
 
 /// Response compression; absent: nothing is compressed.
@@ -57,6 +58,22 @@ impl Compression {
             .trim()
             .to_ascii_lowercase();
         self.types.iter().any(|t| t.matches(&media))
+    }
+}
+
+impl Section for Compression {
+    /// Read for each response.
+    fn keys(&mut self, _old: &Self, keys: &mut Keys) {
+        let Compression {
+            algorithms,
+            levels,
+            min_length,
+            types,
+        } = self;
+        keys.live("algorithms", algorithms);
+        keys.live("levels", levels);
+        keys.live("min_length", min_length);
+        keys.live("types", types);
     }
 }
 

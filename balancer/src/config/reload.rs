@@ -38,8 +38,9 @@ pub struct Reloader {
     pub stats: Arc<ReloadStats>,
     /// The text last read, valid or not: unchanged text is not parsed again.
     last_text: Mutex<String>,
-    /// The text in force, as TOML: what the next change is compared with.
-    in_force: Mutex<toml::Table>,
+    /// The text of the file in force: what the next one is compared with,
+    /// key by key. (The values in force are the snapshot's.)
+    in_force: Mutex<String>,
 }
 
 /// What the reloads did, for metrics and status.
@@ -72,7 +73,7 @@ impl Reloader {
             live,
             reloaded,
             stats: Arc::default(),
-            in_force: Mutex::new(text.parse().unwrap_or_default()),
+            in_force: Mutex::new(text.clone()),
             last_text: Mutex::new(text),
         }
     }
@@ -119,33 +120,26 @@ impl Reloader {
     /// Parses `text`, keeps the restart-only keys as they are, compiles and
     /// publishes the new snapshot; returns one line per changed key.
     async fn apply(&self, text: &str) -> Result<Vec<String>, ConfigError> {
-        // Parsed once as it is, so that errors point at the file's own lines.
-        let parsed = Config::parse(&self.path, text)?;
-        for warning in parsed.warnings(text) {
+        let mut config = Config::parse(&self.path, text)?;
+        for warning in config.warnings(text) {
             log::warn!("{}: {warning}", self.path.display());
         }
-        let mut table: toml::Table = text.parse().unwrap_or_default();
-        let (kept, changes) = {
-            let in_force = lock(&self.in_force);
-            let kept = diff::keep_restart_only(&in_force, &mut table);
-            (kept, diff::changes(&in_force, &table))
+        let previous = self.live.load_full();
+        let invalid = |message| ConfigError::Invalid {
+            path: self.path.clone(),
+            position: None,
+            message,
         };
-        for line in &kept {
+        let kept = diff::keep_restart_only(&previous.config, &mut config).map_err(invalid)?;
+        for line in &kept.lines {
             log::warn!("config reload: {line}");
         }
-        let config = if kept.is_empty() {
-            parsed
-        } else {
-            let merged = toml::to_string(&table).unwrap_or_default();
-            Config::parse(&self.path, &merged)?
-        };
-        let previous = self.live.load_full();
-        let snapshot =
-            Snapshot::compile(config, Some(&previous)).map_err(|message| ConfigError::Invalid {
-                path: self.path.clone(),
-                position: None,
-                message,
-            })?;
+        let changes = diff::changes(
+            &lock(&self.in_force).parse().unwrap_or_default(),
+            &text.parse().unwrap_or_default(),
+            &kept.restart_only,
+        );
+        let snapshot = Snapshot::compile(config, Some(&previous)).map_err(invalid)?;
         // A group that is new in this file is resolved (and its addresses
         // probed) before the file takes effect: a route to it must not meet
         // an empty pool. The configuration in force serves meanwhile.
@@ -157,7 +151,7 @@ impl Reloader {
         });
         futures::future::join_all(new_groups.map(|(_, g)| health::refresh_membership(g))).await;
         self.live.store(Arc::new(snapshot));
-        *lock(&self.in_force) = table;
+        *lock(&self.in_force) = text.to_owned();
         Ok(changes)
     }
 }

@@ -118,9 +118,11 @@ impl TryFrom<Written> for Route {
                     "{name} does nothing: give it exactly one of upstream, redirect or respond"
                 ))
             }
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "{name} has more than one of upstream, redirect and respond: give it exactly one"
-            )),
+            ))
+            }
         };
         // Still here: the route forwards nothing.
         if strip_prefix.is_some() {
