@@ -424,7 +424,7 @@ impl Upstream {
         {
             return Err((
                 Some(hash_key.span()),
-                format!("{key}.hash_key is only for algorithm = \"consistent_hash\" (this group's is {})", self.algorithm),
+                format!("{key}.hash_key is only for algorithm = \"consistent_hash\": set that algorithm, or remove hash_key"),
             ));
         }
         Ok(())
@@ -654,17 +654,6 @@ pub enum Algorithm {
     ConsistentHash,
     /// Weighted random.
     Random,
-}
-
-impl fmt::Display for Algorithm {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Algorithm::RoundRobin => "round_robin",
-            Algorithm::LeastConnections => "least_connections",
-            Algorithm::ConsistentHash => "consistent_hash",
-            Algorithm::Random => "random",
-        })
-    }
 }
 
 /// One entry of `servers`: an address (a DNS name stands for every address it

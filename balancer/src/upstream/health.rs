@@ -14,16 +14,16 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use pingora::http::RequestHeader;
-use pingora::lb::health_check::{HealthCheck as _, HttpHealthCheck};
+use pingora::lb::health_check::HealthCheck as _;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora::services::ServiceReadyNotifier;
 use tokio::sync::Notify;
 use tokio::time::{sleep_until, Instant};
 
-use crate::config::{HealthCheck, Protocol};
-use crate::runtime::{Group, Live};
-use crate::upstream::Backend;
+use crate::config::HealthCheck;
+use crate::runtime::Live;
+use crate::upstream::{Backend, Group};
 
 pub struct Upkeep {
     pub live: Arc<Live>,
@@ -35,10 +35,9 @@ pub struct Upkeep {
 /// each change. With checks on, new addresses are probed before they are
 /// published, so a replaced list has its healthy backends from the start.
 pub async fn refresh_membership(group: &Group) {
-    let settings = &group.settings;
     let pool = &group.state.pool;
-    let found = group.state.resolver.resolve(settings.servers.iter()).await;
-    let checks = settings.health_check.as_ref();
+    let found = group.state.resolver.resolve(group.servers.iter()).await;
+    let checks = group.health_check.as_ref();
     let (members, change) = pool.plan(&found, checks.is_none());
     if let Some(hc) = checks {
         // Their health goes on the "address added" line below, not on a line of its own.
@@ -86,19 +85,7 @@ async fn check_all(group: &Group, backends: &[Arc<Backend>], hc: &HealthCheck, l
 /// It speaks to the backend as requests do: TLS with the group's SNI, CAs
 /// and verification, HTTP/2 in clear text for an `h2c` group.
 async fn probe(group: &Group, backend: &Backend, hc: &HealthCheck) -> Result<(), String> {
-    let settings = &group.settings;
-    let sni = settings.sni.clone().unwrap_or_else(|| {
-        crate::config::Authority::split(&backend.server)
-            .0
-            .to_owned()
-    });
-    let mut check = HttpHealthCheck::new(&sni, settings.tls);
-    check.peer_template.options.verify_cert = settings.verify;
-    check.peer_template.options.verify_hostname = settings.verify;
-    check.peer_template.options.ca = group.ca.clone();
-    if settings.protocol == Protocol::H2c {
-        check.peer_template.options.set_http_version(2, 2);
-    }
+    let mut check = group.health_check_for(&backend.server);
     let mut req = RequestHeader::build("GET", hc.path.as_str().as_bytes(), None)
         .map_err(|e| e.to_string())?;
     req.insert_header("host", &*backend.server)
@@ -147,7 +134,7 @@ impl BackgroundService for Upkeep {
             due.insert(
                 name.clone(),
                 Due {
-                    resolve: Instant::now() + group.settings.resolve_interval.0,
+                    resolve: Instant::now() + group.resolve_interval,
                     check: Instant::now(),
                 },
             );
@@ -164,19 +151,15 @@ impl BackgroundService for Upkeep {
                     check: now,
                 });
                 let resolve = now >= when.resolve;
-                let check = group
-                    .settings
-                    .health_check
-                    .as_ref()
-                    .filter(|_| now >= when.check);
+                let check = group.health_check.as_ref().filter(|_| now >= when.check);
                 if resolve {
-                    when.resolve = now + group.settings.resolve_interval.0;
+                    when.resolve = now + group.resolve_interval;
                 }
                 if let Some(hc) = check {
                     when.check = now + hc.interval.0;
                 }
                 next = next.min(when.resolve);
-                if group.settings.health_check.is_some() {
+                if group.health_check.is_some() {
                     next = next.min(when.check);
                 }
                 if resolve || check.is_some() {
