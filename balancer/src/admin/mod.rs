@@ -100,7 +100,6 @@ impl Admin {
 
     fn status(&self) -> serde_json::Value {
         let snapshot = self.live.load();
-        let config = &snapshot.config;
         // Each group, with each of its servers entries and their addresses;
         // `upstreams` lists every entry of every group, as the page reads it.
         let mut upstreams = Vec::new();
@@ -108,7 +107,6 @@ impl Admin {
         for (name, group) in &snapshot.groups {
             let members = group.state.pool.members();
             let servers: Vec<serde_json::Value> = group
-                .settings
                 .servers
                 .iter()
                 .map(|entry| {
@@ -129,9 +127,9 @@ impl Admin {
             upstreams.extend(servers.iter().cloned());
             groups.push(serde_json::json!({
                 "name": name,
-                "algorithm": group.settings.algorithm.to_string(),
-                "hash_key": group.settings.hash_key.as_ref().map(|k| k.get_ref().to_string()),
-                "health_checks": group.settings.health_check.is_some(),
+                "algorithm": group.algorithm.to_string(),
+                "hash_key": group.hash_key().map(ToString::to_string),
+                "health_checks": group.health_check.is_some(),
                 "servers": servers,
             }));
         }
@@ -139,7 +137,6 @@ impl Admin {
             .routes
             .iter()
             .map(|route| {
-                let written = route.written();
                 let action = match &route.action {
                     Action::Upstream(group) => format!("upstream {group}"),
                     Action::Redirect { status, .. } => format!("redirect {status}"),
@@ -147,11 +144,11 @@ impl Admin {
                 };
                 serde_json::json!({
                     "name": &*route.label,
-                    "host": written.host.as_ref().map(ToString::to_string),
-                    "path": written.path.as_str(),
-                    "methods": written.methods.as_ref().map(|m| m.iter().map(|m| m.0.to_string()).collect::<Vec<_>>()),
+                    "host": route.host.as_ref().map(ToString::to_string),
+                    "path": route.path,
+                    "methods": route.methods.as_ref().map(|m| m.iter().map(ToString::to_string).collect::<Vec<_>>()),
                     "action": action,
-                    "rate_limit": written.rate_limit.as_ref().map(|l| format!("{} per {} (+{} burst) by {}", l.requests, l.per, l.burst, l.key)),
+                    "rate_limit": route.rate_limit.as_ref().map(|l| l.limit().to_string()),
                 })
             })
             .collect();
@@ -172,12 +169,12 @@ impl Admin {
                 "reloads_succeeded": reloads.succeeded.load(Ordering::Relaxed),
                 "reloads_failed": reloads.failed.load(Ordering::Relaxed),
                 "last_reload_error": last_error,
-                "health_checks": snapshot.groups.values().any(|g| g.settings.health_check.is_some()),
-                "cache_rules": config.cache.as_ref().map(|c| c.rules.iter().map(|r| r.path.as_str()).collect::<Vec<_>>()).unwrap_or_default(),
+                "health_checks": snapshot.groups.values().any(|g| g.health_check.is_some()),
+                "cache_rules": snapshot.cache.as_ref().map(|c| c.rules.iter().map(|r| r.path.as_str()).collect::<Vec<_>>()).unwrap_or_default(),
             },
             "connections": {
                 "open": self.connections.open(),
-                "max": config.limits.max_connections.get(),
+                "max": snapshot.limits.max_connections,
                 "refused": self.connections.refused(),
                 "header_timeouts": self.connections.header_timeouts(),
                 "lingering": self.connections.lingering(),

@@ -18,7 +18,7 @@ use pingora::cache::lock::{CacheKeyLockImpl, CacheLock};
 use pingora::cache::{CacheMeta, CachePhase, NoCacheReason, RespCacheable, VarianceBuilder};
 use pingora::http::{RequestHeader, ResponseHeader};
 
-use crate::config::{self, CacheRule};
+use crate::config;
 use storage::MemoryStorage;
 
 /// How long a request that found the cache locked waits for the filling one.
@@ -52,6 +52,50 @@ impl ResponseCache {
     }
 }
 
+/// What the request path reads of `[cache]`: its rules, and the largest
+/// response stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub max_object_size: usize,
+    pub rules: Vec<Rule>,
+}
+
+impl From<&config::Cache> for Policy {
+    fn from(cache: &config::Cache) -> Policy {
+        Policy {
+            max_object_size: usize::try_from(cache.max_object_size.0).unwrap_or(usize::MAX),
+            rules: cache.rules.iter().map(Rule::from).collect(),
+        }
+    }
+}
+
+/// A `[[cache.rule]]`: what is cached under one path prefix, and for how long.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    pub path: String,
+    /// Freshness of a 200 whose origin gives none; `None`: only explicit
+    /// or heuristic freshness.
+    pub ttl: Option<Duration>,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    /// What clients are told to keep.
+    pub client_max_age: Option<Duration>,
+    pub store_set_cookie: bool,
+}
+
+impl From<&config::CacheRule> for Rule {
+    fn from(rule: &config::CacheRule) -> Rule {
+        Rule {
+            path: rule.path.as_str().to_owned(),
+            ttl: rule.ttl.map(|t| t.0),
+            stale_while_revalidate: rule.stale_while_revalidate.0,
+            stale_if_error: rule.stale_if_error.0,
+            client_max_age: rule.client_max_age.map(|a| a.0),
+            store_set_cookie: rule.store_set_cookie,
+        }
+    }
+}
+
 impl ResponseCache {
     /// After a non-error answer to an unsafe request (any method but GET,
     /// HEAD, OPTIONS and TRACE), drops every stored response for its target
@@ -60,7 +104,7 @@ impl ResponseCache {
     /// admin listener's: on the public one it is forwarded and drops nothing.
     pub fn invalidate_after(
         &self,
-        rules: &[CacheRule],
+        rules: &[Rule],
         req: &RequestHeader,
         resp: &ResponseHeader,
     ) -> usize {
@@ -163,17 +207,17 @@ impl CacheStats {
 }
 
 /// The rule covering `path`: the one with the longest matching prefix.
-pub fn rule_for<'a>(rules: &'a [CacheRule], path: &str) -> Option<&'a CacheRule> {
+pub fn rule_for<'a>(rules: &'a [Rule], path: &str) -> Option<&'a Rule> {
     rules.get(rule_index(rules, path)?)
 }
 
 /// The position in `rules` of [`rule_for`]'s rule.
-pub fn rule_index(rules: &[CacheRule], path: &str) -> Option<usize> {
+pub fn rule_index(rules: &[Rule], path: &str) -> Option<usize> {
     rules
         .iter()
         .enumerate()
         .filter(|(_, r)| path.starts_with(r.path.as_str()))
-        .max_by_key(|(_, r)| r.path.as_str().len())
+        .max_by_key(|(_, r)| r.path.len())
         .map(|(i, _)| i)
 }
 
@@ -284,7 +328,7 @@ pub fn shareable_with_authorization(cc: Option<&CacheControl>) -> bool {
 /// may give a heuristic lifetime. The rule's stale windows apply only to
 /// responses that allow serving stale. A response with `Set-Cookie` is
 /// stored only when the rule says `store_set_cookie`.
-pub fn cacheability(rule: &CacheRule, resp: &ResponseHeader, authorization: bool) -> RespCacheable {
+pub fn cacheability(rule: &Rule, resp: &ResponseHeader, authorization: bool) -> RespCacheable {
     let refuse = RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
     let cookie_refused =
         !rule.store_set_cookie && resp.headers.contains_key(http::header::SET_COOKIE);
@@ -310,7 +354,7 @@ pub fn cacheability(rule: &CacheRule, resp: &ResponseHeader, authorization: bool
     let lifetime = match freshness::explicit_lifetime(resp, cc.as_ref(), surrogate.as_ref(), now) {
         Some(lifetime) => lifetime,
         None => match rule.ttl.filter(|_| resp.status == 200) {
-            Some(ttl) => ttl.0,
+            Some(ttl) => ttl,
             None => match freshness::heuristic_lifetime(resp, cc.as_ref(), now) {
                 Some(lifetime) => lifetime,
                 None => return refuse,
@@ -332,7 +376,7 @@ pub fn cacheability(rule: &CacheRule, resp: &ResponseHeader, authorization: bool
 /// `stale-while-revalidate`/`stale-if-error` win over the rule's; and
 /// `must-revalidate`, `proxy-revalidate`, `no-cache` and `s-maxage` forbid
 /// serving stale at all (RFC 9111, sections 4.2.4 and 5.2.2).
-fn stale_windows(rule: &CacheRule, cc: Option<&CacheControl>) -> (u32, u32) {
+fn stale_windows(rule: &Rule, cc: Option<&CacheControl>) -> (u32, u32) {
     if cc.is_some_and(|cc| {
         // s-maxage forbids it even with a value that cannot be read: it
         // still says that shared caches must revalidate (section 5.2.2.10).
@@ -344,8 +388,8 @@ fn stale_windows(rule: &CacheRule, cc: Option<&CacheControl>) -> (u32, u32) {
     let swr = cc.and_then(|cc| cc.stale_while_revalidate().ok().flatten());
     let sie = cc.and_then(|cc| cc.stale_if_error().ok().flatten());
     (
-        swr.unwrap_or_else(|| secs(rule.stale_while_revalidate.0)),
-        sie.unwrap_or_else(|| secs(rule.stale_if_error.0)),
+        swr.unwrap_or_else(|| secs(rule.stale_while_revalidate)),
+        sie.unwrap_or_else(|| secs(rule.stale_if_error)),
     )
 }
 
@@ -426,9 +470,9 @@ pub fn tells_clients_expiry(status: u16) -> bool {
 mod tests {
     use super::*;
 
-    fn rule(path: &str) -> CacheRule {
+    fn rule(path: &str) -> Rule {
         let text = format!("path = {path:?}\nttl = \"30s\"\nstale_while_revalidate = \"10s\"\nstale_if_error = \"5m\"\n");
-        toml::from_str(&text).unwrap()
+        Rule::from(&toml::from_str::<config::CacheRule>(&text).unwrap())
     }
 
     fn resp(status: u16, headers: &[(&'static str, &str)]) -> ResponseHeader {

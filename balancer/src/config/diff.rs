@@ -1,47 +1,204 @@
 //! What changed between two versions of the file, key by key, in the words
 //! of the file (`upstream.health_check.interval 2s -> 1s`), found by walking
 //! both as TOML: a key added to the configuration types is covered without
-//! a line of code here. The keys that apply only at start-up are declared
-//! once, in [`RESTART_ONLY`].
+//! a line of code here.
+//!
+//! Which keys apply only at start-up is declared on the types themselves:
+//! each section of the file implements [`Section`], whose walk names every
+//! field of the section, as live or as restart-only. The walk destructures
+//! the section whole, so a field added to a section does not compile until
+//! it is declared there, and a test checks that the declared names are the
+//! file's keys. A reload walks the new configuration beside the one in force
+//! and puts back what only a restart may change ([`keep_restart_only`]).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 
 use toml::{Table, Value};
 
-/// Dotted keys whose new value is kept out until a restart.
-pub const RESTART_ONLY: [&str; 9] = [
-    "listen",
-    "reuse_port",
-    "admin_listen",
-    "threads",
-    "http2_cleartext",
-    "tls.listen",
-    "tls.http2",
-    "cache.max_size",
-    "cache.max_object_size",
-];
+use super::Config;
 
-/// Sections whose appearing or going away needs a restart (a listener, or
-/// the ACME renewal, starts with the process).
-const RESTART_ONLY_SECTIONS: [&str; 2] = ["tls", "tls.acme"];
+/// A section of the file that declares, key by key, when a new value of
+/// its keys takes effect.
+pub trait Section {
+    /// Declares every key of `self` (the new version) to `keys`, beside
+    /// `old` (the version in force): [`Keys::live`], [`Keys::restart`] or a
+    /// subsection. Destructure `self` whole, without `..`: a new field then
+    /// fails to compile until it is declared.
+    fn keys(&mut self, old: &Self, keys: &mut Keys);
+}
+
+/// One walk of a configuration beside the one in force: where it is in the
+/// file, what it declared, and what it put back.
+#[derive(Debug, Default)]
+pub struct Keys {
+    /// The dotted path of the section being walked, with its trailing dot.
+    prefix: String,
+    /// Every key and section walked, dotted, and whether it is restart-only.
+    declared: Vec<(String, bool)>,
+    /// One line per restart-only value put back.
+    kept: Vec<String>,
+}
+
+impl Keys {
+    fn path(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn declare(&mut self, name: &str, restart_only: bool) -> String {
+        let path = self.path(name);
+        self.declared.push((path.clone(), restart_only));
+        path
+    }
+
+    /// A key (or a whole section, or list of sections) whose new value
+    /// applies at once.
+    pub fn live<T>(&mut self, name: &'static str, _value: &T) {
+        self.declare(name, false);
+    }
+
+    /// A key whose new value waits for a restart: the value in force is put
+    /// back, and said so with `show`'s words for both.
+    pub fn restart<T: PartialEq + Clone>(
+        &mut self,
+        name: &'static str,
+        new: &mut T,
+        old: &T,
+        show: impl Fn(&T) -> String,
+    ) {
+        let path = self.declare(name, true);
+        if new != old {
+            let (was, is) = (show(old), show(new));
+            self.kept.push(format!(
+                "{path} {was} -> {is} needs a restart; keeping {was}"
+            ));
+            *new = old.clone();
+        }
+    }
+
+    /// A section whose appearing or going away waits for a restart (a
+    /// listener, or a loop, starts with the process); when it is on both
+    /// sides, its own keys are walked.
+    pub fn restart_section<S: Section + Clone>(
+        &mut self,
+        name: &'static str,
+        new: &mut Option<S>,
+        old: &Option<S>,
+    ) {
+        let path = self.declare(name, true);
+        match (new.as_mut(), old) {
+            (Some(new), Some(old)) => self.within(name, new, old),
+            (None, None) => {}
+            (is, _) => {
+                let what = if is.is_some() { "added" } else { "removed" };
+                self.kept.push(format!(
+                    "[{path}] {what}: that needs a restart; keeping it as it was"
+                ));
+                *new = old.clone();
+            }
+        }
+    }
+
+    /// A section that may appear or go away live: where it is absent, its
+    /// keys are compared with their defaults (what is in force without it).
+    pub fn live_section<S: Section + Default>(
+        &mut self,
+        name: &'static str,
+        new: &mut Option<S>,
+        old: &Option<S>,
+    ) {
+        self.declare(name, false);
+        let defaults = S::default();
+        let old = old.as_ref().unwrap_or(&defaults);
+        match new {
+            Some(new) => self.within(name, new, old),
+            // Nothing to put back into: the values in force stay in force
+            // (they were fixed at start-up); the walk still says so.
+            None => self.within(name, &mut S::default(), old),
+        }
+    }
+
+    /// A section that is always there (its keys have defaults).
+    pub fn section<S: Section>(&mut self, name: &'static str, new: &mut S, old: &S) {
+        self.declare(name, false);
+        self.within(name, new, old);
+    }
+
+    fn within<S: Section>(&mut self, name: &str, new: &mut S, old: &S) {
+        let outer = self.prefix.len();
+        self.prefix.push_str(name);
+        self.prefix.push('.');
+        new.keys(old, self);
+        self.prefix.truncate(outer);
+    }
+}
+
+/// What [`keep_restart_only`] did.
+#[derive(Debug, Default)]
+pub struct Kept {
+    /// One line per value or section put back: `listen 0.0.0.0:80 -> 0.0.0.0:8080 needs a restart; keeping 0.0.0.0:80`.
+    pub lines: Vec<String>,
+    /// Every restart-only key and section walked, dotted: what [`changes`]
+    /// leaves out, since no new value of theirs is applied.
+    pub restart_only: Vec<String>,
+}
+
+/// Puts back into `new` the value in force (in `old`) of every restart-only
+/// key and section that changed, and says so. The error: what the result
+/// fails of the checks across sections (a kept `[tls.acme]` whose names
+/// came from routes that are gone).
+pub fn keep_restart_only(old: &Config, new: &mut Config) -> Result<Kept, String> {
+    let mut keys = Keys::default();
+    new.keys(old, &mut keys);
+    if !keys.kept.is_empty() {
+        new.validate().map_err(|(_, message)| {
+            format!("{message} (with what needs a restart kept as it is in force)")
+        })?;
+    }
+    Ok(Kept {
+        lines: keys.kept,
+        restart_only: keys
+            .declared
+            .into_iter()
+            .filter(|(_, restart_only)| *restart_only)
+            .map(|(path, _)| path)
+            .collect(),
+    })
+}
+
+/// A value as a reload reports it: `(off)`, `(one per CPU)`, or the value.
+pub fn shown<T: fmt::Display>(value: &Option<T>, absent: &str) -> String {
+    value
+        .as_ref()
+        .map_or_else(|| absent.to_owned(), ToString::to_string)
+}
 
 /// One entry per change: `KEY OLD -> NEW`, with `(absent)` for a key that is
 /// not written; a list of plain values reports what was added to it and
 /// removed from it instead; a whole table that appears or goes away (a new
 /// `[[route]]`, an `[upstreams.NAME]` removed) is one entry, `route[2] added`,
-/// not one per key in it.
-pub fn changes(old: &Table, new: &Table) -> Vec<String> {
+/// not one per key in it. The keys and sections of `restart_only` are left
+/// out: their new values are not applied ([`Kept::lines`] says so).
+pub fn changes(old: &Table, new: &Table, restart_only: &[String]) -> Vec<String> {
     let (old, new) = (flatten(old), flatten(new));
+    let applied = |path: &String| !restart_only.contains(path);
     let added = topmost(&new.tables, &old.tables);
     let removed = topmost(&old.tables, &new.tables);
     let mut lines: Vec<String> = added
         .iter()
+        .filter(|p| applied(p))
         .map(|p| format!("{p} added"))
-        .chain(removed.iter().map(|p| format!("{p} removed")))
+        .chain(
+            removed
+                .iter()
+                .filter(|p| applied(p))
+                .map(|p| format!("{p} removed")),
+        )
         .collect();
     let keys: BTreeSet<&String> = old.leaves.keys().chain(new.leaves.keys()).collect();
     for key in keys {
-        if added.iter().chain(&removed).any(|table| within(key, table)) {
+        let in_new_table = added.iter().chain(&removed).any(|table| within(key, table));
+        if in_new_table || !applied(key) {
             continue;
         }
         match (old.leaves.get(key), new.leaves.get(key)) {
@@ -57,7 +214,7 @@ pub fn changes(old: &Table, new: &Table) -> Vec<String> {
                         .map(|v| format!("{key} removed {v}")),
                 );
             }
-            (a, b) if a != b => lines.push(format!("{key} {} -> {}", show(key, a), show(key, b))),
+            (a, b) if a != b => lines.push(format!("{key} {} -> {}", show(a), show(b))),
             _ => {}
         }
     }
@@ -77,37 +234,6 @@ fn topmost<'a>(these: &'a BTreeSet<String>, those: &BTreeSet<String>) -> Vec<&'a
         .filter(|p| !only.iter().any(|outer| within(p, outer)))
         .copied()
         .collect()
-}
-
-/// Puts back into `new` the old value (or absence) of every restart-only key
-/// that changed, and says so: `listen 0.0.0.0:80 -> 0.0.0.0:8080 needs a restart; keeping 0.0.0.0:80`.
-pub fn keep_restart_only(old: &Table, new: &mut Table) -> Vec<String> {
-    let mut kept = Vec::new();
-    for section in RESTART_ONLY_SECTIONS {
-        let (was, is) = (
-            lookup(old, section).cloned(),
-            lookup(new, section).is_some(),
-        );
-        if was.is_some() != is {
-            let what = if is { "added" } else { "removed" };
-            kept.push(format!(
-                "[{section}] {what}: that needs a restart; keeping it as it was"
-            ));
-            set(new, section, was);
-        }
-    }
-    for key in RESTART_ONLY {
-        let (was, is) = (lookup(old, key).cloned(), lookup(new, key).cloned());
-        if was == is {
-            continue;
-        }
-        let (was_text, is_text) = (show_value(key, was.as_ref()), show_value(key, is.as_ref()));
-        kept.push(format!(
-            "{key} {was_text} -> {is_text} needs a restart; keeping {was_text}"
-        ));
-        set(new, key, was);
-    }
-    kept
 }
 
 /// A value as written, for lists of plain values item by item.
@@ -180,67 +306,33 @@ fn plain(value: &Value) -> String {
     }
 }
 
-/// What a key that is not written means.
-fn absent(key: &str) -> String {
-    match key {
-        "admin_listen" => "(off)",
-        "threads" => "(one per CPU)",
-        "reuse_port" => "false",
-        _ => "(absent)",
-    }
-    .to_owned()
-}
-
-fn show(key: &str, leaf: Option<&Leaf>) -> String {
+fn show(leaf: Option<&Leaf>) -> String {
     match leaf {
-        None => absent(key),
+        None => "(absent)".to_owned(),
         Some(Leaf::One(v)) => v.clone(),
         Some(Leaf::List(items)) => format!("[{}]", items.join(", ")),
-    }
-}
-
-fn show_value(key: &str, value: Option<&Value>) -> String {
-    value.map_or_else(|| absent(key), plain)
-}
-
-fn lookup<'a>(table: &'a Table, key: &str) -> Option<&'a Value> {
-    let mut parts = key.split('.');
-    let mut value = table.get(parts.next()?)?;
-    for part in parts {
-        value = value.as_table()?.get(part)?;
-    }
-    Some(value)
-}
-
-fn set(table: &mut Table, key: &str, value: Option<Value>) {
-    match key.split_once('.') {
-        None => {
-            match value {
-                Some(v) => table.insert(key.to_owned(), v),
-                None => table.remove(key),
-            };
-        }
-        Some((head, rest)) => {
-            if let Some(Value::Table(inner)) = table.get_mut(head) {
-                set(inner, rest, value);
-            }
-        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn table(text: &str) -> Table {
         text.parse().unwrap()
+    }
+
+    fn config(text: &str) -> Config {
+        let text = format!("{text}\n[upstream]\nservers = [\"b:1\"]\n");
+        Config::parse(Path::new("lb.toml"), &text).unwrap()
     }
 
     #[test]
     fn every_changed_key_is_named_with_old_and_new() {
         let old = table("listen = \"0.0.0.0:80\"\n[upstream]\nservers = [\"a:1\", \"b:1\"]\n[upstream.health_check]\ninterval = \"2s\"\n[[route]]\npath = \"/a\"\nupstream = \"x\"\n");
         let new = table("listen = \"0.0.0.0:80\"\nlog_format = \"json\"\n[upstream]\nservers = [\"b:1\", \"c:1\"]\n[upstream.health_check]\ninterval = \"1s\"\n[[route]]\npath = \"/b\"\nupstream = \"x\"\n");
-        let lines = changes(&old, &new);
+        let lines = changes(&old, &new, &[]);
         for expected in [
             "log_format (absent) -> json",
             "upstream.servers added c:1",
@@ -254,14 +346,14 @@ mod tests {
             );
         }
         assert_eq!(lines.len(), 5, "{lines:?}");
-        assert!(changes(&old, &old).is_empty());
+        assert!(changes(&old, &old, &[]).is_empty());
     }
 
     #[test]
     fn a_table_that_appears_or_goes_is_one_change() {
         let old = table("[upstreams.old]\nservers = [\"a:1\"]\n[upstreams.old.health_check]\npath = \"/h\"\n[[route]]\npath = \"/a\"\nupstream = \"old\"\n");
         let new = table("[upstreams.new]\nservers = [\"b:1\"]\n[[route]]\npath = \"/a\"\nupstream = \"new\"\n[[route]]\npath = \"/b\"\nupstream = \"new\"\nmethods = [\"GET\"]\n");
-        let mut lines = changes(&old, &new);
+        let mut lines = changes(&old, &new, &[]);
         lines.sort();
         assert_eq!(
             lines,
@@ -276,44 +368,149 @@ mod tests {
 
     #[test]
     fn restart_only_keys_keep_their_old_value() {
-        let old = table("listen = \"0.0.0.0:80\"\n[cache]\nmax_size = \"64MiB\"\n");
-        let mut new =
-            table("listen = \"0.0.0.0:8080\"\nthreads = 4\n[cache]\nmax_size = \"1GiB\"\n");
-        let kept = keep_restart_only(&old, &mut new);
+        let old = config("listen = \"0.0.0.0:80\"\n[cache]\nmax_size = \"64MiB\"\n");
+        let mut new = config("listen = \"0.0.0.0:8080\"\nthreads = 4\nlog_format = \"json\"\n[cache]\nmax_size = \"1GiB\"\n[[cache.rule]]\npath = \"/x\"\n");
+        let kept = keep_restart_only(&old, &mut new).unwrap();
         assert_eq!(
-            kept,
+            kept.lines,
             [
                 "listen 0.0.0.0:80 -> 0.0.0.0:8080 needs a restart; keeping 0.0.0.0:80",
                 "threads (one per CPU) -> 4 needs a restart; keeping (one per CPU)",
                 "cache.max_size 64MiB -> 1GiB needs a restart; keeping 64MiB",
             ]
         );
+        let mut expected = config("listen = \"0.0.0.0:80\"\nlog_format = \"json\"\n[cache]\nmax_size = \"64MiB\"\n[[cache.rule]]\npath = \"/x\"\n");
+        assert_eq!(new, expected, "what applies live is applied");
+        // What changed in the file, without what waits for a restart.
+        let lines = changes(
+            &table("listen = \"0.0.0.0:80\"\n[cache]\nmax_size = \"64MiB\"\n"),
+            &table("listen = \"0.0.0.0:8080\"\nthreads = 4\nlog_format = \"json\"\n[cache]\nmax_size = \"1GiB\"\n"),
+            &kept.restart_only,
+        );
+        assert_eq!(lines, ["log_format (absent) -> json"]);
+        // The second time, the same.
         assert_eq!(
-            new,
-            table("listen = \"0.0.0.0:80\"\n[cache]\nmax_size = \"64MiB\"\n")
+            keep_restart_only(&expected.clone(), &mut expected)
+                .unwrap()
+                .lines
+                .len(),
+            0
         );
     }
 
     #[test]
     fn an_acme_section_added_or_removed_waits_for_a_restart() {
-        let without = table("[tls]\ncertificate = \"c.pem\"\nprivate_key = \"k.pem\"\n");
-        let with = table("[tls]\ncertificate = \"c.pem\"\nprivate_key = \"k.pem\"\n[tls.acme]\ndomains = [\"a.example.com\"]\n");
+        let tls = "[tls]\ncertificate = \"c.pem\"\nprivate_key = \"k.pem\"\n";
+        let acme =
+            "[tls.acme]\ndirectory = \"https://ca.example/dir\"\nstorage = \"/var/lib/acme\"\n";
+        let without = config(tls);
+        let with = config(&format!("{tls}{acme}domains = [\"a.example.com\"]\n"));
         let mut new = with.clone();
-        let kept = keep_restart_only(&without, &mut new);
+        let kept = keep_restart_only(&without, &mut new).unwrap();
         assert_eq!(
-            kept,
+            kept.lines,
             ["[tls.acme] added: that needs a restart; keeping it as it was"]
         );
         assert_eq!(new, without);
         let mut new = without.clone();
-        let kept = keep_restart_only(&with, &mut new);
+        let kept = keep_restart_only(&with, &mut new).unwrap();
         assert_eq!(
-            kept,
+            kept.lines,
             ["[tls.acme] removed: that needs a restart; keeping it as it was"]
         );
         assert_eq!(new, with);
         // Its keys change live.
-        let mut new = table("[tls]\ncertificate = \"c.pem\"\nprivate_key = \"k.pem\"\n[tls.acme]\ndomains = [\"b.example.com\"]\n");
-        assert!(keep_restart_only(&with, &mut new).is_empty());
+        let mut new = config(&format!("{tls}{acme}domains = [\"b.example.com\"]\n"));
+        assert!(keep_restart_only(&with, &mut new).unwrap().lines.is_empty());
+        assert_eq!(
+            new.acme_domains(),
+            ["b.example.com"],
+            "the new domains are in force"
+        );
+    }
+
+    /// The names serde reads a struct's fields by: what the file calls its keys.
+    fn file_keys<'de, T: serde::Deserialize<'de>>() -> Vec<&'static str> {
+        use serde::de::{self, value::Error, Visitor};
+        struct Names<'a>(&'a mut &'static [&'static str]);
+        impl<'de> de::Deserializer<'de> for Names<'_> {
+            type Error = Error;
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Error> {
+                Err(de::Error::custom("not a struct"))
+            }
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Error> {
+                *self.0 = fields;
+                Err(de::Error::custom("names read"))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+                bytes byte_buf option unit unit_struct newtype_struct seq tuple
+                tuple_struct map enum identifier ignored_any
+            }
+        }
+        let mut names: &'static [&'static str] = &[];
+        let _ = T::deserialize(Names(&mut names));
+        names.to_vec()
+    }
+
+    #[test]
+    fn every_key_of_every_section_is_declared_live_or_restart_only() {
+        // Every optional section present, so that the walk enters each.
+        let text = "[tls]\ncertificate = \"c.pem\"\nprivate_key = \"k.pem\"\n[tls.acme]\ndirectory = \"https://ca.example/dir\"\nstorage = \"/s\"\ndomains = [\"a.example.com\"]\n[cache]\n[compression]\n";
+        let (old, mut new) = (config(text), config(text));
+        let mut keys = Keys::default();
+        new.keys(&old, &mut keys);
+        let declared = |prefix: &str| -> BTreeSet<String> {
+            keys.declared
+                .iter()
+                .filter_map(|(path, _)| path.strip_prefix(prefix))
+                .filter(|key| !key.contains('.'))
+                .map(str::to_owned)
+                .collect()
+        };
+        let sections = [
+            ("", file_keys::<Config>()),
+            ("tls.", file_keys::<super::super::Tls>()),
+            ("tls.acme.", file_keys::<super::super::Acme>()),
+            ("cache.", file_keys::<super::super::Cache>()),
+            ("limits.", file_keys::<super::super::Limits>()),
+            ("compression.", file_keys::<super::super::Compression>()),
+        ];
+        for (prefix, fields) in sections {
+            assert!(!fields.is_empty(), "{prefix}: serde named no field");
+            let fields: BTreeSet<String> = fields.iter().map(|f| (*f).to_owned()).collect();
+            assert_eq!(
+                declared(prefix),
+                fields,
+                "the keys that [{prefix}] declares (Section::keys) and the ones the file may write differ"
+            );
+        }
+        let restart_only: Vec<&str> = keys
+            .declared
+            .iter()
+            .filter(|(_, restart_only)| *restart_only)
+            .map(|(path, _)| path.as_str())
+            .collect();
+        assert_eq!(
+            restart_only,
+            [
+                "listen",
+                "reuse_port",
+                "admin_listen",
+                "threads",
+                "tls",
+                "tls.listen",
+                "tls.http2",
+                "tls.acme",
+                "http2_cleartext",
+                "cache.max_size",
+                "cache.max_object_size",
+            ]
+        );
     }
 }

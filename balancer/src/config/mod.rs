@@ -6,8 +6,7 @@
 //! whole (a route naming a group that does not exist, a variable nobody
 //! knows), so the rest of the program never re-checks it. What a valid file
 //! becomes at run time is `runtime`'s, and so is watching and reloading it
-//! (`runtime::reload`). The only other module of the crate used here is
-//! `telemetry`, whose access log owns the forms a `log_format` names.
+//! (`runtime::reload`). It uses no other module of the crate.
 
 mod compression;
 pub mod diff;
@@ -30,9 +29,6 @@ pub use tls::{
 use units::{header_timeout, optional_socket_addr, socket_addr};
 pub use units::{ByteSize, Positive, Span, UriPath, MAX_HEADER_TIMEOUT};
 
-/// `log_format`: the access log's, which owns what each one writes.
-pub use crate::telemetry::access_log::LogFormat;
-
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -40,6 +36,8 @@ use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 
 use serde::{de, Deserialize, Deserializer};
+
+use diff::{Keys, Section};
 
 /// A whole configuration file, as it is in force.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -114,6 +112,69 @@ pub struct Config {
     pub global_extensions: Vec<toml::Spanned<String>>,
 }
 
+impl Section for Config {
+    /// The listeners, the thread count and the cache's bounds are set up
+    /// once, at start; the rest is compiled anew by every reload.
+    fn keys(&mut self, old: &Self, keys: &mut Keys) {
+        let Config {
+            listen,
+            reuse_port,
+            admin_listen,
+            threads,
+            log_format,
+            log_health_checks,
+            admin_token_file,
+            grace_period,
+            shutdown_delay,
+            upstream,
+            upstreams,
+            routes,
+            tls,
+            http2_cleartext,
+            limits,
+            cache,
+            compression,
+            extensions,
+            global_extensions,
+        } = self;
+        keys.restart("listen", listen, &old.listen, ToString::to_string);
+        keys.restart(
+            "reuse_port",
+            reuse_port,
+            &old.reuse_port,
+            ToString::to_string,
+        );
+        keys.restart("admin_listen", admin_listen, &old.admin_listen, |a| {
+            diff::shown(a, "(off)")
+        });
+        keys.restart("threads", threads, &old.threads, |t| {
+            diff::shown(t, "(one per CPU)")
+        });
+        keys.live("log_format", log_format);
+        keys.live("log_health_checks", log_health_checks);
+        keys.live("admin_token_file", admin_token_file);
+        keys.live("grace_period", grace_period);
+        keys.live("shutdown_delay", shutdown_delay);
+        // Groups and routes are rebuilt from their sections on every reload.
+        keys.live("upstream", upstream);
+        keys.live("upstreams", upstreams);
+        keys.live("route", routes);
+        keys.restart_section("tls", tls, &old.tls);
+        keys.restart(
+            "http2_cleartext",
+            http2_cleartext,
+            &old.http2_cleartext,
+            ToString::to_string,
+        );
+        keys.section("limits", limits, &old.limits);
+        keys.live_section("cache", cache, &old.cache);
+        keys.live_section("compression", compression, &old.compression);
+        // Instances are built again when their section (or a file) changed.
+        keys.live("extensions", extensions);
+        keys.live("global_extensions", global_extensions);
+    }
+}
+
 /// Bounds on what clients may send, and on how long an idle client is kept.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -159,6 +220,30 @@ impl Default for Limits {
     }
 }
 
+impl Section for Limits {
+    /// Each is read per connection or per request.
+    fn keys(&mut self, _old: &Self, keys: &mut Keys) {
+        let Limits {
+            max_header_size,
+            max_headers,
+            max_body_size,
+            keepalive_timeout,
+            client_header_timeout,
+            max_connections,
+            lingering_time,
+            lingering_timeout,
+        } = self;
+        keys.live("max_header_size", max_header_size);
+        keys.live("max_headers", max_headers);
+        keys.live("max_body_size", max_body_size);
+        keys.live("keepalive_timeout", keepalive_timeout);
+        keys.live("client_header_timeout", client_header_timeout);
+        keys.live("max_connections", max_connections);
+        keys.live("lingering_time", lingering_time);
+        keys.live("lingering_timeout", lingering_timeout);
+    }
+}
+
 /// The response cache: its bounds and the rules that say what is cached.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -182,6 +267,26 @@ impl Default for Cache {
             max_object_size: default_object_size(),
             rules: Vec::new(),
         }
+    }
+}
+
+impl Section for Cache {
+    /// The store is sized once, when the process starts; the rules are
+    /// read per request.
+    fn keys(&mut self, old: &Self, keys: &mut Keys) {
+        let Cache {
+            max_size,
+            max_object_size,
+            rules,
+        } = self;
+        keys.restart("max_size", max_size, &old.max_size, ToString::to_string);
+        keys.restart(
+            "max_object_size",
+            max_object_size,
+            &old.max_object_size,
+            ToString::to_string,
+        );
+        keys.live("rule", rules);
     }
 }
 
@@ -233,6 +338,15 @@ impl fmt::Display for CacheRule {
         }
         Ok(())
     }
+}
+
+/// The access log's form: one `text` line or one `json` object per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// The pool of servers that requests are balanced over.
@@ -326,7 +440,7 @@ impl Upstream {
         {
             return Err((
                 Some(hash_key.span()),
-                format!("{key}.hash_key is only for algorithm = \"consistent_hash\" (this group's is {})", self.algorithm),
+                format!("{key}.hash_key is only for algorithm = \"consistent_hash\": set that algorithm, or remove hash_key"),
             ));
         }
         Ok(())
@@ -607,17 +721,6 @@ pub enum Algorithm {
     ConsistentHash,
     /// Weighted random.
     Random,
-}
-
-impl fmt::Display for Algorithm {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Algorithm::RoundRobin => "round_robin",
-            Algorithm::LeastConnections => "least_connections",
-            Algorithm::ConsistentHash => "consistent_hash",
-            Algorithm::Random => "random",
-        })
-    }
 }
 
 /// One entry of `servers`: an address (a DNS name stands for every address it

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{de, Deserialize, Deserializer};
 
+use super::diff::{Keys, Section};
 use super::routes::HostPattern;
 use super::units::{socket_addr, Span};
 
@@ -58,6 +59,32 @@ impl Tls {
                     .to_owned(),
             ),
         }
+    }
+}
+
+impl Section for Tls {
+    /// The listener and its protocols are set up at start; certificates
+    /// are re-read and the rest is read per connection or request.
+    fn keys(&mut self, old: &Self, keys: &mut Keys) {
+        let Tls {
+            listen,
+            certificate,
+            private_key,
+            min_version,
+            http2,
+            redirect_http,
+            certificate_for,
+            acme,
+        } = self;
+        keys.restart("listen", listen, &old.listen, ToString::to_string);
+        keys.live("certificate", certificate);
+        keys.live("private_key", private_key);
+        keys.live("min_version", min_version);
+        keys.restart("http2", http2, &old.http2, ToString::to_string);
+        keys.live("redirect_http", redirect_http);
+        keys.live("certificate_for", certificate_for);
+        // The renewal loop starts with the process, or not at all.
+        keys.restart_section("acme", acme, &old.acme);
     }
 }
 
@@ -123,6 +150,30 @@ impl Acme {
             }
         }
         Ok(())
+    }
+}
+
+impl Section for Acme {
+    /// The renewal loop reads the section in force on each round.
+    fn keys(&mut self, _old: &Self, keys: &mut Keys) {
+        let Acme {
+            directory,
+            email,
+            domains,
+            storage,
+            renew_before,
+            eab_kid,
+            eab_hmac_key,
+            ca_file,
+        } = self;
+        keys.live("directory", directory);
+        keys.live("email", email);
+        keys.live("domains", domains);
+        keys.live("storage", storage);
+        keys.live("renew_before", renew_before);
+        keys.live("eab_kid", eab_kid);
+        keys.live("eab_hmac_key", eab_hmac_key);
+        keys.live("ca_file", ca_file);
     }
 }
 

@@ -33,8 +33,7 @@ use pingora::modules::http::{HttpModule, HttpModuleBuilder, Module};
 use pingora::protocols::http::compression::{Algorithm, Encode};
 use pingora::Result;
 
-use crate::config::{Compression, Encoding};
-use crate::runtime::Snapshot;
+use crate::runtime::{Compression, Snapshot};
 
 /// Adds [`Compress`] to each request's downstream modules.
 pub struct CompressBuilder;
@@ -61,9 +60,9 @@ pub struct Compress {
 struct Offer {
     /// The snapshot whose `[compression]` applies.
     snapshot: Arc<Snapshot>,
-    /// The encoding the client accepts best; `None`: none (the response
-    /// still gets `Vary`).
-    chosen: Option<Encoding>,
+    /// The encoding the client accepts best, with its level; `None`: none
+    /// (the response still gets `Vary`).
+    chosen: Option<(Algorithm, u32)>,
     /// An HTTP/1.1 client: a streamed body is sent chunked.
     chunked: bool,
 }
@@ -71,7 +70,7 @@ struct Offer {
 /// Offers compression for this request, when `[compression]` is on, the
 /// route allows it and the request can have a compressed answer.
 pub fn offer(session: &mut pingora::proxy::Session, snapshot: &Arc<Snapshot>, route_allows: bool) {
-    let Some(settings) = &snapshot.config.compression else {
+    let Some(settings) = &snapshot.compression else {
         return;
     };
     let req = session.req_header();
@@ -79,7 +78,7 @@ pub fn offer(session: &mut pingora::proxy::Session, snapshot: &Arc<Snapshot>, ro
         return;
     }
     let offer = Offer {
-        chosen: negotiate(req.headers.get(ACCEPT_ENCODING), &settings.algorithms),
+        chosen: negotiate(req.headers.get(ACCEPT_ENCODING), &settings.encodings),
         chunked: req.version == http::Version::HTTP_11,
         snapshot: Arc::clone(snapshot),
     };
@@ -88,13 +87,13 @@ pub fn offer(session: &mut pingora::proxy::Session, snapshot: &Arc<Snapshot>, ro
     }
 }
 
-/// The encoding of `algorithms` that `accept_encoding` prefers: the highest
-/// q-value (an encoding not named takes the q of `*`, or is refused), and
-/// the list's order among equals.
+/// The encoding of `offered` (with its level) that `accept_encoding`
+/// prefers: the highest q-value (an encoding not named takes the q of `*`,
+/// or is refused), and the list's order among equals.
 pub fn negotiate(
     accept_encoding: Option<&HeaderValue>,
-    algorithms: &[Encoding],
-) -> Option<Encoding> {
+    offered: &[(Algorithm, u32)],
+) -> Option<(Algorithm, u32)> {
     let text = accept_encoding?.to_str().ok()?;
     let mut star = None;
     let mut named = [None; 3];
@@ -118,21 +117,21 @@ pub fn negotiate(
         };
         if coding == "*" {
             star = Some(q);
-        } else if let Some(i) = algorithms
+        } else if let Some(i) = offered
             .iter()
-            .position(|a| coding.eq_ignore_ascii_case(a.token()))
+            .position(|(a, _)| coding.eq_ignore_ascii_case(a.as_str()))
         {
             named[i.min(2)] = Some(q);
         }
     }
-    let mut best: Option<(Encoding, f32)> = None;
-    for (i, algorithm) in algorithms.iter().enumerate() {
+    let mut best: Option<((Algorithm, u32), f32)> = None;
+    for (i, encoding) in offered.iter().enumerate() {
         let q = named.get(i).copied().flatten().or(star).unwrap_or(0.0);
         if q > 0.0 && best.is_none_or(|(_, b)| q > b) {
-            best = Some((*algorithm, q));
+            best = Some((*encoding, q));
         }
     }
-    best.map(|(a, _)| a)
+    best.map(|(e, _)| e)
 }
 
 /// Whether `resp` may be compressed for a client that accepts it.
@@ -158,7 +157,7 @@ fn compressible(resp: &ResponseHeader, settings: &Compression) -> bool {
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    if length.is_some_and(|l| l < settings.min_length.0) {
+    if length.is_some_and(|l| l < settings.min_length) {
         return false;
     }
     headers
@@ -181,11 +180,11 @@ fn add_vary(resp: &mut ResponseHeader) -> Result<()> {
     Ok(())
 }
 
-/// The headers of a response about to be compressed with `encoding`.
-fn mark_compressed(resp: &mut ResponseHeader, encoding: Encoding, chunked: bool) -> Result<()> {
+/// The headers of a response about to be compressed with `algorithm`.
+fn mark_compressed(resp: &mut ResponseHeader, algorithm: Algorithm, chunked: bool) -> Result<()> {
     resp.remove_header(&CONTENT_LENGTH);
     resp.remove_header(&ACCEPT_RANGES);
-    resp.insert_header(CONTENT_ENCODING, encoding.token())?;
+    resp.insert_header(CONTENT_ENCODING, algorithm.as_str())?;
     if chunked {
         resp.insert_header(TRANSFER_ENCODING, "chunked")?;
     }
@@ -207,13 +206,12 @@ fn mark_compressed(resp: &mut ResponseHeader, encoding: Encoding, chunked: bool)
     Ok(())
 }
 
-/// The encoder for `encoding` at `level`: Pingora's gzip and zstd, and
-/// [`Brotli`].
-fn encoder(encoding: Encoding, level: u32) -> Option<Box<dyn Encode + Send + Sync>> {
-    match encoding {
-        Encoding::Gzip => Algorithm::Gzip.compressor(level),
-        Encoding::Br => Some(Box::new(Brotli::new(level))),
-        Encoding::Zstd => Algorithm::Zstd.compressor(level),
+/// The encoder for `algorithm` at `level`: [`Brotli`], and Pingora's own
+/// for the others (gzip, zstd).
+fn encoder(algorithm: Algorithm, level: u32) -> Option<Box<dyn Encode + Send + Sync>> {
+    match algorithm {
+        Algorithm::Brotli => Some(Box::new(Brotli::new(level))),
+        other => other.compressor(level),
     }
 }
 
@@ -305,19 +303,19 @@ impl HttpModule for Compress {
         let Some(offer) = self.offer.take() else {
             return Ok(());
         };
-        let Some(settings) = &offer.snapshot.config.compression else {
+        let Some(settings) = &offer.snapshot.compression else {
             return Ok(());
         };
         if end_of_stream || !compressible(resp, settings) {
             return Ok(());
         }
         add_vary(resp)?;
-        let Some(encoding) = offer.chosen else {
+        let Some((algorithm, level)) = offer.chosen else {
             return Ok(());
         };
-        self.encoder = encoder(encoding, settings.level(encoding));
+        self.encoder = encoder(algorithm, level);
         if self.encoder.is_some() {
-            mark_compressed(resp, encoding, offer.chunked)?;
+            mark_compressed(resp, algorithm, offer.chunked)?;
         }
         Ok(())
     }
@@ -343,16 +341,22 @@ impl HttpModule for Compress {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use Encoding::*;
+    use Algorithm::{Brotli as Br, Gzip, Zstd};
 
-    fn chosen(accept: &str, algorithms: &[Encoding]) -> Option<Encoding> {
-        negotiate(Some(&HeaderValue::from_str(accept).unwrap()), algorithms)
+    fn chosen(accept: &str, algorithms: &[Algorithm]) -> Option<Algorithm> {
+        let offered: Vec<(Algorithm, u32)> = algorithms.iter().map(|a| (*a, 1)).collect();
+        negotiate(Some(&HeaderValue::from_str(accept).unwrap()), &offered).map(|(a, _)| a)
     }
 
     #[test]
     fn the_clients_q_values_choose_and_the_lists_order_breaks_ties() {
         let all = [Gzip, Br, Zstd];
-        assert_eq!(negotiate(None, &all), None);
+        assert_eq!(negotiate(None, &[(Gzip, 6)]), None);
+        assert_eq!(
+            negotiate(Some(&HeaderValue::from_static("br")), &[(Gzip, 6), (Br, 4)]),
+            Some((Br, 4)),
+            "with its level"
+        );
         assert_eq!(chosen("gzip", &all), Some(Gzip));
         assert_eq!(chosen("br", &all), Some(Br));
         assert_eq!(chosen("gzip, deflate, br, zstd", &all), Some(Gzip));
@@ -451,6 +455,7 @@ mod tests {
                 Br => brotli::Decompressor::new(out.as_slice(), 4096).read_to_end(&mut decoded),
                 Zstd => zstd::stream::read::Decoder::new(out.as_slice())
                     .and_then(|mut d| d.read_to_end(&mut decoded)),
+                other => panic!("{other:?} is never offered"),
             };
             assert!(read.is_ok(), "{encoding:?}: {read:?}");
             assert_eq!(decoded, text, "{encoding:?}");

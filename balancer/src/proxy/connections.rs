@@ -37,7 +37,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::proxy::drain::Stopping;
-use crate::runtime::Live;
+use crate::runtime::{Limits, Live};
 use crate::telemetry::logging::Throttle;
 
 /// How long a connection turned away (beyond `max_connections`) is read from
@@ -154,20 +154,16 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
         // min_version = "1.3": the certificate resolver turns away clients
         // that offer no TLS 1.3 suite, but a client may list them and still
         // speak only 1.2; the version negotiated is what counts.
-        let config = Arc::clone(&self.live.load().config);
-        let tls13_only = config
-            .tls
-            .as_ref()
-            .is_some_and(|t| t.min_version == crate::config::TlsVersion::V1_3);
-        if tls13_only
+        let snapshot = self.live.load_full();
+        if snapshot.tls13_only
             && stream
                 .get_ssl_digest()
                 .is_some_and(|d| !d.version.contains("1_3") && !d.version.contains("1.3"))
         {
             return None;
         }
-        let limits = &config.limits;
-        let max = limits.max_connections.get() as usize;
+        let limits = &snapshot.limits;
+        let max = limits.max_connections;
         let Some(slot) = self.connections.admit(max) else {
             if self.connections.refusals_logged.allow() {
                 log::info!(
@@ -241,7 +237,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Guarded<A> {
     /// closed or stayed silent. (A server that is stopping drops its idle
     /// connections with its runtime, as Pingora's own wait does.)
     async fn next_request_comes(&self, stream: &mut Stream) -> bool {
-        let idle = self.live.load().config.limits.keepalive_timeout.0;
+        let idle = self.live.load().limits.keepalive_timeout;
         let idle = idle.max(Duration::from_secs(1));
         let mut first = [0u8; 1];
         // Pingora's timer (10 ms grain, cheap to set per request).
@@ -338,8 +334,8 @@ pub struct Timed {
 }
 
 impl Timed {
-    fn new(inner: Stream, limits: &crate::config::Limits, slot: Slot) -> Self {
-        let limit = limits.client_header_timeout.0;
+    fn new(inner: Stream, limits: &Limits, slot: Slot) -> Self {
+        let limit = limits.client_header_timeout;
         slot.0.fresh.fetch_add(1, Ordering::Relaxed);
         Timed {
             inner,
@@ -349,8 +345,8 @@ impl Timed {
             head_bytes: 0,
             answered_early: AtomicBool::new(false),
             request_line: RequestLine::default(),
-            lingering_time: limits.lingering_time.0,
-            lingering_timeout: limits.lingering_timeout.0,
+            lingering_time: limits.lingering_time,
+            lingering_timeout: limits.lingering_timeout,
             slot: Some(slot),
             fresh: AtomicBool::new(true),
             read_ahead: Vec::new(),
@@ -741,7 +737,7 @@ mod tests {
         const SENT: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\n\r\n";
         let slot = Arc::new(Connections::default()).admit(1).expect("a slot");
         let stream: Stream = Box::new(io::Cursor::new(SENT.to_vec()));
-        let mut timed = Timed::new(stream, &crate::config::Limits::default(), slot);
+        let mut timed = Timed::new(stream, &Limits::default(), slot);
         let mut first = [0u8; 1];
         assert!(timed.try_peek(&mut first).await.unwrap());
         assert_eq!(&first, b"G");

@@ -13,7 +13,8 @@ use pingora::http::RequestHeader;
 
 use crate::extension::Reply;
 use crate::routing::{self, Action, RequestFacts, Vars};
-use crate::runtime::{Group, Snapshot};
+use crate::runtime::Snapshot;
+use crate::upstream::Group;
 
 /// What the decision reads of a request.
 pub struct Facts<'a> {
@@ -68,7 +69,7 @@ pub fn plan(facts: &Facts<'_>, snapshot: &Snapshot) -> Plan {
         action: Decided::Answer(reply),
     };
     if let Some(limiter) = &route.rate_limit {
-        let key = routing::key_of(&limiter.limit().key, facts.req, facts.client_ip);
+        let key = limiter.limit().key.of(facts.req, facts.client_ip);
         if let Err(wait) = limiter.admit(&key) {
             return answer(
                 Reply::text(
@@ -107,7 +108,7 @@ pub fn plan(facts: &Facts<'_>, snapshot: &Snapshot) -> Plan {
 /// The `308` to the same URL over HTTPS, when `[tls] redirect_http` asks
 /// for it and the request came in plain.
 fn redirect_to_https(facts: &Facts<'_>, snapshot: &Snapshot) -> Option<Reply> {
-    let tls = snapshot.config.tls.as_ref().filter(|t| t.redirect_http)?;
+    let https = snapshot.https_redirect.as_ref()?;
     if facts.tls {
         return None;
     }
@@ -115,11 +116,11 @@ fn redirect_to_https(facts: &Facts<'_>, snapshot: &Snapshot) -> Option<Reply> {
     if host.contains(':') {
         host = format!("[{host}]"); // an IPv6 address
     }
-    let port = match tls.listen.port() {
-        443 => String::new(),
-        port => format!(":{port}"),
-    };
-    let location = format!("https://{host}{port}{}", routing::path_and_query(facts.req));
+    let location = format!(
+        "https://{host}{}{}",
+        https.port,
+        routing::path_and_query(facts.req)
+    );
     Some(redirect(308, &location))
 }
 

@@ -117,7 +117,7 @@ pub struct Drain {
 impl Drain {
     /// `shutdown_delay` of serving as usual, then the drain.
     async fn stop(&self, signal_name: &str) {
-        let delay = self.live.load().config.shutdown_delay.0;
+        let delay = self.live.load().shutdown_delay;
         if !delay.is_zero() {
             log::info!(
                 "{signal_name}: serving as usual for {} (shutdown_delay), then draining",
@@ -131,7 +131,8 @@ impl Drain {
     /// Serves what was accepted or waits in the backlog, at most the grace
     /// period in force.
     async fn drain(&self, signal_name: &str) {
-        let grace = self.live.load().config.grace_period;
+        let grace = self.live.load().grace_period;
+        let shown = humantime::format_duration(grace);
         self.stopping.set();
         let listeners = Listeners::find(&self.listen);
         if listeners.is_empty() {
@@ -140,10 +141,10 @@ impl Drain {
             log::warn!("graceful stop: cannot stop the listening sockets from completing new connections ({e}); they go on accepting until the drain is over");
         }
         log::info!(
-            "{signal_name}: graceful stop, grace period {grace}: no new connections, {} requests in flight",
+            "{signal_name}: graceful stop, grace period {shown}: no new connections, {} requests in flight",
             self.in_flight.count()
         );
-        let deadline = Instant::now() + grace.0;
+        let deadline = Instant::now() + grace;
         let mut idle_since: Option<Instant> = None;
         loop {
             let now = Instant::now();
@@ -165,7 +166,7 @@ impl Drain {
             }
             if now >= deadline {
                 log::warn!(
-                    "graceful stop: grace period {grace} over with {} requests still in flight, exiting",
+                    "graceful stop: grace period {shown} over with {} requests still in flight, exiting",
                     self.in_flight.count()
                 );
                 self.close_tunnels().await;

@@ -7,7 +7,7 @@
 //! `Transfer-Encoding`, obsolete line folding and bad chunk sizes; this adds
 //! what it lets through.
 
-use crate::config::Limits;
+use crate::runtime::Limits;
 
 /// Why a request is refused, and with which status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +25,7 @@ fn reject(status: u16, reason: impl Into<String>) -> Result<(), Rejection> {
 
 /// Checks the raw request head (request line and header lines, as received).
 pub fn check_head(raw: &[u8], limits: &Limits) -> Result<(), Rejection> {
-    if raw.len() as u64 > limits.max_header_size.0 {
+    if raw.len() as u64 > limits.max_header_size {
         return reject(
             431,
             format!(
@@ -64,7 +64,7 @@ pub fn check_head(raw: &[u8], limits: &Limits) -> Result<(), Rejection> {
         transfer_encoding |= name.eq_ignore_ascii_case(b"transfer-encoding");
         host |= name.eq_ignore_ascii_case(b"host");
     }
-    if headers > limits.max_headers as usize {
+    if headers > limits.max_headers {
         return reject(
             431,
             format!("{headers} header fields exceed limits.max_headers"),
@@ -83,7 +83,7 @@ pub fn check_head(raw: &[u8], limits: &Limits) -> Result<(), Rejection> {
 
 /// Checks a declared or so-far received body size.
 pub fn check_body(bytes: u64, limits: &Limits) -> Result<(), Rejection> {
-    if bytes > limits.max_body_size.0 {
+    if bytes > limits.max_body_size {
         return reject(
             413,
             format!("request body of {bytes} bytes exceeds limits.max_body_size"),
@@ -95,13 +95,12 @@ pub fn check_body(bytes: u64, limits: &Limits) -> Result<(), Rejection> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ByteSize;
 
     fn limits() -> Limits {
         Limits {
-            max_header_size: ByteSize(200),
+            max_header_size: 200,
             max_headers: 3,
-            max_body_size: ByteSize(10),
+            max_body_size: 10,
             ..Limits::default()
         }
     }

@@ -52,13 +52,13 @@ use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
 
 use crate::cache::{self, ResponseCache};
-use crate::config::{Algorithm, CacheRule, HashKey, Protocol};
 use crate::extension::{Decision, Instance, Reply, RequestView, ResponseView};
 use crate::proxy::drain::Stopping;
 use crate::routing::{self, request_id, Route, Vars};
-use crate::runtime::{Chain, Group, Live, Snapshot};
+use crate::runtime::{Chain, Live, Snapshot};
 use crate::telemetry::logging::Throttle;
 use crate::telemetry::{access_log, metrics};
+use crate::upstream::Group;
 use decide::Decided;
 use retry::{Attempts, ProxyFailure};
 
@@ -66,7 +66,7 @@ use retry::{Attempts, ProxyFailure};
 /// any route, redirect or cache: the CA's request must reach the balancer
 /// itself, whatever the routes say.
 fn acme_challenge(session: &Session, snapshot: &Snapshot) -> Option<Reply> {
-    let acme = snapshot.config.tls.as_ref()?.acme.as_ref()?;
+    let storage = snapshot.acme_challenges.as_ref()?;
     let token = session
         .req_header()
         .uri
@@ -75,7 +75,7 @@ fn acme_challenge(session: &Session, snapshot: &Snapshot) -> Option<Reply> {
     if is_tls(session) {
         return None;
     }
-    Some(match crate::tls::acme::http01_answer(acme, token) {
+    Some(match crate::tls::acme::http01_answer(storage, token) {
         Some(answer) => Reply::text(200, answer),
         None => Reply::text(404, "404 no such ACME challenge is open\n"),
     })
@@ -83,14 +83,6 @@ fn acme_challenge(session: &Session, snapshot: &Snapshot) -> Option<Reply> {
 
 /// The balancer's own liveness endpoint, answered without an upstream (as the seed's nginx does).
 pub const HEALTH_CHECK_PATH: &str = "/health-check";
-
-/// Upstream connections idle longer than this are not reused; kept below the
-/// keep-alive timeout of common backends so that a reused connection is rarely
-/// one the backend is closing.
-const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
-
-/// Concurrent requests on one HTTP/2 connection to a backend (Pingora's default is 1).
-const H2_STREAMS: usize = 100;
 
 pub struct Balancer {
     pub live: Arc<Live>,
@@ -181,8 +173,8 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
-    fn cache_rule(&self) -> Option<&CacheRule> {
-        let rules = &self.snapshot.config.cache.as_ref()?.rules;
+    fn cache_rule(&self) -> Option<&cache::Rule> {
+        let rules = &self.snapshot.cache.as_ref()?.rules;
         rules.get(self.cache_rule?)
     }
 
@@ -259,7 +251,7 @@ impl ProxyHttp for Balancer {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         connections::head_received(session);
-        let limits = &ctx.snapshot.config.limits;
+        let limits = &ctx.snapshot.limits;
         // HTTP/1.0 without keep-alive, or `Connection: close`: Pingora has
         // already decided to close, and setting a timeout would undo that.
         let keeps_alive = session
@@ -269,7 +261,7 @@ impl ProxyHttp for Balancer {
         if self.stopping.is_set() {
             session.set_keepalive(None);
         } else if keeps_alive {
-            session.set_keepalive(Some(limits.keepalive_timeout.0.as_secs().max(1)));
+            session.set_keepalive(Some(limits.keepalive_timeout.as_secs().max(1)));
             // Pipelined requests are answered in order, one after the other
             // (RFC 9112, section 9.3.2); off, Pingora drops all but the first.
             session.as_downstream_mut().set_pipelining_enabled(true);
@@ -313,7 +305,7 @@ impl ProxyHttp for Balancer {
     ) -> Result<()> {
         if let Some(chunk) = body {
             ctx.body_bytes += chunk.len() as u64;
-            limits::check_body(ctx.body_bytes, &ctx.snapshot.config.limits).map_err(refuse)?;
+            limits::check_body(ctx.body_bytes, &ctx.snapshot.limits).map_err(refuse)?;
         }
         Ok(())
     }
@@ -364,7 +356,7 @@ impl ProxyHttp for Balancer {
     }
 
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
-        let Some(settings) = &ctx.snapshot.config.cache else {
+        let Some(policy) = &ctx.snapshot.cache else {
             return Ok(());
         };
         if ctx.cache_rule.is_none()
@@ -381,9 +373,9 @@ impl ProxyHttp for Balancer {
             Some(self.cache.lock),
             Some(overrides),
         );
-        session.cache.set_max_file_size_bytes(
-            usize::try_from(settings.max_object_size.0).unwrap_or(usize::MAX),
-        );
+        session
+            .cache
+            .set_max_file_size_bytes(policy.max_object_size);
         Ok(())
     }
 
@@ -489,22 +481,22 @@ impl ProxyHttp for Balancer {
             // where Pingora's merge has only the caching ones.
             cache::update_from_304(upstream_response, not_modified)?;
         }
-        if let Some(settings) = &ctx.snapshot.config.cache {
+        if let Some(policy) = &ctx.snapshot.cache {
             self.cache
-                .invalidate_after(&settings.rules, session.req_header(), upstream_response);
+                .invalidate_after(&policy.rules, session.req_header(), upstream_response);
         }
         if let Some(client_max_age) = ctx.cache_rule().map(|r| r.client_max_age) {
             let status = cache::status_label(session.cache.phase());
             self.cache.stats.count(status);
             ctx.cache_status = Some(status);
-            cache::label_response(upstream_response, status, client_max_age.map(|a| a.0))?;
+            cache::label_response(upstream_response, status, client_max_age)?;
         }
         self.finish_response(session, ctx, upstream_response).await
     }
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let Some(group) = ctx.group.clone() else {
@@ -513,69 +505,15 @@ impl ProxyHttp for Balancer {
                 "no upstream group",
             ));
         };
-        let settings = &group.settings;
-        let upgrade = ctx.upgrade;
-        let peer_for = |addr: SocketAddr, server: Option<&str>| {
-            let sni = match (&settings.sni, settings.tls) {
-                (_, false) => String::new(),
-                (Some(sni), true) => sni.clone(),
-                // An address an extension chose has no servers entry: the
-                // group's first one names the backends (an empty SNI would
-                // skip the certificate check altogether).
-                (None, true) => match server {
-                    Some(server) => crate::config::Authority::split(server).0.to_owned(),
-                    None => settings
-                        .servers
-                        .addrs()
-                        .next()
-                        .map(|a| a.host().to_owned())
-                        .unwrap_or_default(),
-                },
-            };
-            let mut peer = HttpPeer::new(addr, settings.tls, sni);
-            peer.options.connection_timeout = Some(settings.connect_timeout.0);
-            peer.options.read_timeout = Some(if upgrade {
-                settings.idle_timeout.0
-            } else {
-                settings.read_timeout.0
-            });
-            peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
-            peer.options.verify_cert = settings.verify;
-            peer.options.verify_hostname = settings.verify;
-            peer.options.ca = group.ca.clone();
-            match (settings.protocol, upgrade) {
-                // An upgrade is an HTTP/1.1 affair: HTTP/2 would drop it.
-                (_, true) | (Protocol::Http1, _) => peer.options.set_http_version(1, 1),
-                (Protocol::H2c, false) => {
-                    peer.options.set_http_version(2, 2);
-                    peer.options.max_h2_streams = H2_STREAMS;
-                }
-                (Protocol::H2, false) => {
-                    peer.options.set_http_version(2, 1);
-                    peer.options.max_h2_streams = H2_STREAMS;
-                }
-            }
-            Box::new(peer)
-        };
+        ctx.upstream_started.get_or_insert_with(Instant::now);
         if let Some(addr) = ctx.chosen_backend.take() {
             ctx.attempts.pick_address(addr);
-            ctx.upstream_started.get_or_insert_with(Instant::now);
-            return Ok(peer_for(addr, None));
+            return Ok(group.peer(addr, None, ctx.upgrade));
         }
-        let key = match settings.algorithm {
-            Algorithm::ConsistentHash => {
-                let hash_key = settings
-                    .hash_key
-                    .as_ref()
-                    .map_or(&HashKey::ClientIp, |k| k.get_ref());
-                routing::key_of(hash_key, _session.req_header(), client_ip(_session))
-            }
-            _ => Vec::new(),
-        };
-        let Some(backend) = ctx
+        let picked = ctx
             .attempts
-            .pick(&group.state.pool, settings.algorithm, &key)
-        else {
+            .pick(&group, session.req_header(), client_ip(session));
+        let Some(backend) = picked else {
             // Sourced upstream, so that a stale cached copy may still be served.
             return Err(Error::create(
                 ErrorType::HTTPStatus(503),
@@ -584,9 +522,7 @@ impl ProxyHttp for Balancer {
                 None,
             ));
         };
-        let peer = peer_for(backend.addr, Some(&backend.server));
-        ctx.upstream_started.get_or_insert_with(Instant::now);
-        Ok(peer)
+        Ok(group.peer(backend.addr, Some(&backend.server), ctx.upgrade))
     }
 
     fn fail_to_connect(
@@ -747,9 +683,9 @@ impl ProxyHttp for Balancer {
         };
         metrics::observe(&record);
         // Docker probes every few seconds: that is not traffic worth a line.
-        let config = &ctx.snapshot.config;
-        if req.uri.path() != HEALTH_CHECK_PATH || config.log_health_checks {
-            access_log::write(config.log_format, &record);
+        let log = ctx.snapshot.access_log;
+        if req.uri.path() != HEALTH_CHECK_PATH || log.health_checks {
+            access_log::write(log.format, &record);
         }
     }
 }
@@ -788,7 +724,7 @@ impl Balancer {
         if let (true, Some(group)) = (ctx.upgrade, &ctx.group) {
             // An upgraded connection lives as long as it carries traffic,
             // past read_timeout, until idle_timeout of silence.
-            session.set_read_timeout(Some(group.settings.idle_timeout.0));
+            session.set_read_timeout(Some(group.idle_timeout));
         }
         if ctx.group.is_none() && ctx.chosen_backend.is_none() {
             let reply = Reply::text(
@@ -802,10 +738,10 @@ impl Balancer {
             self.tunnel(session, ctx).await?;
             return Ok(true);
         }
-        let route_allows = ctx.route().is_none_or(|r| r.written().compression);
+        let route_allows = ctx.route().is_none_or(|r| r.compression);
         compression::offer(session, &ctx.snapshot, route_allows);
-        if let (Some(settings), false) = (&ctx.snapshot.config.cache, sent_elsewhere) {
-            ctx.cache_rule = cache::rule_index(&settings.rules, session.req_header().uri.path());
+        if let (Some(policy), false) = (&ctx.snapshot.cache, sent_elsewhere) {
+            ctx.cache_rule = cache::rule_index(&policy.rules, session.req_header().uri.path());
         }
         self.serve_fresh_hit(session, ctx).await
     }
@@ -908,7 +844,7 @@ impl Balancer {
         if !cache::plain_hit_candidate(session.req_header()) {
             return Ok(false);
         }
-        let client_max_age = rule.client_max_age.map(|a| a.0);
+        let client_max_age = rule.client_max_age;
         let key = self.cache_key_callback(session, ctx)?;
         let Some(hit) = self.cache.storage.fresh_hit(&key) else {
             return Ok(false);

@@ -13,14 +13,15 @@
 //!   Pingora's retry buffer, is never sent twice once it reached a backend.
 //! - A backend an extension chose is tried once.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use pingora::http::RequestHeader;
 use pingora::{Error, ErrorType};
 
-use crate::runtime::Group;
 use crate::telemetry::metrics;
-use crate::upstream::{Backend, BackendGuard, Pool};
+use crate::upstream::Group;
+use crate::upstream::{Backend, BackendGuard};
 
 /// The tries of one request.
 #[derive(Default)]
@@ -44,15 +45,15 @@ pub struct ProxyFailure {
 }
 
 impl Attempts {
-    /// The next backend of `pool` by `algorithm`'s choice for `key`, past
-    /// those that failed this request; counted in flight at it.
+    /// The next backend of `group` for the request `req`, past those that
+    /// failed it; counted in flight at it.
     pub fn pick(
         &mut self,
-        pool: &Pool,
-        algorithm: crate::config::Algorithm,
-        key: &[u8],
+        group: &Group,
+        req: &RequestHeader,
+        client_ip: Option<IpAddr>,
     ) -> Option<Arc<Backend>> {
-        let backend = pool.select(algorithm, key, &self.unreachable)?;
+        let backend = group.select(req, client_ip, &self.unreachable)?;
         self.at_backend = Some(backend.enter());
         self.current = Some(Arc::clone(&backend));
         self.tries += 1;
@@ -69,12 +70,10 @@ impl Attempts {
     /// another backend of `group` is left.
     pub fn connect_failed(&mut self, group: &Group, e: &mut Error) {
         if let Some(backend) = &self.current {
-            if let Some(hc) = &group.settings.health_check {
-                backend.count_failure(&group.name, hc, &e.to_string());
-            }
+            group.count_failure(backend, &e.to_string());
             self.unreachable.push(backend.addr);
         }
-        if group.state.pool.has_candidate(&self.unreachable) {
+        if group.has_candidate(&self.unreachable) {
             e.set_retry(true);
             metrics::count_retry();
         }
@@ -103,7 +102,7 @@ impl Attempts {
                 self.unreachable.push(current.addr);
             }
         }
-        let candidate = group.is_some_and(|g| g.state.pool.has_candidate(&self.unreachable));
+        let candidate = group.is_some_and(|g| g.has_candidate(&self.unreachable));
         let retry = how.reused || candidate;
         e.set_retry(retry);
         if retry {

@@ -85,7 +85,7 @@ impl Balancer {
         let read_timeout = ctx
             .group
             .as_ref()
-            .map(|g| g.settings.read_timeout.0)
+            .map(|g| g.read_timeout)
             .unwrap_or(Duration::from_secs(60));
         let mut request = session.req_header().clone();
         keep_only_the_upgrade(&mut request)?;
@@ -112,7 +112,7 @@ impl Balancer {
         let idle = ctx
             .group
             .as_ref()
-            .map_or(Duration::from_secs(3600), |g| g.settings.idle_timeout.0);
+            .map_or(Duration::from_secs(3600), |g| g.idle_timeout);
         let end = self.pump(session, &mut backend, idle).await;
         backend.shutdown().await;
         ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());

@@ -16,16 +16,19 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 
-use crate::config::{self, Authority, HashKey, HostPattern, Template};
-pub use rate_limit::Limiter;
+use crate::config::{self, Authority, HostPattern, Template};
+pub use rate_limit::{Limit, Limiter};
 
 /// One route, ready for requests.
 pub struct Route {
     /// Its name, or `#N` (its position from 1).
     pub label: Arc<str>,
-    host: Option<HostPattern>,
-    path: String,
-    methods: Option<Vec<http::Method>>,
+    /// The host it matches; `None`: any.
+    pub host: Option<HostPattern>,
+    /// The path prefix it matches.
+    pub path: String,
+    /// The methods it matches; `None`: any.
+    pub methods: Option<Vec<http::Method>>,
     /// Each must be present; `None`: with any value.
     headers: Vec<(HeaderName, Option<HeaderValue>)>,
     pub action: Action,
@@ -33,8 +36,8 @@ pub struct Route {
     pub request_headers: Edits,
     pub response_headers: Edits,
     pub rate_limit: Option<Arc<Limiter>>,
-    /// The route as written, to tell whether a reload changed it.
-    written: config::Route,
+    /// `false`: its responses are never compressed.
+    pub compression: bool,
 }
 
 /// What a route does with a request it matches.
@@ -83,11 +86,12 @@ impl Route {
             _ => None,
         };
         let rate_limit = route.rate_limit.as_ref().map(|limit| {
+            let limit = Limit::from(limit);
             previous
                 .and_then(|p| p.rate_limit.as_ref())
-                .filter(|kept| kept.limit() == limit)
+                .filter(|kept| *kept.limit() == limit)
                 .cloned()
-                .unwrap_or_else(|| Arc::new(Limiter::new(limit.clone())))
+                .unwrap_or_else(|| Arc::new(Limiter::new(limit)))
         });
         Route {
             label: Arc::from(route.label(index)),
@@ -113,13 +117,8 @@ impl Route {
             request_headers: Edits::compile(&route.request_headers),
             response_headers: Edits::compile(&route.response_headers),
             rate_limit,
-            written: route.clone(),
+            compression: route.compression,
         }
-    }
-
-    /// The route as the file wrote it.
-    pub fn written(&self) -> &config::Route {
-        &self.written
     }
 
     pub fn matches(&self, facts: &RequestFacts<'_>) -> bool {
@@ -300,35 +299,73 @@ impl HeaderTarget for ResponseHeader {
     }
 }
 
-/// The bytes `key` takes from a request, for hashing or rate limiting.
-/// A request without them (no such cookie, header or parameter) is keyed by
-/// its client's address instead.
-pub fn key_of(key: &HashKey, req: &RequestHeader, client_ip: Option<IpAddr>) -> Vec<u8> {
-    let found: Option<Vec<u8>> = match key {
-        HashKey::ClientIp => None,
-        HashKey::Uri => Some(path_and_query(req).as_bytes().to_vec()),
-        HashKey::Header(name) => req.headers.get(name).map(|v| v.as_bytes().to_vec()),
-        HashKey::Cookie(name) => req
-            .headers
-            .get_all(http::header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|pair| pair.trim().split_once('='))
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_bytes().to_vec()),
-        HashKey::Query(name) => req.uri.query().and_then(|q| {
-            q.split('&')
-                .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+/// What part of a request keys a consistent hash or a rate limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    ClientIp,
+    /// The path and query.
+    Uri,
+    Header(HeaderName),
+    Cookie(String),
+    Query(String),
+}
+
+impl From<&config::HashKey> for HashKey {
+    fn from(key: &config::HashKey) -> HashKey {
+        match key {
+            config::HashKey::ClientIp => HashKey::ClientIp,
+            config::HashKey::Uri => HashKey::Uri,
+            config::HashKey::Header(name) => HashKey::Header(name.clone()),
+            config::HashKey::Cookie(name) => HashKey::Cookie(name.clone()),
+            config::HashKey::Query(name) => HashKey::Query(name.clone()),
+        }
+    }
+}
+
+impl std::fmt::Display for HashKey {
+    /// As the file writes it: `client_ip`, `header:x-user`, ...
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HashKey::ClientIp => f.write_str("client_ip"),
+            HashKey::Uri => f.write_str("uri"),
+            HashKey::Header(name) => write!(f, "header:{name}"),
+            HashKey::Cookie(name) => write!(f, "cookie:{name}"),
+            HashKey::Query(name) => write!(f, "query:{name}"),
+        }
+    }
+}
+
+impl HashKey {
+    /// The bytes this key takes from a request. A request without them (no
+    /// such cookie, header or parameter) is keyed by its client's address
+    /// instead.
+    pub fn of(&self, req: &RequestHeader, client_ip: Option<IpAddr>) -> Vec<u8> {
+        let found: Option<Vec<u8>> = match self {
+            HashKey::ClientIp => None,
+            HashKey::Uri => Some(path_and_query(req).as_bytes().to_vec()),
+            HashKey::Header(name) => req.headers.get(name).map(|v| v.as_bytes().to_vec()),
+            HashKey::Cookie(name) => req
+                .headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|pair| pair.trim().split_once('='))
                 .find(|(n, _)| n == name)
-                .map(|(_, v)| v.as_bytes().to_vec())
-        }),
-    };
-    found.unwrap_or_else(|| {
-        client_ip
-            .map(|ip| ip.to_string().into_bytes())
-            .unwrap_or_default()
-    })
+                .map(|(_, v)| v.as_bytes().to_vec()),
+            HashKey::Query(name) => req.uri.query().and_then(|q| {
+                q.split('&')
+                    .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| v.as_bytes().to_vec())
+            }),
+        };
+        found.unwrap_or_else(|| {
+            client_ip
+                .map(|ip| ip.to_string().into_bytes())
+                .unwrap_or_default()
+        })
+    }
 }
 
 #[cfg(test)]
@@ -414,18 +451,22 @@ mod tests {
             "/p?a=1&id=42",
             &[("cookie", "x=1; session=abc"), ("x-user", "u7")],
         );
+        let key = |text: &str| HashKey::from(&config::HashKey::parse(text).unwrap());
+        assert_eq!(key("cookie:session").of(&r, ip), b"abc");
+        assert_eq!(key("query:id").of(&r, ip), b"42");
+        assert_eq!(key("header:x-user").of(&r, ip), b"u7");
+        assert_eq!(key("uri").of(&r, ip), b"/p?a=1&id=42");
+        for text in [
+            "client_ip",
+            "uri",
+            "header:x-user",
+            "cookie:session",
+            "query:id",
+        ] {
+            assert_eq!(key(text).to_string(), text, "the file's words, back");
+        }
         assert_eq!(
-            key_of(&HashKey::parse("cookie:session").unwrap(), &r, ip),
-            b"abc"
-        );
-        assert_eq!(key_of(&HashKey::parse("query:id").unwrap(), &r, ip), b"42");
-        assert_eq!(
-            key_of(&HashKey::parse("header:x-user").unwrap(), &r, ip),
-            b"u7"
-        );
-        assert_eq!(key_of(&HashKey::Uri, &r, ip), b"/p?a=1&id=42");
-        assert_eq!(
-            key_of(&HashKey::parse("cookie:none").unwrap(), &r, ip),
+            key("cookie:none").of(&r, ip),
             b"10.1.2.3",
             "absent: the client"
         );

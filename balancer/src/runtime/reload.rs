@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, Notify};
 use crate::config::{diff, Config, ConfigError};
 use crate::extension::Registry;
 use crate::runtime::{Live, Snapshot};
+use crate::upstream::health;
 
 /// How often the file is re-read when no event says it changed.
 const POLL: Duration = Duration::from_secs(2);
@@ -43,8 +44,9 @@ pub struct Reloader {
     last_text: Mutex<String>,
     /// The digest of the extensions' files last read (see `last_text`).
     last_sources: Mutex<u64>,
-    /// The text in force, as TOML: what the next change is compared with.
-    in_force: Mutex<toml::Table>,
+    /// The text of the file in force: what the next one is compared with,
+    /// key by key. (The values in force are the snapshot's.)
+    in_force: Mutex<String>,
 }
 
 /// What the reloads did, for metrics and status.
@@ -85,7 +87,7 @@ impl Reloader {
             reloaded,
             registry,
             stats: Arc::default(),
-            in_force: Mutex::new(text.parse().unwrap_or_default()),
+            in_force: Mutex::new(text.clone()),
             last_sources: Mutex::new(sources),
             last_text: Mutex::new(text),
         }
@@ -139,35 +141,27 @@ impl Reloader {
     /// Parses `text`, keeps the restart-only keys as they are, compiles and
     /// publishes the new snapshot; returns one line per changed key.
     async fn apply(&self, text: &str) -> Result<Vec<String>, ConfigError> {
-        // Parsed once as it is, so that errors point at the file's own lines.
-        let parsed = Config::parse(&self.path, text)?;
-        for warning in parsed.warnings(text) {
+        let mut config = Config::parse(&self.path, text)?;
+        for warning in config.warnings(text) {
             log::warn!("{}: {warning}", self.path.display());
         }
-        let mut table: toml::Table = text.parse().unwrap_or_default();
-        let (kept, changes) = {
-            let in_force = lock(&self.in_force);
-            let kept = diff::keep_restart_only(&in_force, &mut table);
-            (kept, diff::changes(&in_force, &table))
+        let previous = self.live.load_full();
+        let invalid = |message| ConfigError::Invalid {
+            path: self.path.clone(),
+            position: None,
+            message,
         };
-        for line in &kept {
+        let kept = diff::keep_restart_only(&previous.config, &mut config).map_err(invalid)?;
+        for line in &kept.lines {
             log::warn!("config reload: {line}");
         }
-        let config = if kept.is_empty() {
-            parsed
-        } else {
-            let merged = toml::to_string(&table).unwrap_or_default();
-            Config::parse(&self.path, &merged)?
-        };
-        let previous = self.live.load_full();
+        let changes = diff::changes(
+            &lock(&self.in_force).parse().unwrap_or_default(),
+            &text.parse().unwrap_or_default(),
+            &kept.restart_only,
+        );
         let snapshot =
-            Snapshot::compile(config, Some(&previous), &self.registry).map_err(|message| {
-                ConfigError::Invalid {
-                    path: self.path.clone(),
-                    position: None,
-                    message,
-                }
-            })?;
+            Snapshot::compile(config, Some(&previous), &self.registry).map_err(invalid)?;
         // A group that is new in this file is resolved (and its addresses
         // probed) before the file takes effect: a route to it must not meet
         // an empty pool. The configuration in force serves meanwhile.
@@ -177,9 +171,9 @@ impl Reloader {
                 .get(*name)
                 .is_none_or(|old| !Arc::ptr_eq(&old.state, &group.state))
         });
-        futures::future::join_all(new_groups.map(|(_, g)| g.upkeep().refresh_membership())).await;
+        futures::future::join_all(new_groups.map(|(_, g)| health::refresh_membership(g))).await;
         self.live.store(Arc::new(snapshot));
-        *lock(&self.in_force) = table;
+        *lock(&self.in_force) = text.to_owned();
         Ok(changes)
     }
 }

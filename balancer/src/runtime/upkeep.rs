@@ -20,28 +20,13 @@ use pingora::services::ServiceReadyNotifier;
 use tokio::sync::Notify;
 use tokio::time::{sleep_until, Instant};
 
-use crate::runtime::{Group, Live};
-use crate::upstream::health::Target;
+use crate::runtime::Live;
+use crate::upstream::health::{check_all, refresh_membership};
 
 pub struct Upkeep {
     pub live: Arc<Live>,
     /// Woken when a new configuration is in force: act on it at once.
     pub reloaded: Arc<Notify>,
-}
-
-// Beside the loop rather than with `Group`: only the upkeep works on a
-// group's pool this way.
-impl Group {
-    /// This group as its upkeep works on it.
-    pub fn upkeep(&self) -> Target<'_> {
-        Target {
-            name: &self.name,
-            settings: &self.settings,
-            ca: self.ca.as_ref(),
-            pool: &self.state.pool,
-            resolver: &self.state.resolver,
-        }
-    }
 }
 
 /// When a group is next due for each kind of upkeep.
@@ -61,13 +46,7 @@ impl BackgroundService for Upkeep {
         ready: ServiceReadyNotifier,
     ) {
         let snapshot = self.live.load_full();
-        futures::future::join_all(
-            snapshot
-                .groups
-                .values()
-                .map(|g| g.upkeep().refresh_membership()),
-        )
-        .await;
+        futures::future::join_all(snapshot.groups.values().map(|g| refresh_membership(g))).await;
         ready.notify_ready();
         self.start(shutdown).await;
     }
@@ -79,7 +58,7 @@ impl BackgroundService for Upkeep {
             due.insert(
                 name.clone(),
                 Due {
-                    resolve: Instant::now() + group.settings.resolve_interval.0,
+                    resolve: Instant::now() + group.resolve_interval,
                     check: Instant::now(),
                 },
             );
@@ -96,29 +75,24 @@ impl BackgroundService for Upkeep {
                     check: now,
                 });
                 let resolve = now >= when.resolve;
-                let check = group
-                    .settings
-                    .health_check
-                    .as_ref()
-                    .filter(|_| now >= when.check);
+                let check = group.health_check.as_ref().filter(|_| now >= when.check);
                 if resolve {
-                    when.resolve = now + group.settings.resolve_interval.0;
+                    when.resolve = now + group.resolve_interval;
                 }
                 if let Some(hc) = check {
                     when.check = now + hc.interval.0;
                 }
                 next = next.min(when.resolve);
-                if group.settings.health_check.is_some() {
+                if group.health_check.is_some() {
                     next = next.min(when.check);
                 }
                 if resolve || check.is_some() {
                     work.push(async move {
-                        let target = group.upkeep();
                         if resolve {
-                            target.refresh_membership().await;
+                            refresh_membership(group).await;
                         }
                         if let Some(hc) = check {
-                            target.check_all(&target.pool.members(), hc, true).await;
+                            check_all(group, &group.state.pool.members(), hc, true).await;
                         }
                     });
                 }

@@ -22,14 +22,10 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::Thread;
 use std::time::{Duration, Instant, SystemTime};
 
-/// A line's form (`log_format` in the configuration file).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Fields in a fixed order, separated by spaces.
-    #[default]
+/// How a line is written: `log_format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
     Text,
-    /// One JSON object.
     Json,
 }
 
@@ -195,7 +191,7 @@ pub fn flush(within: Duration) {
 
 /// Adds the line for `r` to this thread's waiting lines, unless the
 /// `access` target is filtered out.
-pub fn write(format: LogFormat, r: &Record<'_>) {
+pub fn write(format: Format, r: &Record<'_>) {
     if !log::log_enabled!(target: "access", log::Level::Info) {
         return;
     }
@@ -212,7 +208,7 @@ pub fn write(format: LogFormat, r: &Record<'_>) {
 
 /// Appends the whole line for `r` to `lines`; `false` (and nothing
 /// appended) when they already hold [`PENDING_MAX`] bytes.
-fn append_line(lines: &mut Vec<u8>, format: LogFormat, r: &Record<'_>) -> bool {
+fn append_line(lines: &mut Vec<u8>, format: Format, r: &Record<'_>) -> bool {
     if lines.len() >= PENDING_MAX {
         return false;
     }
@@ -222,8 +218,8 @@ fn append_line(lines: &mut Vec<u8>, format: LogFormat, r: &Record<'_>) -> bool {
         humantime::format_rfc3339_seconds(SystemTime::now())
     );
     match format {
-        LogFormat::Text => text(lines, r),
-        LogFormat::Json => json(lines, r),
+        Format::Text => text(lines, r),
+        Format::Json => json(lines, r),
     }
     lines.push(b'\n');
     true
@@ -420,10 +416,10 @@ mod tests {
         let uri: http::Uri = "/x".parse().unwrap();
         let r = record(&uri);
         let mut lines = Vec::new();
-        assert!(append_line(&mut lines, LogFormat::Text, &r));
+        assert!(append_line(&mut lines, Format::Text, &r));
         assert!(lines.ends_with(b" request_id=abc\n"), "{lines:?}");
         lines.resize(PENDING_MAX, b'.');
-        assert!(!append_line(&mut lines, LogFormat::Json, &r));
+        assert!(!append_line(&mut lines, Format::Json, &r));
         assert_eq!(
             lines.len(),
             PENDING_MAX,

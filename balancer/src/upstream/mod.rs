@@ -1,5 +1,6 @@
-//! Upstream groups: the backend addresses of each group, each with its
-//! health, and the choice of one for a request (`selection`).
+//! Upstream groups: each compiled from its section once per snapshot
+//! (`group`), the backend addresses of each group, each with its health,
+//! and the choice of one for a request (`selection`).
 //!
 //! Pingora's `LoadBalancer` trusts a new backend at once and keeps its health
 //! out of reach; a [`Pool`] starts a new address unhealthy until it passes a
@@ -9,10 +10,12 @@
 //! (`discovery`) and probing them (`health`) live beside this.
 
 pub mod discovery;
+mod group;
 pub mod health;
 mod selection;
 
 pub use discovery::Found;
+pub use group::{Algorithm, Group, GroupState, RequestKey};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -23,7 +26,7 @@ use std::time::SystemTime;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use pingora_ketama::Continuum;
 
-use crate::config::{Algorithm, HealthCheck};
+use crate::config::HealthCheck;
 
 /// One backend address and what is known about it.
 #[derive(Debug)]

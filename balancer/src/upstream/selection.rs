@@ -120,8 +120,7 @@ pub(super) fn consistent<'a>(
 mod tests {
     use std::collections::{BTreeMap, HashMap};
 
-    use crate::config::Algorithm;
-    use crate::upstream::{Found, Pool};
+    use crate::upstream::{Algorithm, Found, Pool};
 
     fn pool(weights: &[(&str, u32)]) -> Pool {
         let pool = Pool::default();

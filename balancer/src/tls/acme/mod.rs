@@ -46,9 +46,8 @@ const IDLE: Duration = Duration::from_secs(60);
 /// replica sharing `storage` is waiting for it. Read from the volume (a
 /// small file, a few requests per order): the replica the CA reaches need
 /// not be the one that ordered.
-pub fn http01_answer(acme: &Acme, token: &str) -> Option<String> {
-    let file = Storage::new(acme).challenge(token)?;
-    std::fs::read_to_string(file).ok()
+pub fn http01_answer(storage: &Storage, token: &str) -> Option<String> {
+    std::fs::read_to_string(storage.challenge(token)?).ok()
 }
 
 /// What one name's certificate is doing, for `/status`.
