@@ -167,7 +167,7 @@ pub fn keep_restart_only(old: &Config, new: &mut Config) -> Result<Kept, String>
 }
 
 /// A value as a reload reports it: `(off)`, `(one per CPU)`, or the value.
-pub fn shown<T: fmt::Display>(value: &Option<T>, absent: &str) -> String {
+pub(super) fn shown<T: fmt::Display>(value: &Option<T>, absent: &str) -> String {
     value
         .as_ref()
         .map_or_else(|| absent.to_owned(), ToString::to_string)

@@ -105,11 +105,7 @@ impl TryFrom<Written> for Route {
 
     /// One action, and `strip_prefix` only beside `upstream`.
     fn try_from(w: Written) -> Result<Route, String> {
-        let name = w
-            .name
-            .as_deref()
-            .map(|n| format!("route {n:?}"))
-            .unwrap_or_else(|| "this route".to_owned());
+        let name = called(w.name.as_deref());
         let mut strip_prefix = w.strip_prefix;
         let action = match (w.upstream, w.redirect, w.respond) {
             (Some(group), None, None) => Action::Upstream {
@@ -151,6 +147,11 @@ impl TryFrom<Written> for Route {
     }
 }
 
+/// How an error calls the route named `name`.
+fn called(name: Option<&str>) -> String {
+    name.map_or_else(|| "this route".to_owned(), |n| format!("route {n:?}"))
+}
+
 impl Route {
     /// How logs, metrics and the status page call the route at `index` (from 0).
     pub fn label(&self, index: usize) -> String {
@@ -163,11 +164,7 @@ impl Route {
     pub(super) fn validate(&self, group_exists: impl Fn(&str) -> bool) -> Result<(), String> {
         match &self.action {
             Action::Upstream { group, .. } if !group_exists(group) => {
-                let name = self
-                    .name
-                    .as_deref()
-                    .map(|n| format!("route {n:?}"))
-                    .unwrap_or_else(|| "this route".to_owned());
+                let name = called(self.name.as_deref());
                 Err(format!(
                     "{name}: upstream {group:?} is not defined; add an [upstreams.{group}] section (or [upstream] for \"default\")"
                 ))
