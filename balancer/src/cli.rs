@@ -2,9 +2,6 @@
 //! `balancer healthcheck` and `balancer cert --self-signed`. [`main_with`] is the whole command, with the
 //! extensions a program of your own brings (none for `balancer` itself).
 
-#[path = "../../backend/src/probe.rs"]
-mod probe;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
