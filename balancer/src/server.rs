@@ -19,7 +19,7 @@ use crate::admin::{self, metrics};
 use crate::cache::ResponseCache;
 use crate::config::Config;
 use crate::extension::Extension;
-use crate::proxy::{self, connections, drain};
+use crate::proxy::{self, connections, drain, guard};
 use crate::runtime::certificates::{CertWatch, RenewalLoop};
 use crate::runtime::reload::Reloader;
 use crate::runtime::upkeep::Upkeep;
@@ -119,7 +119,7 @@ pub fn run(
     }
     let mut proxy = Service::new(
         "balancer".to_owned(),
-        connections::Guarded::new(
+        guard::Guarded::new(
             balancer,
             Arc::clone(&live),
             Arc::clone(&connections),

@@ -23,6 +23,7 @@ pub mod compression;
 pub mod connections;
 pub mod drain;
 pub mod forwarded;
+pub mod guard;
 pub mod limits;
 pub mod listeners;
 pub mod tunnel;
