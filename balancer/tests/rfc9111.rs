@@ -527,16 +527,7 @@ fn surrogate_control_speaks_to_the_balancer_and_stops_there() {
         );
     }
     assert_stored(&lb.url("/c/shorter"));
-    // A hit leaves the entry as it is: ask until the answer is no hit.
-    let later = wait_for(
-        Duration::from_secs(3),
-        "the surrogate max-age=1 to end",
-        || {
-            get(&lb.url("/c/shorter"))
-                .ok()
-                .filter(|r| cache_status(r) != "HIT")
-        },
-    );
+    let later = first_non_hit(&lb.url("/c/shorter"), Duration::from_secs(3));
     assert_eq!(cache_status(&later), "EXPIRED", "{later:?}");
     assert_not_stored(&origin, &lb.url("/c/no-store"));
 }
