@@ -5,7 +5,6 @@
 //! `healthcheck` subcommand that Docker runs inside images without curl.
 //! It knows nothing about the balancer beyond the forwarded headers it reports.
 
-mod probe;
 mod routes;
 
 use std::net::SocketAddr;

@@ -1,11 +1,8 @@
 //! The command line: `balancer --config FILE [--check]`,
 //! `balancer healthcheck` and `balancer cert --self-signed`. [`main_with`] is the whole command, with the
-//! extensions a program of your own brings (none for `balancer` itself).
+//! extension kinds a program of your own brings.
 
-#[path = "../../backend/src/probe.rs"]
-mod probe;
-
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -67,18 +64,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
         }
     }
     if let Some(Command::Cert { hosts, out, .. }) = &cli.command {
-        return match tls::self_signed::write(hosts, out) {
-            Ok(files) => {
-                for f in files {
-                    println!("wrote {}", f.display());
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("balancer cert: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        return cert(hosts, out);
     }
     let Some(path) = cli.config else {
         eprintln!("balancer: --config FILE is required (the TOML configuration)");
@@ -92,44 +78,9 @@ pub fn main_with(registry: Registry) -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Healthcheck { .. }) => {
-            match probe::get_ok(
-                config.listen,
-                proxy::HEALTH_CHECK_PATH,
-                Duration::from_secs(2),
-            ) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!(
-                        "balancer healthcheck: {}{}: {e}",
-                        config.listen,
-                        proxy::HEALTH_CHECK_PATH
-                    );
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Some(Command::Healthcheck { .. }) => healthcheck(&config),
         Some(Command::Cert { .. }) => ExitCode::SUCCESS,
-        None if cli.check => {
-            let (mut errors, mut cert_warnings) = tls::check(&config);
-            let (acme_errors, acme_warnings) = tls::acme::check(&config);
-            errors.extend(acme_errors);
-            cert_warnings.extend(acme_warnings);
-            if let Err(e) = crate::runtime::Snapshot::compile(config.clone(), None, &registry) {
-                errors.push(e);
-            }
-            for warning in config.warnings(&text).into_iter().chain(cert_warnings) {
-                eprintln!("{}: warning: {warning}", path.display());
-            }
-            if !errors.is_empty() {
-                for e in errors {
-                    eprintln!("balancer: {}: {e}", path.display());
-                }
-                return ExitCode::FAILURE;
-            }
-            println!("{}: configuration is valid", path.display());
-            ExitCode::SUCCESS
-        }
+        None if cli.check => check(&path, &config, &text, &registry),
         None => {
             telemetry::logging::init();
             for warning in config.warnings(&text) {
@@ -138,4 +89,62 @@ pub fn main_with(registry: Registry) -> ExitCode {
             server::run(config, path, text, registry)
         }
     }
+}
+
+/// `balancer cert --self-signed`: writes the development CA and certificate.
+fn cert(hosts: &[String], out: &Path) -> ExitCode {
+    match tls::self_signed::write(hosts, out) {
+        Ok(files) => {
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("balancer cert: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `balancer healthcheck`: whether the balancer serving `config` answers.
+fn healthcheck(config: &Config) -> ExitCode {
+    match probe::get_ok(
+        config.listen,
+        proxy::HEALTH_CHECK_PATH,
+        Duration::from_secs(2),
+    ) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "balancer healthcheck: {}{}: {e}",
+                config.listen,
+                proxy::HEALTH_CHECK_PATH
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--check`: everything a start would refuse (certificates, ACME, files
+/// the snapshot reads, the extension instances), without serving; warnings too.
+fn check(path: &Path, config: &Config, text: &str, registry: &Registry) -> ExitCode {
+    let (mut errors, mut cert_warnings) = tls::check(config);
+    let (acme_errors, acme_warnings) = tls::acme::check(config);
+    errors.extend(acme_errors);
+    cert_warnings.extend(acme_warnings);
+    if let Err(e) = crate::runtime::Snapshot::compile(config.clone(), None, registry) {
+        errors.push(e);
+    }
+    for warning in config.warnings(text).into_iter().chain(cert_warnings) {
+        eprintln!("{}: warning: {warning}", path.display());
+    }
+    if !errors.is_empty() {
+        for e in errors {
+            eprintln!("balancer: {}: {e}", path.display());
+        }
+        return ExitCode::FAILURE;
+    }
+    println!("{}: configuration is valid", path.display());
+    ExitCode::SUCCESS
 }

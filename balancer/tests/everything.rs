@@ -130,6 +130,7 @@ impl Loop {
                     client.get(&url)
                 };
                 c.check(self.what, reply, self.expect, (self.count)(&c));
+                // The load's pace: nothing is waited for.
                 thread::sleep(self.pace);
             }
         })
@@ -372,6 +373,7 @@ fn h2_loop(counts: Arc<Counts>, port: u16, config: Arc<rustls::ClientConfig>) {
                 }
                 let reply = http2::get(&send, &uri, &[]).await;
                 counts.check("HTTP/2", reply, Expect::Allowed, &counts.h2);
+                // The load's pace: nothing is waited for.
                 tokio::time::sleep(PACE).await;
             }
             drop(send);
@@ -409,6 +411,7 @@ fn websocket_loop(counts: Arc<Counts>, mut sockets: Vec<WebSocket<TcpStream>>) {
                 other => counts.fail(format!("WebSocket {i}: {other:?}")),
             }
         }
+        // The load's pace: nothing is waited for.
         thread::sleep(Duration::from_millis(100));
     }
     for (i, ws) in sockets.iter_mut().enumerate() {

@@ -225,6 +225,7 @@ fn trickle(mut stream: TcpStream, head: &str, for_at_most: Duration) -> (String,
             if writer.write_all(piece).is_err() {
                 return;
             }
+            // The client's slowness is what is tested.
             std::thread::sleep(Duration::from_millis(100));
         }
     });
@@ -280,6 +281,7 @@ fn a_request_head_sent_too_slowly_is_cut_off_but_a_slow_body_or_an_idle_pause_is
         .unwrap();
     stream.write_all(head.as_bytes()).unwrap();
     for _ in 0..20 {
+        // The client's slowness is what is tested.
         std::thread::sleep(Duration::from_millis(100));
         stream.write_all(b"b").unwrap();
     }
@@ -289,6 +291,7 @@ fn a_request_head_sent_too_slowly_is_cut_off_but_a_slow_body_or_an_idle_pause_is
 
     // ...and a kept-alive client may pause between requests (that wait is
     // keepalive_timeout's, 60 s here) before sending its next head at once.
+    // The pause, longer than client_header_timeout, is what is tested.
     std::thread::sleep(Duration::from_millis(1500));
     stream
         .write_all(b"GET /after-a-pause HTTP/1.1\r\nHost: x\r\n\r\n")

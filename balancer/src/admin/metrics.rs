@@ -138,6 +138,18 @@ impl Collector for LiveState {
         f.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        self.read_backends(&f);
+        self.read_cache(&f);
+        self.read_counts(&f);
+        self.read_certificates(&f);
+        f.all().iter().flat_map(|c| c.collect()).collect()
+    }
+}
+
+/// Each family read from where its state lives.
+impl LiveState {
+    /// Every backend of every group in the snapshot in force.
+    fn read_backends(&self, f: &Families) {
         let snapshot = self.live.load();
         for (name, group) in &snapshot.groups {
             for b in group.state.pool.members().iter() {
@@ -154,6 +166,9 @@ impl Collector for LiveState {
                     .inc_by(b.requests());
             }
         }
+    }
+
+    fn read_cache(&self, f: &Families) {
         let stats = &self.cache.stats;
         for (outcome, counter) in [
             ("hit", &stats.hits),
@@ -171,6 +186,10 @@ impl Collector for LiveState {
         f.cache_bytes
             .with_label_values::<&str>(&[])
             .set(level(self.cache.storage.stored_bytes()));
+    }
+
+    /// What the reloads, the client connections and the access log counted.
+    fn read_counts(&self, f: &Families) {
         f.reloads
             .with_label_values(&["ok"])
             .inc_by(self.reloads.succeeded.load(Ordering::Relaxed));
@@ -193,6 +212,10 @@ impl Collector for LiveState {
         f.access_log_dropped
             .with_label_values::<&str>(&[])
             .inc_by(crate::telemetry::access_log::dropped());
+    }
+
+    /// The TLS listener's certificates and the ACME orders.
+    fn read_certificates(&self, f: &Families) {
         let now = std::time::SystemTime::now();
         for c in self
             .certificates
@@ -216,6 +239,5 @@ impl Collector for LiveState {
                 .with_label_values(&[domain.as_str()])
                 .inc_by(status.failures);
         }
-        f.all().iter().flat_map(|c| c.collect()).collect()
     }
 }

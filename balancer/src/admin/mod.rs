@@ -23,10 +23,11 @@ use pingora_prometheus::PrometheusHttpApp;
 
 use crate::cache::ResponseCache;
 use crate::proxy::connections::Connections;
-use crate::routing::Action;
+use crate::routing::{Action, Route};
 use crate::runtime::reload::ReloadStats;
-use crate::runtime::Live;
+use crate::runtime::{Live, Snapshot};
 use crate::telemetry::logging::Throttle;
+use crate::tls::CertStore;
 use crate::upstream::Backend;
 
 /// The status page: one self-contained file (no external assets), built on `/status`.
@@ -40,7 +41,7 @@ pub const TOKEN_ENV: &str = "BALANCER_ADMIN_TOKEN";
 
 pub struct Admin {
     /// The TLS listener's certificates, when there is one.
-    pub certificates: Option<Arc<crate::tls::CertStore>>,
+    pub certificates: Option<Arc<CertStore>>,
     /// The state of each `[tls.acme]` name, when there is that section.
     pub acme: Option<Arc<crate::tls::acme::AcmeStatus>>,
     /// `BALANCER_ADMIN_TOKEN` as it was at start-up (empty counts as unset).
@@ -98,62 +99,33 @@ impl Admin {
         }
     }
 
+    /// `GET /status`: the configuration in force and how it was loaded, the
+    /// client connections, the certificates, the groups and their backends,
+    /// the routes and the cache, as the status page reads them.
     fn status(&self) -> serde_json::Value {
         let snapshot = self.live.load();
-        // Each group, with each of its servers entries and their addresses;
-        // `upstreams` lists every entry of every group, as the page reads it.
-        let mut upstreams = Vec::new();
-        let mut groups = Vec::new();
-        for (name, group) in &snapshot.groups {
-            let members = group.state.pool.members();
-            let servers: Vec<serde_json::Value> = group
-                .servers
-                .iter()
-                .map(|entry| {
-                    let server = entry.addr.to_string();
-                    let addresses: Vec<serde_json::Value> = members
-                        .iter()
-                        .filter(|b| *b.server == *server)
-                        .map(|b| address(b))
-                        .collect();
-                    serde_json::json!({
-                        "name": server,
-                        "group": name,
-                        "weight": entry.weight.get(),
-                        "addresses": addresses,
-                    })
-                })
-                .collect();
-            upstreams.extend(servers.iter().cloned());
-            groups.push(serde_json::json!({
-                "name": name,
-                "algorithm": group.algorithm.to_string(),
-                "hash_key": group.hash_key().map(ToString::to_string),
-                "health_checks": group.health_check.is_some(),
-                "servers": servers,
-            }));
-        }
-        let routes: Vec<serde_json::Value> = snapshot
-            .routes
-            .iter()
-            .map(|route| {
-                let action = match &route.action {
-                    Action::Upstream(group) => format!("upstream {group}"),
-                    Action::Redirect { status, .. } => format!("redirect {status}"),
-                    Action::Respond { status, .. } => format!("respond {status}"),
-                };
-                serde_json::json!({
-                    "name": &*route.label,
-                    "host": route.host.as_ref().map(ToString::to_string),
-                    "path": route.path,
-                    "methods": route.methods.as_ref().map(|m| m.iter().map(ToString::to_string).collect::<Vec<_>>()),
-                    "action": action,
-                    "rate_limit": route.rate_limit.as_ref().map(|l| l.limit().to_string()),
-                })
-            })
-            .collect();
-        let stats = &self.cache.stats;
-        let storage = self.cache.storage;
+        let (upstreams, groups) = groups(&snapshot);
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "config": self.config_status(&snapshot),
+            "connections": {
+                "open": self.connections.open(),
+                "max": snapshot.limits.max_connections,
+                "refused": self.connections.refused(),
+                "header_timeouts": self.connections.header_timeouts(),
+                "lingering": self.connections.lingering(),
+            },
+            "certificates": self.certificates.as_deref().map(certificates).unwrap_or_default(),
+            "acme": self.acme.as_ref().map(|status| status.domains()),
+            "upstreams": upstreams,
+            "groups": groups,
+            "routes": snapshot.routes.iter().map(route).collect::<Vec<_>>(),
+            "cache": cache(self.cache),
+        })
+    }
+
+    /// The file in force, when it was loaded, and how its reloads went.
+    fn config_status(&self, snapshot: &Snapshot) -> serde_json::Value {
         let reloads = &self.reloads;
         let loaded_at = *reloads.loaded_at.lock().unwrap_or_else(|e| e.into_inner());
         let last_error = reloads
@@ -162,54 +134,104 @@ impl Admin {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         serde_json::json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "config": {
-                "path": self.config_path.display().to_string(),
-                "loaded_at": httpdate::fmt_http_date(loaded_at),
-                "reloads_succeeded": reloads.succeeded.load(Ordering::Relaxed),
-                "reloads_failed": reloads.failed.load(Ordering::Relaxed),
-                "last_reload_error": last_error,
-                "health_checks": snapshot.groups.values().any(|g| g.health_check.is_some()),
-                "cache_rules": snapshot.cache.as_ref().map(|c| c.rules.iter().map(|r| r.path.as_str()).collect::<Vec<_>>()).unwrap_or_default(),
-            },
-            "connections": {
-                "open": self.connections.open(),
-                "max": snapshot.limits.max_connections,
-                "refused": self.connections.refused(),
-                "header_timeouts": self.connections.header_timeouts(),
-                "lingering": self.connections.lingering(),
-            },
-            "certificates": self.certificates.as_ref().map(|store| {
-                store
-                    .certificates()
-                    .iter()
-                    .map(|c| {
-                        let left = c.not_after.duration_since(SystemTime::now()).map_or(0, |d| d.as_secs());
-                        serde_json::json!({
-                            "file": c.file.display().to_string(),
-                            "hosts": c.hosts,
-                            "names": c.names,
-                            "not_after": httpdate::fmt_http_date(c.not_after),
-                            "seconds_left": left,
-                        })
-                    })
-                    .collect::<Vec<_>>()
-            }).unwrap_or_default(),
-            "acme": self.acme.as_ref().map(|status| status.domains()),
-            "upstreams": upstreams,
-            "groups": groups,
-            "routes": routes,
-            "cache": {
-                "hits": stats.hits.load(Ordering::Relaxed),
-                "misses": stats.misses.load(Ordering::Relaxed),
-                "stale": stats.stale.load(Ordering::Relaxed),
-                "bypasses": stats.bypasses.load(Ordering::Relaxed),
-                "evictions": storage.evictions(),
-                "stored_bytes": storage.stored_bytes(),
-                "entries": storage.entry_count(),
-            },
+            "path": self.config_path.display().to_string(),
+            "loaded_at": httpdate::fmt_http_date(loaded_at),
+            "reloads_succeeded": reloads.succeeded.load(Ordering::Relaxed),
+            "reloads_failed": reloads.failed.load(Ordering::Relaxed),
+            "last_reload_error": last_error,
+            "health_checks": snapshot.groups.values().any(|g| g.health_check.is_some()),
+            "cache_rules": snapshot.cache.as_ref().map(|c| c.rules.iter().map(|r| r.path.as_str()).collect::<Vec<_>>()).unwrap_or_default(),
         })
     }
+}
+
+/// Each group, with each of its servers entries and their addresses, and
+/// (first) every entry of every group in one list, as the page reads it.
+fn groups(snapshot: &Snapshot) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    let mut upstreams = Vec::new();
+    let mut groups = Vec::new();
+    for (name, group) in &snapshot.groups {
+        let members = group.state.pool.members();
+        let servers: Vec<serde_json::Value> = group
+            .servers
+            .iter()
+            .map(|entry| {
+                let server = entry.addr.to_string();
+                let addresses: Vec<serde_json::Value> = members
+                    .iter()
+                    .filter(|b| *b.server == *server)
+                    .map(|b| address(b))
+                    .collect();
+                serde_json::json!({
+                    "name": server,
+                    "group": name,
+                    "weight": entry.weight.get(),
+                    "addresses": addresses,
+                })
+            })
+            .collect();
+        upstreams.extend(servers.iter().cloned());
+        groups.push(serde_json::json!({
+            "name": name,
+            "algorithm": group.algorithm.to_string(),
+            "hash_key": group.hash_key().map(ToString::to_string),
+            "health_checks": group.health_check.is_some(),
+            "servers": servers,
+        }));
+    }
+    (upstreams, groups)
+}
+
+/// One route: what it matches, and what it does.
+fn route(route: &Route) -> serde_json::Value {
+    let action = match &route.action {
+        Action::Upstream(group) => format!("upstream {group}"),
+        Action::Redirect { status, .. } => format!("redirect {status}"),
+        Action::Respond { status, .. } => format!("respond {status}"),
+    };
+    serde_json::json!({
+        "name": &*route.label,
+        "host": route.host.as_ref().map(ToString::to_string),
+        "path": route.path,
+        "methods": route.methods.as_ref().map(|m| m.iter().map(ToString::to_string).collect::<Vec<_>>()),
+        "action": action,
+        "rate_limit": route.rate_limit.as_ref().map(|l| l.limit().to_string()),
+    })
+}
+
+/// The TLS listener's certificates and how long each has left.
+fn certificates(store: &CertStore) -> Vec<serde_json::Value> {
+    store
+        .certificates()
+        .iter()
+        .map(|c| {
+            let left = c
+                .not_after
+                .duration_since(SystemTime::now())
+                .map_or(0, |d| d.as_secs());
+            serde_json::json!({
+                "file": c.file.display().to_string(),
+                "hosts": c.hosts,
+                "names": c.names,
+                "not_after": httpdate::fmt_http_date(c.not_after),
+                "seconds_left": left,
+            })
+        })
+        .collect()
+}
+
+fn cache(cache: &ResponseCache) -> serde_json::Value {
+    let stats = &cache.stats;
+    let storage = cache.storage;
+    serde_json::json!({
+        "hits": stats.hits.load(Ordering::Relaxed),
+        "misses": stats.misses.load(Ordering::Relaxed),
+        "stale": stats.stale.load(Ordering::Relaxed),
+        "bypasses": stats.bypasses.load(Ordering::Relaxed),
+        "evictions": storage.evictions(),
+        "stored_bytes": storage.stored_bytes(),
+        "entries": storage.entry_count(),
+    })
 }
 
 fn address(b: &Backend) -> serde_json::Value {

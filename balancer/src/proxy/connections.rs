@@ -1,13 +1,14 @@
-//! Client connections, around the requests on them: how many may be open at
-//! once (`limits.max_connections`), how long a client may take to send a
-//! request head (`limits.client_header_timeout`), and how a connection whose
-//! request was refused before it was read whole is closed (a lingering close,
-//! `limits.lingering_time`). Pingora 0.9 offers none of these, so the proxy
-//! runs behind [`Guarded`], which admits each connection into a slot and hands
-//! the proxy a [`Timed`] stream: its reads fail once a request head is
-//! overdue, and when it is dropped after an early answer it reads and discards
-//! what the client still sends before it closes, so that the close does not
-//! reset the answer away before the client has read it.
+//! Client connections, around the requests on them: the counts kept of
+//! them ([`Connections`]), the slot each one holds while it is open, how long
+//! a client may take to send a request head (`limits.client_header_timeout`),
+//! and how a connection whose request was refused before it was read whole
+//! is closed (a lingering close, `limits.lingering_time`). Pingora 0.9 offers
+//! none of these, so the proxy reads each client through a [`Timed`] stream:
+//! its reads fail once a request head is overdue, and when it is dropped
+//! after an early answer it reads and discards what the client still sends
+//! before it closes, so that the close does not reset the answer away before
+//! the client has read it. Admitting connections and handing the proxy their
+//! streams is the guard's (`guard`).
 //!
 //! Where one request ends and the next begins is known to the proxy, not to
 //! the bytes: the proxy calls [`head_received`] when it has parsed a head,
@@ -23,31 +24,22 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
-use pingora::protocols::http::ServerSession;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::{SslDigest, TlsRef};
 use pingora::protocols::{GetProxyDigest, GetSocketDigest, GetTimingDigest};
 use pingora::protocols::{Peek, Shutdown, Ssl, Stream, UniqueID, UniqueIDType, ALPN};
 use pingora::protocols::{SocketDigest, TimingDigest};
 use pingora::proxy::Session;
-use pingora::server::ShutdownWatch;
-use pingora_timeout::fast_timeout;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::proxy::drain::Stopping;
-use crate::runtime::{Limits, Live};
+use crate::runtime::Limits;
 use crate::telemetry::logging::Throttle;
-
-/// How long a connection turned away (beyond `max_connections`) is read from
-/// after its 503: it holds no slot, so it is kept short.
-const REFUSAL_LINGER: Duration = Duration::from_millis(500);
 
 /// A complete plain-text response that closes the connection, written
 /// straight to the client before Pingora has a session for it; `headers` are
 /// extra header lines, each ending in CRLF.
-fn closing_response(status: &str, headers: &str, body: &str) -> Vec<u8> {
+pub(super) fn closing_response(status: &str, headers: &str, body: &str) -> Vec<u8> {
     format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n\
          Content-Length: {}\r\n{headers}Connection: close\r\n\r\n{body}",
@@ -65,7 +57,8 @@ pub struct Connections {
     refused: AtomicU64,
     header_timeouts: AtomicU64,
     lingering: AtomicUsize,
-    refusals_logged: Throttle,
+    /// The guard's refusals, logged once a second at most.
+    pub(super) refusals_logged: Throttle,
     timeouts_logged: Throttle,
 }
 
@@ -96,7 +89,7 @@ impl Connections {
     }
 
     /// A slot for one more connection, when fewer than `max` are open.
-    fn admit(self: &Arc<Self>, max: usize) -> Option<Slot> {
+    pub(super) fn admit(self: &Arc<Self>, max: usize) -> Option<Slot> {
         if self.open.fetch_add(1, Ordering::AcqRel) < max {
             Some(Slot(Arc::clone(self)))
         } else {
@@ -109,165 +102,11 @@ impl Connections {
 
 /// One open connection, counted until it is dropped.
 #[derive(Debug)]
-struct Slot(Arc<Connections>);
+pub(super) struct Slot(Arc<Connections>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A [`ServerApp`] (the proxy) behind the connection limits.
-pub struct Guarded<A> {
-    app: Arc<A>,
-    live: Arc<Live>,
-    connections: Arc<Connections>,
-    /// The drain's start, handed to the proxy as its shutdown signal:
-    /// Pingora's own comes only once the drain is over.
-    draining: ShutdownWatch,
-}
-
-impl<A> Guarded<A> {
-    pub fn new(
-        app: A,
-        live: Arc<Live>,
-        connections: Arc<Connections>,
-        stopping: Arc<Stopping>,
-    ) -> Self {
-        Guarded {
-            app: Arc::new(app),
-            live,
-            connections,
-            draining: stopping.watch(),
-        }
-    }
-}
-
-#[async_trait]
-impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
-    async fn process_new(
-        self: &Arc<Self>,
-        stream: Stream,
-        _shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        let shutdown = &self.draining;
-        // min_version = "1.3": the certificate resolver turns away clients
-        // that offer no TLS 1.3 suite, but a client may list them and still
-        // speak only 1.2; the version negotiated is what counts.
-        let snapshot = self.live.load_full();
-        if snapshot.tls13_only
-            && stream
-                .get_ssl_digest()
-                .is_some_and(|d| !d.version.contains("1_3") && !d.version.contains("1.3"))
-        {
-            return None;
-        }
-        let limits = &snapshot.limits;
-        let max = limits.max_connections;
-        let Some(slot) = self.connections.admit(max) else {
-            if self.connections.refusals_logged.allow() {
-                log::info!(
-                    "refusing new client connections: limits.max_connections ({max}) are open; {} refused so far",
-                    self.connections.refused()
-                );
-            }
-            refuse(
-                stream,
-                "503 Service Unavailable",
-                "too many open connections; try again in a moment\n",
-            )
-            .await;
-            return None;
-        };
-        let http2 = stream.selected_alpn_proto() == Some(ALPN::H2);
-        let tls = stream.get_ssl_digest().is_some();
-        let mut timed = Timed::new(stream, limits, slot);
-        if http2 {
-            timed.state = AtomicU8::new(UNTIMED);
-        }
-        let stream: Stream = Box::new(timed);
-        let h2c = self.app.server_options().is_some_and(|o| o.h2c);
-        if !tls && !h2c {
-            self.serve_http1(stream, shutdown).await;
-            return None;
-        }
-        // TLS (ALPN) and h2c: Pingora tells the protocols apart and serves
-        // every request of the connection in one call; any stream handed
-        // back is served here, still inside the slot.
-        let mut next = ServerApp::process_new(&self.app, stream, shutdown).await;
-        while let Some(stream) = next {
-            next = ServerApp::process_new(&self.app, stream, shutdown).await;
-        }
-        None
-    }
-
-    async fn cleanup(&self) {
-        ServerApp::cleanup(&*self.app).await;
-    }
-}
-
-impl<A: HttpServerApp + Send + Sync + 'static> Guarded<A> {
-    /// A plain HTTP/1.1 connection, one request after the other, as
-    /// Pingora's own loop serves it, but for the wait between two requests:
-    /// that happens here, holding the socket and nothing of Pingora's. (A
-    /// request's state in Pingora takes some 25 KiB, and Pingora keeps it
-    /// for as long as a kept-alive connection is idle.) The wait costs no
-    /// system call: the bytes that end it are the ones the proxy reads.
-    async fn serve_http1(&self, stream: Stream, shutdown: &ShutdownWatch) {
-        let mut session = ServerSession::new_http1(stream);
-        // Pingora's default; `early_request_filter` sets the configured one.
-        session.set_keepalive((!*shutdown.borrow()).then_some(60));
-        let mut reused = self.app.process_new_http(session, shutdown).await;
-        while let Some((mut stream, settings)) = reused.map(ReusedHttpStream::consume) {
-            let pipelined = settings.as_ref().is_some_and(|s| !nothing_pipelined(s));
-            if !pipelined && !self.next_request_comes(&mut stream).await {
-                return;
-            }
-            let mut session = ServerSession::new_http1(stream);
-            if let Some(settings) = settings {
-                settings.apply_to_session(&mut session);
-            }
-            reused = self.app.process_new_http(session, shutdown).await;
-        }
-    }
-
-    /// Waits until the client sends its next request, for at most
-    /// `limits.keepalive_timeout`; what came is read ahead and left for the
-    /// proxy to read (see [`Timed`]'s `try_peek`). `false`: the client
-    /// closed or stayed silent. (A server that is stopping drops its idle
-    /// connections with its runtime, as Pingora's own wait does.)
-    async fn next_request_comes(&self, stream: &mut Stream) -> bool {
-        let idle = self.live.load().limits.keepalive_timeout;
-        let idle = idle.max(Duration::from_secs(1));
-        let mut first = [0u8; 1];
-        // Pingora's timer (10 ms grain, cheap to set per request).
-        let peeked = fast_timeout::fast_timeout(idle, stream.try_peek(&mut first)).await;
-        matches!(peeked, Ok(Ok(true)))
-    }
-}
-
-/// Whether Pingora holds no bytes of a next request read along with the last
-/// one (a pipelined request): only then may the wait for the next request
-/// watch the socket. Pingora 0.9 keeps those bytes in a private field of
-/// `HttpPersistentSettings`, readable only through its `Debug` form; any
-/// other form than the one expected counts as "maybe", and Pingora then
-/// waits as it would without this (the unit test below pins the form).
-fn nothing_pipelined(settings: &HttpPersistentSettings) -> bool {
-    use std::fmt::Write as _;
-    let mut form = String::with_capacity(192);
-    let _ = write!(form, "{settings:?}");
-    // The first mention is the field's name: the bytes, a client's, come after it.
-    const FIELD: &str = "pipelined_prefix: ";
-    form.find(FIELD)
-        .is_some_and(|at| form[at + FIELD.len()..].starts_with("None"))
-}
-
-/// Answers `status` with `body` and closes, reading (and discarding) what
-/// the client sends for a moment first.
-async fn refuse(mut stream: Stream, status: &str, body: &str) {
-    let answer = closing_response(status, "Retry-After: 1\r\n", body);
-    if stream.write_all(&answer).await.is_ok() {
-        linger(stream, REFUSAL_LINGER, REFUSAL_LINGER).await;
     }
 }
 
@@ -276,7 +115,7 @@ async fn refuse(mut stream: Stream, status: &str, body: &str) {
 /// most `time` in all and `timeout` between reads, and closes. Without it,
 /// closing a socket with unread bytes resets the connection, and a client
 /// that writes its whole request before reading loses the answer.
-async fn linger(mut stream: Stream, time: Duration, timeout: Duration) {
+pub(super) async fn linger(mut stream: Stream, time: Duration, timeout: Duration) {
     if AsyncWriteExt::shutdown(&mut stream).await.is_err() {
         return;
     }
@@ -334,7 +173,7 @@ pub struct Timed {
 }
 
 impl Timed {
-    fn new(inner: Stream, limits: &Limits, slot: Slot) -> Self {
+    pub(super) fn new(inner: Stream, limits: &Limits, slot: Slot) -> Self {
         let limit = limits.client_header_timeout;
         slot.0.fresh.fetch_add(1, Ordering::Relaxed);
         Timed {
@@ -352,6 +191,11 @@ impl Timed {
             read_ahead: Vec::new(),
             read_at: 0,
         }
+    }
+
+    /// HTTP/2: no head deadline for this connection (see [`UNTIMED`]).
+    pub(super) fn untimed(&mut self) {
+        self.state = AtomicU8::new(UNTIMED);
     }
 
     fn connections(&self) -> Option<&Connections> {
@@ -759,14 +603,42 @@ mod tests {
     }
 
     #[test]
-    fn a_pipelined_request_is_seen_in_the_persistent_settings() {
-        let session = ServerSession::new_http1(Box::new(io::Cursor::new(Vec::new())));
-        let mut settings = HttpPersistentSettings::for_session(&session);
-        settings.set_user_context(Box::new("pipelined_prefix: None"));
-        assert!(nothing_pipelined(&settings));
-        settings.set_pipelined_prefix(bytes::BytesMut::from(
-            &b"GET /?pipelined_prefix: None HTTP/1.1\r\n"[..],
-        ));
-        assert!(!nothing_pipelined(&settings));
+    fn slots_stop_at_the_limit_and_a_closed_connection_frees_its_own() {
+        let connections = Arc::new(Connections::default());
+        let first = connections.admit(2).expect("a first slot");
+        let second = connections.admit(2).expect("a second slot");
+        assert!(connections.admit(2).is_none(), "a third beyond 2");
+        assert_eq!((connections.open(), connections.refused()), (2, 1));
+        drop(first);
+        assert_eq!(connections.open(), 1);
+        let third = connections.admit(2).expect("the freed slot");
+        assert!(connections.admit(2).is_none());
+        assert_eq!((connections.open(), connections.refused()), (2, 2));
+        drop((second, third));
+        assert_eq!(connections.open(), 0);
+    }
+
+    #[test]
+    fn a_request_line_is_told_apart_as_its_bytes_arrive() {
+        let scanned = |pieces: &[&[u8]]| {
+            let mut line = RequestLine::default();
+            for piece in pieces {
+                line.scan(piece);
+            }
+            line
+        };
+        let spaced = scanned(&[b"GET /a b", b" HTTP/1.1\r\n"]);
+        assert!(spaced.complete && spaced.has_extra_spaces());
+        let plain = scanned(&[b"GET /a HTTP/1.1\r\n", b"X-Words: a b c\r\n"]);
+        assert!(
+            plain.complete && !plain.has_extra_spaces(),
+            "the header lines after it do not count: {plain:?}"
+        );
+        assert!(scanned(&[b"PRI * HT", b"TP/2.0\r\n\r\nSM"]).is_h2c());
+        assert!(
+            !scanned(&[b"PRI * HT"]).is_h2c(),
+            "not yet the whole preface"
+        );
+        assert!(!scanned(&[b"PUT * HTTP/2.0\r\n"]).is_h2c());
     }
 }

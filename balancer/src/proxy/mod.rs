@@ -25,6 +25,7 @@ pub mod connections;
 mod decide;
 pub mod drain;
 pub mod forwarded;
+pub mod guard;
 pub mod limits;
 pub mod listeners;
 mod retry;

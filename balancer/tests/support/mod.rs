@@ -799,6 +799,15 @@ pub fn cache_status(r: &Reply) -> &str {
     r.header("x-cache-status").unwrap_or("(none)")
 }
 
+/// The first answer for `url` that is no cache hit, asked for until it
+/// comes (a hit leaves the entry as it is) or `within` passes: the end of
+/// an entry's freshness, seen as it happens.
+pub fn first_non_hit(url: &str, within: Duration) -> Reply {
+    wait_for(within, &format!("{url} to be no cache hit"), || {
+        get(url).ok().filter(|r| cache_status(r) != "HIT")
+    })
+}
+
 // Development certificates.
 
 /// A development CA and a certificate it signed, as `balancer cert` writes them.

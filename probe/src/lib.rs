@@ -1,8 +1,7 @@
 //! A tiny, dependency-free HTTP/1.1 probe for the `healthcheck` subcommands.
 //!
-//! Docker runs it inside images that have no curl. Both binaries compile this
-//! one file (the balancer includes it by path), so the two health checks
-//! behave alike.
+//! Docker runs it inside images that have no curl. The balancer and the
+//! backend both depend on this crate, so the two health checks behave alike.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
@@ -46,5 +45,38 @@ pub fn get_ok(listen: SocketAddr, path: &str, timeout: Duration) -> Result<(), S
         Some("200") => Ok(()),
         _ if status_line.is_empty() => Err("the connection closed without an answer".to_owned()),
         _ => Err(format!("answered {status_line:?}, expected 200")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A server on a loopback port that answers one request with `answer`.
+    fn answering(answer: &'static str) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+        let addr = listener.local_addr().expect("its address");
+        std::thread::spawn(move || {
+            if let Ok((mut stream, _)) = listener.accept() {
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request);
+                let _ = stream.write_all(answer.as_bytes());
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn only_a_200_passes_and_a_wildcard_address_is_probed_on_loopback() {
+        let up = answering("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        let wildcard = SocketAddr::from(([0, 0, 0, 0], up.port()));
+        assert_eq!(get_ok(wildcard, "/health", Duration::from_secs(2)), Ok(()));
+        let down = answering("HTTP/1.1 503 Service Unavailable\r\n\r\n");
+        let failed = get_ok(down, "/health", Duration::from_secs(2));
+        assert!(
+            failed.as_ref().is_err_and(|e| e.contains("503")),
+            "expected the 503 named, got {failed:?}"
+        );
     }
 }
