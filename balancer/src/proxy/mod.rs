@@ -52,7 +52,7 @@ use crate::admin::logging::Throttle;
 use crate::admin::{access_log, metrics};
 use crate::cache::{self, ResponseCache};
 use crate::config::{Algorithm, CacheRule, HashKey, Protocol};
-use crate::extension::{Decision, Instance, Reply, RequestView, ResponseView};
+use crate::extension::{Decision, Instance, Logged, Reply, RequestView, ResponseView};
 use crate::proxy::drain::Stopping;
 use crate::routing::{self, request_id, Action, RequestFacts, Route, Vars};
 use crate::runtime::{Chain, Group, Live, Snapshot};
@@ -964,14 +964,18 @@ impl Balancer {
                 .await;
             let failure = match outcome {
                 Ok(Ok(())) => continue,
-                Ok(Err(e)) => e.to_string(),
-                Err(panic) => panic_text(&panic),
+                // Said already, under the extension's own throttle.
+                Ok(Err(e)) if e.is::<Logged>() => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(panic) => Some(panic_text(&panic)),
             };
-            log::error!(
-                "extension {} (kind {}): response hook failed: {failure}",
-                instance.name,
-                instance.kind
-            );
+            if let Some(failure) = failure {
+                log::error!(
+                    "extension {} (kind {}): response hook failed: {failure}",
+                    instance.name,
+                    instance.kind
+                );
+            }
             return Err(Error::explain(
                 ErrorType::HTTPStatus(500),
                 format!("extension {} failed", instance.name),
