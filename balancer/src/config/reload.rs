@@ -3,8 +3,10 @@
 //!
 //! Three triggers lead to the same re-read: a file-system watch on the file's
 //! directory (so editors that write a new file and rename it over the old one,
-//! and files bind-mounted into a container through their directory, are seen),
-//! a periodic re-read as the fallback where no event arrives, and SIGHUP. An
+//! and files bind-mounted into a container through their directory, are seen)
+//! and on the directories of the files extension instances were built from
+//! (scripts), a periodic re-read as the fallback where no event arrives, and
+//! SIGHUP. An
 //! invalid file is logged with its file, line and reason and changes nothing;
 //! a valid one is compiled into a new runtime snapshot and published, and
 //! each changed key is logged (`diff`); settings that only apply at start-up
@@ -188,13 +190,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Whether a file-system event in the file's directory may have changed the
-/// file named `name`. Opening and reading it do not: counting them would make
-/// every re-read (ours included) trigger the next one. Docker bind mounts
-/// surface as the directory changing, so any other event naming the file
-/// counts; so does the swap of the `..data` link through which Kubernetes
-/// updates a mounted ConfigMap.
-fn may_change(event: &notify::Event, name: &std::ffi::OsStr) -> bool {
+/// Whether a file-system event in a watched directory may have changed one
+/// of the files named `names`. Opening and reading it do not: counting them
+/// would make every re-read (ours included) trigger the next one. Docker
+/// bind mounts surface as the directory changing, so any other event naming
+/// the file counts; so does the swap of the `..data` link through which
+/// Kubernetes updates a mounted ConfigMap.
+fn may_change(event: &notify::Event, names: &[&std::ffi::OsStr]) -> bool {
     use notify::event::{AccessKind, AccessMode, EventKind};
     let content_may_differ = match event.kind {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
@@ -206,42 +208,55 @@ fn may_change(event: &notify::Event, name: &std::ffi::OsStr) -> bool {
             .paths
             .iter()
             .filter_map(|p| p.file_name())
-            .any(|n| n == name || n == "..data")
+            .any(|n| names.contains(&n) || n == "..data")
 }
 
-/// Forwards file-system events about `file` into a channel. The watch is on
-/// the directory: a file renamed over the old one is a new inode that a watch
-/// on the file itself would miss.
-fn watch(file: &Path) -> Option<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>)> {
-    let dir = file
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = file.file_name()?.to_owned();
+/// Forwards file-system events about `files` (the configuration first, then
+/// the extensions' files) into a channel. The watch is on their directories:
+/// a file renamed over the old one is a new inode that a watch on the file
+/// itself would miss.
+fn watch(files: &[PathBuf]) -> Option<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>)> {
+    let dir_of = |file: &Path| {
+        file.parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_owned()
+    };
+    let names: Vec<std::ffi::OsString> = files
+        .iter()
+        .filter_map(|f| f.file_name().map(ToOwned::to_owned))
+        .collect();
     let (tx, rx) = mpsc::unbounded_channel();
     let handler = move |event: notify::Result<notify::Event>| {
+        let names: Vec<&std::ffi::OsStr> = names.iter().map(|n| n.as_os_str()).collect();
         if let Ok(event) = event {
-            if may_change(&event, &name) {
+            if may_change(&event, &names) {
                 let _ = tx.send(());
             }
         }
     };
+    let dirs: std::collections::BTreeSet<PathBuf> = files.iter().map(|f| dir_of(f)).collect();
+    let config_dir = dir_of(files.first()?);
     let mut watcher = match notify::recommended_watcher(handler) {
         Ok(w) => w,
         Err(e) => {
             log::warn!(
                 "cannot watch {}: {e}; re-reading it every {POLL:?} instead",
-                dir.display()
+                config_dir.display()
             );
             return None;
         }
     };
-    if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
-        log::warn!(
-            "cannot watch {}: {e}; re-reading it every {POLL:?} instead",
-            dir.display()
-        );
-        return None;
+    for dir in &dirs {
+        if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+            log::warn!(
+                "cannot watch {}: {e}; re-reading it every {POLL:?} instead",
+                dir.display()
+            );
+            if *dir == config_dir {
+                return None;
+            }
+        }
     }
     Some((watcher, rx))
 }
@@ -257,7 +272,8 @@ impl BackgroundService for Reloader {
                 None
             }
         };
-        let (_watcher, mut events) = match watch(&self.path) {
+        let mut watched = self.watched_files();
+        let (mut _watcher, mut events) = match watch(&watched) {
             Some((w, rx)) => (Some(w), Some(rx)),
             None => (None, None),
         };
@@ -280,7 +296,25 @@ impl BackgroundService for Reloader {
                 _ = shutdown.changed() => return,
             };
             self.reload(force).await;
+            // A reload may have brought in scripts of other folders.
+            let now = self.watched_files();
+            if now != watched {
+                (_watcher, events) = match watch(&now) {
+                    Some((w, rx)) => (Some(w), Some(rx)),
+                    None => (None, None),
+                };
+                watched = now;
+            }
         }
+    }
+}
+
+impl Reloader {
+    /// The configuration file, then the files its extensions were built from.
+    fn watched_files(&self) -> Vec<PathBuf> {
+        let live = self.live.load();
+        let sources = live.extensions.source_files().map(Path::to_path_buf);
+        std::iter::once(self.path.clone()).chain(sources).collect()
     }
 }
 
@@ -298,7 +332,7 @@ mod tests {
 
     #[test]
     fn only_events_that_may_change_the_file_trigger_a_reload() {
-        let name = OsStr::new("balancer.toml");
+        let name = &[OsStr::new("balancer.toml"), OsStr::new("auth.lua")][..];
         let file = "/etc/balancer/balancer.toml";
         let changes = [
             EventKind::Modify(ModifyKind::Data(DataChange::Any)),
@@ -328,6 +362,10 @@ mod tests {
         assert!(
             may_change(&event(swapped, "/etc/balancer/..data"), name),
             "a Kubernetes ConfigMap update"
+        );
+        assert!(
+            may_change(&event(modified, "/etc/balancer/scripts/auth.lua"), name),
+            "a script an extension was built from"
         );
     }
 }

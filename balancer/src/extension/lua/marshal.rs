@@ -137,8 +137,8 @@ fn header_value(name: &HeaderName, value: &Value) -> mlua::Result<HeaderValue> {
         Value::Number(n) => n.to_string().into_bytes(),
         other => {
             return Err(mlua::Error::runtime(format!(
-                "header {name}: a value is a string or a number (or a list of them), not a {}",
-                other.type_name()
+                "header {name}: a value is a string or a number (or a list of them), not {}",
+                kind(other)
             )))
         }
     };
@@ -201,8 +201,8 @@ pub fn decision(value: Value, groups: &HashMap<String, GroupRef>) -> Result<Deci
         Value::Table(table) => table,
         other => {
             return Err(format!(
-                "on_request returned a {}: return nothing, or a table (status, redirect, upstream or backend)",
-                other.type_name()
+                "on_request returned {}: return nothing, or a table (status, redirect, upstream or backend)",
+                kind(&other)
             ))
         }
     };
@@ -256,7 +256,7 @@ pub fn decision(value: Value, groups: &HashMap<String, GroupRef>) -> Result<Deci
     let headers = match fields.get("headers") {
         None | Some(Value::Nil) => HeaderMap::new(),
         Some(Value::Table(t)) => reply_headers(t)?,
-        Some(other) => return Err(format!("headers is a table, not a {}", other.type_name())),
+        Some(other) => return Err(format!("headers is a table, not {}", kind(other))),
     };
     let status = match fields.get("status") {
         None => None,
@@ -336,6 +336,20 @@ fn text(value: &Value, key: &str) -> Result<String, String> {
     }
 }
 
+/// What a value is, as an error message says it ("a string").
+pub fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Nil => "nil",
+        Value::Boolean(_) => "a boolean",
+        Value::Integer(_) | Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Table(_) => "a table",
+        Value::Function(_) => "a function",
+        Value::Thread(_) => "a coroutine",
+        _ => "a userdata",
+    }
+}
+
 /// A value as an error message shows it.
 fn describe(value: &Value) -> String {
     match value {
@@ -343,7 +357,7 @@ fn describe(value: &Value) -> String {
         Value::Integer(n) => n.to_string(),
         Value::Number(n) => n.to_string(),
         Value::Boolean(b) => b.to_string(),
-        other => format!("a {}", other.type_name()),
+        other => kind(other).to_owned(),
     }
 }
 
@@ -391,8 +405,8 @@ fn plain(value: &Value, at: &str, depth: usize, count: &mut usize) -> Result<Pla
         }
         other => {
             return Err(format!(
-                "{at} is a {}, which cannot be kept for on_response: keep strings, numbers, booleans and tables of them",
-                other.type_name()
+                "{at} is {}, which cannot be kept for on_response: keep strings, numbers, booleans and tables of them",
+                kind(other)
             ))
         }
     })

@@ -233,9 +233,9 @@ impl State {
                     Value::Nil => Ok(None),
                     Value::Function(f) => Ok(Some(f)),
                     other => Err(mlua::Error::runtime(format!(
-                        "{}: {name} is a {}; it must be a function",
+                        "{}: {name} is {}; it must be a function",
                         program.main.name,
-                        other.type_name()
+                        marshal::kind(&other)
                     ))),
                 }
             };
@@ -299,8 +299,8 @@ impl State {
         match returned {
             Value::Nil => Ok(()),
             other => Err(Failure::Script(format!(
-                "on_response returned a {}: it returns nothing (it changes resp.headers)",
-                other.type_name()
+                "on_response returned {}: it returns nothing (it changes resp.headers)",
+                marshal::kind(&other)
             ))),
         }
     }
