@@ -43,8 +43,10 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/pingora-lb-e2e.XXXXXX")
 CONFIG_DIR=$WORK/etc-balancer
 mkdir -p "$CONFIG_DIR/tls"
 cp "$REPO"/deploy/*.toml "$CONFIG_DIR/"
-chmod 755 "$WORK" "$CONFIG_DIR" "$CONFIG_DIR/tls"
-chmod 644 "$CONFIG_DIR"/*.toml
+# And the Lua script balancer.toml names (the quick start's /hello).
+cp -r "$REPO/deploy/scripts" "$CONFIG_DIR/scripts"
+chmod 755 "$WORK" "$CONFIG_DIR" "$CONFIG_DIR/tls" "$CONFIG_DIR/scripts"
+chmod 644 "$CONFIG_DIR"/*.toml "$CONFIG_DIR"/scripts/*
 # Compose merges volumes by their path in the container: this one replaces
 # compose.yaml's ./deploy mount, in v2 and in 1.29 alike.
 cat >"$WORK/compose.e2e.yaml" <<YAML
@@ -347,6 +349,28 @@ step_live_edit() {
     say "restored, and the balancer was never restarted"
 }
 
+# The quick start's script: its edit (in the test's copy of deploy/, as an
+# editor saves it) is run by the next request, without a restart.
+step_script_edit() {
+    local script=$CONFIG_DIR/scripts/hello.lua code before edited
+    before=$(balancer_identity)
+    code=$(http_get /hello "$WORK/body")
+    [ "$code" = 200 ] || fail "GET /hello answered $code: $(cat "$WORK/body")"
+    grep -q '^Hello from Lua!' "$WORK/body" || fail "GET /hello answered '$(cat "$WORK/body")'"
+    say "GET /hello -> $(cat "$WORK/body")"
+    sed 's/Hello from Lua!/Hello again, edited!/' "$script" >"$script.edit"
+    grep -q 'Hello again, edited!' "$script.edit" || fail "the edit did not apply"
+    chmod 644 "$script.edit"
+    mv "$script.edit" "$script"
+    edited=$SECONDS
+    until [ "$(http_get /hello "$WORK/body")" = 200 ] && grep -q '^Hello again, edited!' "$WORK/body"; do
+        [ $((SECONDS - edited)) -lt 30 ] || fail "the edited script did not take effect within 30 s: $(cat "$WORK/body")"
+        sleep 0.2
+    done
+    say "after the edit, within $((SECONDS - edited)) s: GET /hello -> $(cat "$WORK/body")"
+    [ "$before" = "$(balancer_identity)" ] || fail "the balancer was restarted"
+}
+
 restore_config() {
     cp "$WORK/balancer.toml.orig" "$CONFIG_DIR/balancer.toml.edit"
     mv "$CONFIG_DIR/balancer.toml.edit" "$CONFIG_DIR/balancer.toml"
@@ -596,6 +620,7 @@ step "GET / answers Hello World!" step_hello
 step "GET /info answers JSON with ${INFO_KEYS[*]}" step_info
 step "GET /cache-me twice: MISS then HIT, same body" step_cache
 step "an edit of the mounted balancer.toml on the host takes effect live" step_live_edit
+step "an edit of the mounted Lua script (deploy/scripts/hello.lua) is run by the next request" step_script_edit
 step "containers are hardened" step_hardening
 step "the admin port is on the host's loopback; PURGE needs the token" step_admin
 step "compose run --rm --no-deps balancer ... --check validates the mounted TOML" step_check_in_image

@@ -64,6 +64,7 @@
 //! the round. A hook that returns an error, or panics, answers that request
 //! `500` and is logged with the instance's name; the balancer goes on serving.
 
+mod lua;
 mod registry;
 
 use std::net::{IpAddr, SocketAddr};
@@ -79,6 +80,20 @@ pub use registry::{Build, Factory, Instance, Instances, Registry};
 
 /// What a hook returns: its value, or an error that answers the request `500`.
 pub type HookResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A hook's error that the extension has logged itself (under a throttle
+/// of its own): the request is answered `500` all the same, without a
+/// second log line.
+#[derive(Debug)]
+pub struct Logged;
+
+impl std::fmt::Display for Logged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the hook failed (the extension logged why)")
+    }
+}
+
+impl std::error::Error for Logged {}
 
 /// What becomes of a request.
 #[derive(Debug, Clone)]

@@ -37,11 +37,12 @@ impl Default for Registry {
 }
 
 impl Registry {
-    /// The kinds built into the balancer (none but what the crate ships).
+    /// The kinds built into the balancer: `lua` (scripts, see `extension::lua`).
     pub fn new() -> Registry {
         Registry {
             kinds: BTreeMap::new(),
         }
+        .register("lua", super::lua::build)
     }
 
     /// Registers the kind `kind`: its instances' settings are deserialised

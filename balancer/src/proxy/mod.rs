@@ -53,7 +53,7 @@ use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
 
 use crate::cache::{self, ResponseCache};
-use crate::extension::{Decision, Instance, Reply, RequestView, ResponseView};
+use crate::extension::{Decision, Instance, Logged, Reply, RequestView, ResponseView};
 use crate::proxy::drain::Stopping;
 use crate::routing::{self, request_id, Route, Vars};
 use crate::runtime::{Chain, Live, Snapshot};
@@ -803,14 +803,18 @@ impl Balancer {
                 .await;
             let failure = match outcome {
                 Ok(Ok(())) => continue,
-                Ok(Err(e)) => e.to_string(),
-                Err(panic) => panic_text(&panic),
+                // Said already, under the extension's own throttle.
+                Ok(Err(e)) if e.is::<Logged>() => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(panic) => Some(panic_text(&panic)),
             };
-            log::error!(
-                "extension {} (kind {}): response hook failed: {failure}",
-                instance.name,
-                instance.kind
-            );
+            if let Some(failure) = failure {
+                log::error!(
+                    "extension {} (kind {}): response hook failed: {failure}",
+                    instance.name,
+                    instance.kind
+                );
+            }
             return Err(Error::explain(
                 ErrorType::HTTPStatus(500),
                 format!("extension {} failed", instance.name),

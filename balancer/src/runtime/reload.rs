@@ -3,8 +3,10 @@
 //!
 //! Three triggers lead to the same re-read: a file-system watch on the file's
 //! directory (so editors that write a new file and rename it over the old one,
-//! and files bind-mounted into a container through their directory, are seen),
-//! a periodic re-read as the fallback where no event arrives, and SIGHUP. An
+//! and files bind-mounted into a container through their directory, are seen)
+//! and on the directories of the files extension instances were built from
+//! (scripts), a periodic re-read as the fallback where no event arrives, and
+//! SIGHUP. An
 //! invalid file is logged with its file, line and reason and changes nothing;
 //! a valid one is compiled into a new runtime snapshot and published, and
 //! each changed key is logged (`config::diff`); settings that only apply at
@@ -310,6 +312,8 @@ impl BackgroundService for Reloader {
                 _ = tokio::time::sleep(POLL) => false,
                 _ = shutdown.changed() => return,
             };
+            // A reload may bring in files of other folders: they are
+            // followed from the next turn on.
             self.reload(force).await;
         }
     }
