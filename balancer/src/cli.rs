@@ -1,6 +1,7 @@
 //! The command line: `balancer --config FILE [--check]`,
 //! `balancer healthcheck` and `balancer cert --self-signed`. [`main_with`] is the whole command, with the
-//! extensions a program of your own brings (none for `balancer` itself).
+//! extension kinds a program of your own brings (`balancer` itself has only
+//! the built-in `lua`).
 
 #[path = "../../backend/src/probe.rs"]
 mod probe;
