@@ -42,9 +42,11 @@ wrk_measured() {
 }
 
 # Of a space-separated list of numbers on standard input: the median, and
-# the range as LOW-HIGH; ratio A B is A / B to three decimals.
-median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
-range() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { print lo "-" hi }'; }
+# the range as LOW-HIGH (an empty list gives an empty line, not a failure
+# under pipefail: a variant may have no figures on a path); ratio A B is
+# A / B to three decimals.
+median() { tr ' ' '\n' | awk NF | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+range() { tr ' ' '\n' | awk NF | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { print lo "-" hi }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) print "–"; else printf "%.3f", a / b }'; }
 
 # rps_cpu_table WHAT REFERENCE TARGET...: the report's table of requests/s

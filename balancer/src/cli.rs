@@ -1,6 +1,7 @@
 //! The command line: `balancer --config FILE [--check]`,
 //! `balancer healthcheck` and `balancer cert --self-signed`. [`main_with`] is the whole command, with the
-//! extension kinds a program of your own brings.
+//! extension kinds a program of your own brings (`balancer` itself has only
+//! the built-in `lua`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

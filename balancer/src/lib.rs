@@ -1,6 +1,6 @@
 //! The balancer as a library: the `balancer` command is [`cli::main_with`]
-//! with the extension kinds it ships, and a program of your own is the same
-//! call with its own kinds registered too (see [`extension`]). Reading order: `cli` (the command line) ->
+//! with the built-in extension kinds (Lua scripts), and a program of your
+//! own is the same call with yours (see [`extension`]). Reading order: `cli` (the command line) ->
 //! `server` (wiring the services) -> `proxy` (the request path, hook by
 //! hook) -> `routing` and `upstream` (where a request goes) -> `cache`.
 //! A configuration file becomes a [`runtime::Snapshot`] once per load; the

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
-use mlua::{Lua, MetaMethod, Table, UserDataMethods, Value};
+use mlua::{AnyUserData, Function, IntoLuaMulti, Lua, MetaMethod, Table, UserDataMethods, Value};
 use pingora::http::{RequestHeader, ResponseHeader};
 
 use crate::extension::{Decision, GroupRef, Reply, RequestView, ResponseView};
@@ -150,47 +150,73 @@ fn header_value(name: &HeaderName, value: &Value) -> mlua::Result<HeaderValue> {
     })
 }
 
-/// The `req` table for `view`; its headers are `view.header` itself, for
-/// as long as `scope` lasts.
+/// The functions the balancer calls, around the script's hooks: `req` and
+/// `resp` (and `req.ctx`) are made by Lua from the arguments, which costs a
+/// fraction of setting their fields one by one from Rust.
+const ENTRIES: &str = r#"
+local on_request, on_response = ...
+local request, response
+if on_request then
+  request = function(method, path, query, host, client_ip, route, group, request_id, headers)
+    local ctx = {}
+    local req = { method = method, path = path, query = query, host = host,
+      client_ip = client_ip, route = route, group = group, request_id = request_id,
+      headers = headers, ctx = ctx }
+    return on_request(req), ctx
+  end
+end
+if on_response then
+  response = function(status, headers, ctx)
+    return on_response({ status = status, headers = headers, ctx = ctx or {} })
+  end
+end
+return request, response
+"#;
+
+/// What the balancer calls for the script's `on_request` and `on_response`
+/// (each `None` when the script does not define it): see [`request`] and
+/// [`response`] for their arguments.
+pub fn entries(
+    lua: &Lua,
+    on_request: Option<Function>,
+    on_response: Option<Function>,
+) -> mlua::Result<(Option<Function>, Option<Function>)> {
+    lua.load(ENTRIES)
+        .set_name("=sandbox")
+        .call((on_request, on_response))
+}
+
+/// The arguments of the `on_request` entry for `view`; its headers are
+/// `view.header` itself, for as long as `scope` lasts.
 pub fn request<'scope, 'env>(
     lua: &Lua,
     scope: &'scope mlua::Scope<'scope, 'env>,
     view: &'env mut RequestView<'_>,
-    ctx: Table,
-) -> mlua::Result<Table> {
-    let req = lua.create_table_with_capacity(0, 10)?;
+) -> mlua::Result<impl IntoLuaMulti + 'env> {
+    // What is read from the header is made a Lua string before the header
+    // is lent to Lua.
     let uri = &view.header.uri;
-    req.raw_set("method", view.header.method.as_str())?;
-    req.raw_set("path", uri.path())?;
-    req.raw_set("query", uri.query())?;
-    req.raw_set("host", Some(view.host).filter(|h| !h.is_empty()))?;
-    req.raw_set("client_ip", view.client_ip.map(|ip| ip.to_string()))?;
-    req.raw_set("route", view.route)?;
-    req.raw_set("group", view.upstream)?;
-    req.raw_set("request_id", view.request_id)?;
-    req.raw_set("ctx", ctx)?;
-    req.raw_set(
-        "headers",
-        scope.create_any_userdata_ref_mut(&mut *view.header)?,
-    )?;
-    Ok(req)
+    let method = lua.create_string(view.header.method.as_str())?;
+    let path = lua.create_string(uri.path())?;
+    let query = uri.query().map(|q| lua.create_string(q)).transpose()?;
+    let host = Some(view.host).filter(|h| !h.is_empty());
+    let client_ip = view.client_ip.map(|ip| ip.to_string());
+    let (route, group, request_id) = (view.route, view.upstream, view.request_id);
+    let headers = scope.create_any_userdata_ref_mut(&mut *view.header)?;
+    Ok((
+        method, path, query, host, client_ip, route, group, request_id, headers,
+    ))
 }
 
-/// The `resp` table for `view` (see [`request`]).
+/// The arguments of the `on_response` entry for `view` (see [`request`]).
 pub fn response<'scope, 'env>(
-    lua: &Lua,
     scope: &'scope mlua::Scope<'scope, 'env>,
     view: &'env mut ResponseView<'_>,
-    ctx: Table,
-) -> mlua::Result<Table> {
-    let resp = lua.create_table_with_capacity(0, 3)?;
-    resp.raw_set("status", view.header.status.as_u16())?;
-    resp.raw_set("ctx", ctx)?;
-    resp.raw_set(
-        "headers",
-        scope.create_any_userdata_ref_mut(&mut *view.header)?,
-    )?;
-    Ok(resp)
+    ctx: Value,
+) -> mlua::Result<(u16, AnyUserData, Value)> {
+    let status = view.header.status.as_u16();
+    let headers = scope.create_any_userdata_ref_mut(&mut *view.header)?;
+    Ok((status, headers, ctx))
 }
 
 /// What `on_request` returned, as a decision; the error says what was

@@ -46,7 +46,7 @@ use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use async_trait::async_trait;
-use mlua::{Function, Value};
+use mlua::{Function, Table, Value};
 use serde::Deserialize;
 
 use super::{
@@ -204,7 +204,8 @@ fn module_file(folder: &Path, name: &str) -> Option<PathBuf> {
     Some(folder.join(parts.join("/") + ".lua"))
 }
 
-/// The Lua state of one program on one thread, and its hooks.
+/// The Lua state of one program on one thread, and its hooks (as the
+/// balancer calls them: see `marshal::entries`).
 struct State {
     sandbox: Sandbox,
     on_request: Option<Function>,
@@ -223,11 +224,11 @@ impl State {
         };
         let sandbox = Sandbox::new(program.limits, &program.modules, print)
             .map_err(|e| Failure::Script(sandbox::reason(&e)))?;
-        let hooks = sandbox.run(|lua| {
+        let (on_request, on_response) = sandbox.run(|lua| {
             marshal::register(lua)?;
             let globals = lua.globals();
             globals.raw_set("settings", marshal::setting(lua, &program.settings)?)?;
-            sandbox.load(&program.main)?.call::<()>(())?;
+            sandbox.call::<()>(&sandbox.load(&program.main)?, ())?;
             let hook = |name: &str| -> mlua::Result<Option<Function>> {
                 match globals.raw_get::<Value>(name)? {
                     Value::Nil => Ok(None),
@@ -239,11 +240,11 @@ impl State {
                     ))),
                 }
             };
-            Ok((hook("on_request")?, hook("on_response")?))
+            marshal::entries(lua, hook("on_request")?, hook("on_response")?)
         })?;
         Ok(State {
-            on_request: hooks.0,
-            on_response: hooks.1,
+            on_request,
+            on_response,
             sandbox,
         })
     }
@@ -256,11 +257,10 @@ impl State {
         let Some(hook) = &self.on_request else {
             return Ok((Decision::Continue, None));
         };
-        let (returned, kept) = self.sandbox.run(|lua| {
-            let ctx = lua.create_table()?;
-            let returned = lua.scope(|scope| {
-                let req = marshal::request(lua, scope, view, ctx.clone())?;
-                hook.call::<Value>(req)
+        let (decision, kept) = self.sandbox.run(|lua| {
+            let (returned, ctx): (Value, Table) = lua.scope(|scope| {
+                let args = marshal::request(lua, scope, view)?;
+                self.sandbox.call(hook, args)
             })?;
             let decision = marshal::decision(returned, &program.groups);
             let kept = match program.has_on_response {
@@ -270,7 +270,7 @@ impl State {
             Ok((decision, kept))
         })?;
         Ok((
-            returned.map_err(Failure::Script)?,
+            decision.map_err(Failure::Script)?,
             kept.map_err(Failure::Script)?,
         ))
     }
@@ -286,14 +286,11 @@ impl State {
         let returned = self.sandbox.run(|lua| {
             let ctx = match kept {
                 Some(kept) => marshal::restore(lua, kept)?,
-                None => Value::Table(lua.create_table()?),
-            };
-            let Value::Table(ctx) = ctx else {
-                return Err(mlua::Error::runtime("req.ctx was kept as a table"));
+                None => Value::Nil,
             };
             lua.scope(|scope| {
-                let resp = marshal::response(lua, scope, view, ctx)?;
-                hook.call::<Value>(resp)
+                let args = marshal::response(scope, view, ctx)?;
+                self.sandbox.call::<Value>(hook, args)
             })
         })?;
         match returned {
@@ -334,7 +331,9 @@ fn with_state<R>(
         None => {
             let state = Rc::new(State::new(program)?);
             STATES.with_borrow_mut(|states| {
-                // The states of builds that a reload replaced go with them.
+                // The states of builds that reloads replaced go now: they
+                // pile up on no thread, though one that makes no new state
+                // keeps the last replaced ones until it does.
                 states.retain(|r| r.program.strong_count() > 0);
                 states.push(Resident {
                     id: program.id,

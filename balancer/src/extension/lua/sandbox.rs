@@ -11,7 +11,7 @@
 //!
 //! Each call runs within an instruction budget (a count hook that fails the
 //! call once it is spent) and each state within a memory limit (mlua's
-//! allocator refuses what would pass it). A script cannot catch either:
+//! allocator refuses what would pass it while the script runs). A script cannot catch either:
 //! `pcall`, `xpcall` and `coroutine.resume` hand those failures on. Lua runs
 //! two kinds of code with hooks off, which would escape the budget: a
 //! message handler called for the hook's own error (so `xpcall` does not
@@ -24,7 +24,10 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use mlua::{ChunkMode, Function, HookTriggers, Lua, LuaOptions, StdLib, Value, VmState};
+use mlua::{
+    ChunkMode, FromLuaMulti, Function, HookTriggers, IntoLuaMulti, Lua, LuaOptions, StdLib, Value,
+    VmState,
+};
 
 /// The limits of one instance's states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +100,8 @@ struct Budget {
 pub struct Sandbox {
     lua: Lua,
     budget: Rc<Budget>,
+    /// `Limits::memory`, in force while the script runs (see [`Sandbox::call`]).
+    memory: usize,
 }
 
 /// Swaps the base functions that could get around the sandbox or its limits
@@ -208,13 +213,34 @@ impl Sandbox {
                 Ok(VmState::Continue)
             },
         )?;
-        lua.set_memory_limit(limits.memory)?;
-        Ok(Sandbox { lua, budget })
+        Ok(Sandbox {
+            lua,
+            budget,
+            memory: limits.memory,
+        })
     }
 
     /// Loads `chunk` into this state (a function, not run yet).
     pub fn load(&self, chunk: &Chunk) -> mlua::Result<Function> {
         load(&self.lua, chunk)
+    }
+
+    /// Calls the script's `function` with `args`, within the memory limit.
+    ///
+    /// The limit is on only while the script runs: the balancer's own work
+    /// around the call (making `req`, reading what the script returned) is
+    /// bounded by the request, not by the script, and with no limit set
+    /// mlua does it without a protected call per operation, which would
+    /// cost more than the script itself.
+    pub fn call<R: FromLuaMulti>(
+        &self,
+        function: &Function,
+        args: impl IntoLuaMulti,
+    ) -> mlua::Result<R> {
+        self.lua.set_memory_limit(self.memory)?;
+        let result = function.call(args);
+        self.lua.set_memory_limit(0)?;
+        result
     }
 
     /// Runs `call` within a fresh instruction budget.
@@ -317,7 +343,7 @@ mod tests {
         let chunk = compile("test.lua", script).map_err(Failure::Script)?;
         let sandbox = Sandbox::new(LIMITS, &BTreeMap::new(), |_| {}).expect("a state");
         sandbox.run(|lua| {
-            let value = sandbox.load(&chunk)?.call::<Value>(())?;
+            let value: Value = sandbox.call(&sandbox.load(&chunk)?, ())?;
             let tostring: Function = lua.globals().get("tostring")?;
             Ok(tostring.call::<mlua::String>(value)?.to_string_lossy())
         })
