@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use balancer::config::Limits;
+use balancer::runtime::Limits;
 use balancer::proxy::{forwarded, limits};
 use libfuzzer_sys::fuzz_target;
 use pingora::http::RequestHeader;
