@@ -797,7 +797,7 @@ fn an_edited_script_takes_effect_under_load_and_a_broken_edit_keeps_the_old_one(
     std::fs::write(scripts.path("live.lua"), versioned("v2")).unwrap();
     load.wait_for_only("v2", Duration::from_secs(5));
     let took = edited.elapsed();
-    lb.wait_for_log("config reloaded");
+    lb.wait_for_log("config reloaded: extensions.live rebuilt: a file it reads changed");
 
     std::fs::write(
         scripts.path("live.lua"),

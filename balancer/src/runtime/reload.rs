@@ -164,6 +164,23 @@ impl Reloader {
         );
         let snapshot =
             Snapshot::compile(config, Some(&previous), &self.registry).map_err(invalid)?;
+        // An instance built anew while its section did not change: a file
+        // it was built from (a script) did.
+        let mut changes = changes;
+        for instance in snapshot.extensions.iter() {
+            let section = format!("extensions.{}", instance.name);
+            let rebuilt = previous
+                .extensions
+                .get(&instance.name)
+                .is_some_and(|old| !Arc::ptr_eq(old, instance));
+            let in_diff = changes.iter().any(|c| {
+                c.strip_prefix(&section)
+                    .is_some_and(|rest| rest.starts_with(['.', ' ']))
+            });
+            if rebuilt && !in_diff {
+                changes.push(format!("{section} rebuilt: a file it reads changed"));
+            }
+        }
         // A group that is new in this file is resolved (and its addresses
         // probed) before the file takes effect: a route to it must not meet
         // an empty pool. The configuration in force serves meanwhile.

@@ -115,39 +115,9 @@ pub fn build(settings: LuaSettings, build: &mut Build<'_>) -> Result<Script, Str
     let named = settings.script.display().to_string();
     let text = build.read_to_string(&settings.script)?;
     let main = sandbox::compile(&named, &text).map_err(|e| format!("syntax error in {e}"))?;
-    let mut found = source::scan(&text);
-    let mut groups_named: Vec<(String, source::Literal)> =
-        found.groups.drain(..).map(|g| (named.clone(), g)).collect();
-    let folder = settings.script.parent().unwrap_or(Path::new("")).to_owned();
-    let mut modules = BTreeMap::new();
-    let mut wanted: Vec<(String, source::Literal)> = found
-        .modules
-        .drain(..)
-        .map(|m| (named.clone(), m))
-        .collect();
-    while let Some((by, module)) = wanted.pop() {
-        if modules.contains_key(&module.text) {
-            continue;
-        }
-        let at = format!("{by}:{}", module.line);
-        let file = module_file(&folder, &module.text).ok_or_else(|| {
-            format!(
-                "{at}: require {:?}: a module is named like \"keys\" or \"lib.keys\" (keys.lua or lib/keys.lua in the script's folder)",
-                module.text
-            )
-        })?;
-        let file_named = file.display().to_string();
-        let text = build
-            .read_to_string(&file)
-            .map_err(|e| format!("{at}: require {:?}: {e}", module.text))?;
-        let chunk =
-            sandbox::compile(&file_named, &text).map_err(|e| format!("syntax error in {e}"))?;
-        let mut inner = source::scan(&text);
-        groups_named.extend(inner.groups.drain(..).map(|g| (file_named.clone(), g)));
-        wanted.extend(inner.modules.drain(..).map(|m| (file_named.clone(), m)));
-        modules.insert(module.text, chunk);
-    }
-    for (file, group) in &groups_named {
+    let folder = settings.script.parent().unwrap_or(Path::new(""));
+    let (modules, named_groups) = read_modules(build, folder, &named, &text)?;
+    for (file, group) in &named_groups {
         build
             .group(&group.text)
             .map_err(|e| format!("{file}:{}: {e}", group.line))?;
@@ -187,6 +157,49 @@ pub fn build(settings: LuaSettings, build: &mut Build<'_>) -> Result<Script, Str
     Ok(Script {
         program: Arc::new(program),
     })
+}
+
+/// Literals found in the script and its modules, each with its file.
+type Found = Vec<(String, source::Literal)>;
+
+/// The modules the script `named` (its `text`) requires, and theirs, read
+/// and compiled; and the group names all of them give in literals.
+fn read_modules(
+    build: &mut Build<'_>,
+    folder: &Path,
+    named: &str,
+    text: &str,
+) -> Result<(BTreeMap<String, Chunk>, Found), String> {
+    let mut modules = BTreeMap::new();
+    let mut groups = Vec::new();
+    let mut wanted = Vec::new();
+    let mut found = |file: &str, text: &str, wanted: &mut Found| {
+        let named = source::scan(text);
+        groups.extend(named.groups.into_iter().map(|g| (file.to_owned(), g)));
+        wanted.extend(named.modules.into_iter().map(|m| (file.to_owned(), m)));
+    };
+    found(named, text, &mut wanted);
+    while let Some((by, module)) = wanted.pop() {
+        if modules.contains_key(&module.text) {
+            continue;
+        }
+        let at = format!("{by}:{}", module.line);
+        let file = module_file(folder, &module.text).ok_or_else(|| {
+            format!(
+                "{at}: require {:?}: a module is named like \"keys\" or \"lib.keys\" (keys.lua or lib/keys.lua in the script's folder)",
+                module.text
+            )
+        })?;
+        let file_named = file.display().to_string();
+        let text = build
+            .read_to_string(&file)
+            .map_err(|e| format!("{at}: require {:?}: {e}", module.text))?;
+        let chunk =
+            sandbox::compile(&file_named, &text).map_err(|e| format!("syntax error in {e}"))?;
+        found(&file_named, &text, &mut wanted);
+        modules.insert(module.text, chunk);
+    }
+    Ok((modules, groups))
 }
 
 /// The file of module `name` (`lib.keys` is `lib/keys.lua`) in `folder`;
