@@ -188,10 +188,10 @@ impl RequestCtx {
     }
 
     /// The extension instances this request runs.
-    fn chain(&self) -> Chain {
+    fn chain(&self) -> &Chain {
         match self.route {
-            Some(i) => Arc::clone(&self.snapshot.route_chains[i]),
-            None => Arc::clone(&self.snapshot.unrouted_chain),
+            Some(i) => &self.snapshot.route_chains[i],
+            None => &self.snapshot.unrouted_chain,
         }
     }
 
@@ -751,7 +751,8 @@ impl Balancer {
     /// error or a panic answers `500`.
     async fn run_extensions(&self, session: &mut Session, ctx: &mut RequestCtx) -> Decision {
         let client_ip = client_ip(session);
-        let chain = ctx.chain();
+        // Its own handle: the hooks below borrow the request's state.
+        let chain = Arc::clone(ctx.chain());
         for instance in chain.iter() {
             let parts = ctx.hook_parts();
             let mut view = RequestView {
@@ -786,7 +787,11 @@ impl Balancer {
     ) -> Result<()> {
         let req = session.req_header();
         route_response_edits(session, ctx, resp)?;
-        let chain = ctx.chain();
+        if ctx.chain().is_empty() {
+            return Ok(());
+        }
+        // Its own handle: the hooks below borrow the request's state.
+        let chain = Arc::clone(ctx.chain());
         for instance in chain.iter() {
             let parts = ctx.hook_parts();
             let mut view = ResponseView {
