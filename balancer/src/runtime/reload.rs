@@ -234,7 +234,7 @@ struct Watch {
 
 impl Watch {
     fn start(file: &Path) -> Option<(Watch, mpsc::UnboundedReceiver<()>)> {
-        let names = Arc::new(Mutex::new(vec![file.file_name()?.to_owned()]));
+        let names = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::unbounded_channel();
         let seen = Arc::clone(&names);
         let handler = move |event: notify::Result<notify::Event>| {
