@@ -40,6 +40,8 @@ const PACE: Duration = Duration::from_millis(5);
 #[derive(Default)]
 struct Counts {
     running: AtomicBool,
+    /// When the loops started: a failure says how long after.
+    since: Mutex<Option<Instant>>,
     /// Requests answered as expected, by loop.
     kept: AtomicUsize,
     fresh: AtomicUsize,
@@ -63,6 +65,11 @@ impl Counts {
     }
 
     fn fail(&self, what: String) {
+        let at = self.since.lock().unwrap().map(|t| t.elapsed());
+        let what = match at {
+            Some(at) => format!("{what} (at {:.2}s, {})", at.as_secs_f64(), wall_clock()),
+            None => what,
+        };
         self.failures.lock().unwrap().push(what);
     }
 
@@ -309,6 +316,16 @@ impl Stage {
     }
 }
 
+/// The time of day (UTC), as the balancer's log lines give it.
+fn wall_clock() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let of_day = now.as_secs_f64() % 86_400.0;
+    let (h, m, s) = (of_day as u64 / 3600, of_day as u64 / 60 % 60, of_day % 60.0);
+    format!("{h:02}:{m:02}:{s:06.3}Z")
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -459,6 +476,7 @@ fn everything_at_once_fails_nothing() {
     let counts = Arc::new(Counts::default());
     counts.set_allowed(&["a", "b"]);
     counts.running.store(true, Ordering::Relaxed);
+    *counts.since.lock().unwrap() = Some(Instant::now());
     let mut stage = Stage {
         lb,
         setup,
@@ -635,12 +653,21 @@ fn everything_at_once_fails_nothing() {
         .proc
         .log_text()
         .lines()
-        .filter(|l| l.contains("upstream ") || l.contains("reload"))
+        .filter(|l| {
+            l.contains("upstream ")
+                || l.contains("reload")
+                || l.contains(" WARN ")
+                || l.contains(" ERROR ")
+                || l.contains("panicked")
+                || l.contains("closed a client connection")
+                || l.contains("refus")
+                || (l.contains("\"GET ") && !l.contains("\" 200 "))
+        })
         .map(str::to_owned)
         .collect();
     assert!(
         failures.is_empty(),
-        "{summary}: {:#?}\nthe balancer's upstream and reload lines: {upstream_log:#?}",
+        "{summary}: {:#?}\nthe balancer's upstream, reload, warning, error, refusal and panic lines and its access-log lines of requests not answered 200: {upstream_log:#?}",
         &failures[..failures.len().min(20)]
     );
     assert!(
