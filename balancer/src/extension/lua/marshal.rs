@@ -1,18 +1,18 @@
-//! What passes between the balancer and a script: the `req` and `resp`
-//! tables a hook is called with, their `headers` (the request or response
-//! itself, read and written in place), the table `on_request` returns (a
-//! [`Decision`]), `req.ctx` kept as plain Rust values until `resp.ctx`, and
-//! the instance's `settings`.
+//! What passes between the balancer and a script: headers as `req.headers`
+//! and `resp.headers` read and write them (see `lend` for `req` and `resp`
+//! themselves), the table `on_request` returns (a [`Decision`]), `req.ctx`
+//! kept as plain Rust values until `resp.ctx`, and the instance's
+//! `settings`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
-use mlua::{AnyUserData, Function, IntoLuaMulti, Lua, MetaMethod, Table, UserDataMethods, Value};
+use mlua::{Function, Lua, Table, Value};
 use pingora::http::{RequestHeader, ResponseHeader};
 
-use crate::extension::{Decision, GroupRef, Reply, RequestView, ResponseView};
+use crate::extension::{Decision, GroupRef, Reply};
 
 /// Statuses a `redirect` may have, and its default: as a route's `redirect`.
 const REDIRECT_STATUSES: [u16; 5] = [301, 302, 303, 307, 308];
@@ -25,7 +25,7 @@ const CTX_VALUES: usize = 10_000;
 
 /// A request's or a response's headers, as `req.headers` and `resp.headers`
 /// show them.
-trait Headed: 'static {
+pub trait Headed: 'static {
     fn map(&self) -> &HeaderMap;
     fn insert(&mut self, name: HeaderName, value: HeaderValue) -> pingora::Result<()>;
     fn append(&mut self, name: HeaderName, value: HeaderValue) -> pingora::Result<()>;
@@ -53,41 +53,19 @@ macro_rules! headed {
 headed!(RequestHeader);
 headed!(ResponseHeader);
 
-/// Makes `req.headers` and `resp.headers` work in `lua` (once per state).
-pub fn register(lua: &Lua) -> mlua::Result<()> {
-    register_headers::<RequestHeader>(lua)?;
-    register_headers::<ResponseHeader>(lua)
-}
-
-fn register_headers<T: Headed>(lua: &Lua) -> mlua::Result<()> {
-    lua.register_userdata_type::<T>(|methods| {
-        methods.add_meta_method(MetaMethod::Index, |lua, this: &T, name: Value| {
-            header(lua, this.map(), &name)
-        });
-        methods.add_meta_method_mut(
-            MetaMethod::NewIndex,
-            |_, this: &mut T, (name, value): (mlua::String, Value)| set_header(this, &name, value),
-        );
-        methods.add_meta_method(MetaMethod::Pairs, |lua, this: &T, ()| {
-            let all = lua.create_table()?;
-            for name in this.map().keys() {
-                all.raw_set(
-                    name.as_str(),
-                    header(
-                        lua,
-                        this.map(),
-                        &Value::String(lua.create_string(name.as_str())?),
-                    )?,
-                )?;
-            }
-            let next: mlua::Function = lua.globals().raw_get("next")?;
-            Ok((next, all, Value::Nil))
-        });
-    })
+/// Every header of `map` (several fields of one name joined), for `pairs`.
+pub fn all_headers(lua: &Lua, map: &HeaderMap) -> mlua::Result<(Function, Table, Value)> {
+    let all = lua.create_table()?;
+    for name in map.keys() {
+        let key = Value::String(lua.create_string(name.as_str())?);
+        all.raw_set(key.clone(), header(lua, map, &key)?)?;
+    }
+    let next: Function = lua.globals().raw_get("next")?;
+    Ok((next, all, Value::Nil))
 }
 
 /// The value of header `name` (several joined with `, `), or `nil`.
-fn header(lua: &Lua, map: &HeaderMap, name: &Value) -> mlua::Result<Value> {
+pub fn header(lua: &Lua, map: &HeaderMap, name: &Value) -> mlua::Result<Value> {
     let Value::String(name) = name else {
         return Ok(Value::Nil);
     };
@@ -108,7 +86,11 @@ fn header(lua: &Lua, map: &HeaderMap, name: &Value) -> mlua::Result<Value> {
 
 /// `headers[name] = value`: a string or number sets it, a list of them sets
 /// one field each, `nil` removes it.
-fn set_header<T: Headed>(target: &mut T, name: &mlua::String, value: Value) -> mlua::Result<()> {
+pub fn set_header<T: Headed>(
+    target: &mut T,
+    name: &mlua::String,
+    value: Value,
+) -> mlua::Result<()> {
     let name = HeaderName::from_bytes(&name.as_bytes()).map_err(|_| {
         mlua::Error::runtime(format!("{:?} is not a header name", name.to_string_lossy()))
     })?;
@@ -148,75 +130,6 @@ fn header_value(name: &HeaderName, value: &Value) -> mlua::Result<HeaderValue> {
             String::from_utf8_lossy(&bytes)
         ))
     })
-}
-
-/// The functions the balancer calls, around the script's hooks: `req` and
-/// `resp` (and `req.ctx`) are made by Lua from the arguments, which costs a
-/// fraction of setting their fields one by one from Rust.
-const ENTRIES: &str = r#"
-local on_request, on_response = ...
-local request, response
-if on_request then
-  request = function(method, path, query, host, client_ip, route, group, request_id, headers)
-    local ctx = {}
-    local req = { method = method, path = path, query = query, host = host,
-      client_ip = client_ip, route = route, group = group, request_id = request_id,
-      headers = headers, ctx = ctx }
-    return on_request(req), ctx
-  end
-end
-if on_response then
-  response = function(status, headers, ctx)
-    return on_response({ status = status, headers = headers, ctx = ctx or {} })
-  end
-end
-return request, response
-"#;
-
-/// What the balancer calls for the script's `on_request` and `on_response`
-/// (each `None` when the script does not define it): see [`request`] and
-/// [`response`] for their arguments.
-pub fn entries(
-    lua: &Lua,
-    on_request: Option<Function>,
-    on_response: Option<Function>,
-) -> mlua::Result<(Option<Function>, Option<Function>)> {
-    lua.load(ENTRIES)
-        .set_name("=sandbox")
-        .call((on_request, on_response))
-}
-
-/// The arguments of the `on_request` entry for `view`; its headers are
-/// `view.header` itself, for as long as `scope` lasts.
-pub fn request<'scope, 'env>(
-    lua: &Lua,
-    scope: &'scope mlua::Scope<'scope, 'env>,
-    view: &'env mut RequestView<'_>,
-) -> mlua::Result<impl IntoLuaMulti + 'env> {
-    // What is read from the header is made a Lua string before the header
-    // is lent to Lua.
-    let uri = &view.header.uri;
-    let method = lua.create_string(view.header.method.as_str())?;
-    let path = lua.create_string(uri.path())?;
-    let query = uri.query().map(|q| lua.create_string(q)).transpose()?;
-    let host = Some(view.host).filter(|h| !h.is_empty());
-    let client_ip = view.client_ip.map(|ip| ip.to_string());
-    let (route, group, request_id) = (view.route, view.upstream, view.request_id);
-    let headers = scope.create_any_userdata_ref_mut(&mut *view.header)?;
-    Ok((
-        method, path, query, host, client_ip, route, group, request_id, headers,
-    ))
-}
-
-/// The arguments of the `on_response` entry for `view` (see [`request`]).
-pub fn response<'scope, 'env>(
-    scope: &'scope mlua::Scope<'scope, 'env>,
-    view: &'env mut ResponseView<'_>,
-    ctx: Value,
-) -> mlua::Result<(u16, AnyUserData, Value)> {
-    let status = view.header.status.as_u16();
-    let headers = scope.create_any_userdata_ref_mut(&mut *view.header)?;
-    Ok((status, headers, ctx))
 }
 
 /// What `on_request` returned, as a decision; the error says what was

@@ -31,6 +31,7 @@
 //! safe libraries are opened, and the few base functions that reach outside
 //! are removed (see `sandbox`).
 
+mod lend;
 mod marshal;
 mod metrics;
 mod sandbox;
@@ -46,13 +47,14 @@ use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use async_trait::async_trait;
-use mlua::{Function, Table, Value};
+use mlua::{Function, Value};
 use serde::Deserialize;
 
 use super::{
     Build, Decision, Extension, GroupRef, HookResult, Logged, Reply, RequestView, ResponseView,
 };
 use crate::config::ByteSize;
+use lend::Lender;
 use marshal::Plain;
 use metrics::{Hook, Stats};
 use sandbox::{Chunk, Failure, Limit, Limits, Sandbox};
@@ -217,12 +219,14 @@ fn module_file(folder: &Path, name: &str) -> Option<PathBuf> {
     Some(folder.join(parts.join("/") + ".lua"))
 }
 
-/// The Lua state of one program on one thread, and its hooks (as the
-/// balancer calls them: see `marshal::entries`).
+/// The Lua state of one program on one thread, its hooks, and the `req`
+/// and `resp` it calls them with.
 struct State {
     sandbox: Sandbox,
     on_request: Option<Function>,
     on_response: Option<Function>,
+    req: Lender<RequestView<'static>>,
+    resp: Lender<ResponseView<'static>>,
 }
 
 impl State {
@@ -237,8 +241,7 @@ impl State {
         };
         let sandbox = Sandbox::new(program.limits, &program.modules, print)
             .map_err(|e| Failure::Script(sandbox::reason(&e)))?;
-        let (on_request, on_response) = sandbox.run(|lua| {
-            marshal::register(lua)?;
+        let (on_request, on_response, req, resp) = sandbox.run(|lua| {
             let globals = lua.globals();
             globals.raw_set("settings", marshal::setting(lua, &program.settings)?)?;
             sandbox.call::<()>(&sandbox.load(&program.main)?, ())?;
@@ -253,11 +256,18 @@ impl State {
                     ))),
                 }
             };
-            marshal::entries(lua, hook("on_request")?, hook("on_response")?)
+            Ok((
+                hook("on_request")?,
+                hook("on_response")?,
+                Lender::request(lua)?,
+                Lender::response(lua)?,
+            ))
         })?;
         Ok(State {
             on_request,
             on_response,
+            req,
+            resp,
             sandbox,
         })
     }
@@ -270,22 +280,17 @@ impl State {
         let Some(hook) = &self.on_request else {
             return Ok((Decision::Continue, None));
         };
-        let (decision, kept) = self.sandbox.run(|lua| {
-            let (returned, ctx): (Value, Table) = lua.scope(|scope| {
-                let args = marshal::request(lua, scope, view)?;
-                self.sandbox.call(hook, args)
-            })?;
-            let decision = marshal::decision(returned, &program.groups);
-            let kept = match program.has_on_response {
-                true => marshal::keep(&ctx),
-                false => Ok(None),
-            };
-            Ok((decision, kept))
+        let (returned, ctx) = self.sandbox.run(|_| {
+            let loan = self.req.lend(view);
+            let returned: Value = self.sandbox.call(hook, self.req.handle())?;
+            Ok((returned, loan.ctx()))
         })?;
-        Ok((
-            decision.map_err(Failure::Script)?,
-            kept.map_err(Failure::Script)?,
-        ))
+        let decision = marshal::decision(returned, &program.groups).map_err(Failure::Script)?;
+        let kept = match (program.has_on_response, ctx) {
+            (true, Some(ctx)) => marshal::keep(&ctx).map_err(Failure::Script)?,
+            _ => None,
+        };
+        Ok((decision, kept))
     }
 
     fn on_response(
@@ -298,13 +303,14 @@ impl State {
         };
         let returned = self.sandbox.run(|lua| {
             let ctx = match kept {
-                Some(kept) => marshal::restore(lua, kept)?,
-                None => Value::Nil,
+                Some(kept) => match marshal::restore(lua, kept)? {
+                    Value::Table(table) => Some(table),
+                    _ => None,
+                },
+                None => None,
             };
-            lua.scope(|scope| {
-                let args = marshal::response(scope, view, ctx)?;
-                self.sandbox.call::<Value>(hook, args)
-            })
+            let _loan = self.resp.lend(view, ctx);
+            self.sandbox.call::<Value>(hook, self.resp.handle())
         })?;
         match returned {
             Value::Nil => Ok(()),
