@@ -21,6 +21,8 @@
 #   log=text|json     the access log on, in that format, to a file
 #                     (default: off, RUST_LOG=warn)
 #   config=FILE       more TOML, appended to the variant's configuration
+#   off=PART[+PART]   parts of the request path turned off (BALANCER_BENCH_OFF;
+#                     only a build with the feature bench-parts: bench/parts.sh)
 # For example:
 #   bench/ab.sh -o bench/results/ab.md old=/tmp/old/balancer \
 #       new=target/release/balancer new+route=target/release/balancer,route
@@ -39,7 +41,7 @@ if [[ ${1:-} == -o ]]; then
     REPORT=${2:?-o needs a file}
     shift 2
 fi
-(($# > 0)) || { sed -n '2,25p' "$0" >&2; exit 2; }
+(($# > 0)) || { sed -n '2,27p' "$0" >&2; exit 2; }
 ROUNDS=${AB_ROUNDS:-5}
 DURATION=${AB_DURATION:-5}
 BASE=${AB_PORT_BASE:-19200}
@@ -55,7 +57,7 @@ trap cleanup EXIT
 
 NAMES=()
 FLOOR=   # the name of the floor's variant, if there is one
-declare -A BIN PORT THREADS LOG CONFIG VPID
+declare -A BIN PORT THREADS LOG CONFIG OFF VPID
 for spec in "$@"; do
     name=${spec%%=*}
     IFS=, read -r -a fields <<<"${spec#*=}"
@@ -67,12 +69,14 @@ for spec in "$@"; do
     THREADS[$name]=1
     LOG[$name]=
     CONFIG[$name]=
+    OFF[$name]=
     for option in "${fields[@]:1}"; do
         case $option in
             route) CONFIG[$name]+=$'[[route]]\nname = "app"\npath = "/"\nupstream = "default"\n' ;;
             threads=*) THREADS[$name]=${option#threads=} ;;
             log=text | log=json) LOG[$name]=${option#log=} ;;
             config=*) CONFIG[$name]+=$(cat "${option#config=}")$'\n' ;;
+            off=*) OFF[$name]=${option#off=} ;;
             *) echo "ab.sh: $spec: unknown option $option" >&2; exit 2 ;;
         esac
     done
@@ -108,7 +112,7 @@ for t in "${NAMES[@]}"; do
     } >"$WORK/$t/balancer.toml"
     level=warn
     [[ -n ${LOG[$t]} ]] && level=info
-    RUST_LOG=$level "${BIN[$t]}" --config "$WORK/$t/balancer.toml" >"$WORK/logs/$t.log" 2>&1 &
+    BALANCER_BENCH_OFF=${OFF[$t]//+/,} RUST_LOG=$level "${BIN[$t]}" --config "$WORK/$t/balancer.toml" >"$WORK/logs/$t.log" 2>&1 &
     PIDS+=($!)
     VPID[$t]=$!
 done

@@ -7,17 +7,17 @@ use std::net::IpAddr;
 use pingora::http::RequestHeader;
 use pingora::Result;
 
+use crate::telemetry::text::IpText;
+
 /// Adds the forwarded headers for a request from `client` to `req`; `tls`:
 /// the client came over HTTPS.
 pub fn apply(req: &mut RequestHeader, client: Option<IpAddr>, tls: bool) -> Result<()> {
     if let Some(ip) = client {
-        let ip = ip.to_string();
-        let list = append(
-            req.headers.get("x-forwarded-for").map(|v| v.as_bytes()),
-            &ip,
-        );
+        let ip = IpText::new(ip);
+        let ip = ip.as_str();
+        let list = append(req.headers.get("x-forwarded-for").map(|v| v.as_bytes()), ip);
         req.insert_header("x-forwarded-for", list)?;
-        req.insert_header("x-real-ip", ip)?;
+        req.insert_header("x-real-ip", ip.to_owned())?;
     }
     req.insert_header("x-forwarded-proto", if tls { "https" } else { "http" })?;
     Ok(())

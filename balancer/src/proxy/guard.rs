@@ -71,6 +71,13 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
         {
             return None;
         }
+        if super::parts::off(super::parts::Part::Guard) {
+            let mut next = ServerApp::process_new(&self.app, stream, shutdown).await;
+            while let Some(stream) = next {
+                next = ServerApp::process_new(&self.app, stream, shutdown).await;
+            }
+            return None;
+        }
         let limits = &snapshot.limits;
         let max = limits.max_connections;
         let Some(slot) = self.connections.admit(max) else {
@@ -160,15 +167,33 @@ impl<A: HttpServerApp + Send + Sync + 'static> Guarded<A> {
 /// watch the socket. Pingora 0.9 keeps those bytes in a private field of
 /// `HttpPersistentSettings`, readable only through its `Debug` form; any
 /// other form than the one expected counts as "maybe", and Pingora then
-/// waits as it would without this (the unit test below pins the form).
+/// waits as it would without this (the unit test below pins the form). The
+/// form is read piece by piece as it is written, and the writing stops at
+/// the field: formatting it whole would cost more than the rest of the wait.
 fn nothing_pipelined(settings: &HttpPersistentSettings) -> bool {
-    use std::fmt::Write as _;
-    let mut form = String::with_capacity(192);
-    let _ = write!(form, "{settings:?}");
-    // The first mention is the field's name: the bytes, a client's, come after it.
-    const FIELD: &str = "pipelined_prefix: ";
-    form.find(FIELD)
-        .is_some_and(|at| form[at + FIELD.len()..].starts_with("None"))
+    use std::fmt::{self, Write as _};
+    /// The field's name comes as one piece, then `: `, then its value.
+    #[derive(Default)]
+    struct Field {
+        named: bool,
+        none: Option<bool>,
+    }
+    impl fmt::Write for Field {
+        fn write_str(&mut self, piece: &str) -> fmt::Result {
+            match (self.named, piece) {
+                (false, "pipelined_prefix") => self.named = true,
+                (false, _) | (true, ": ") => {}
+                (true, value) => {
+                    self.none = Some(value.starts_with("None"));
+                    return Err(fmt::Error); // seen: stop formatting
+                }
+            }
+            Ok(())
+        }
+    }
+    let mut field = Field::default();
+    let _ = write!(field, "{settings:?}");
+    field.none == Some(true)
 }
 
 /// Answers `status` with `body` and closes, reading (and discarding) what

@@ -28,6 +28,7 @@ pub mod forwarded;
 pub mod guard;
 pub mod limits;
 pub mod listeners;
+pub mod parts;
 mod retry;
 pub mod tunnel;
 
@@ -324,7 +325,9 @@ impl ProxyHttp for Balancer {
             write_answer(session, header, Bytes::from_static(text.as_bytes())).await?;
             return Ok(true);
         }
-        ctx.request_id = request_id::for_request(session.req_header());
+        if !parts::off(parts::Part::RequestId) {
+            ctx.request_id = request_id::for_request(session.req_header());
+        }
         let snapshot = Arc::clone(&ctx.snapshot);
         if let Some(reply) = acme_challenge(session, &snapshot) {
             self.answer(session, ctx, &reply).await?;
@@ -342,7 +345,13 @@ impl ProxyHttp for Balancer {
             client_ip: client_ip(session),
             request_id: &ctx.request_id,
         };
-        let plan = decide::plan(&facts, &snapshot);
+        let plan = match parts::off(parts::Part::Routing) {
+            false => decide::plan(&facts, &snapshot),
+            true => decide::Plan {
+                route: None,
+                action: Decided::Forward(snapshot.default.clone()),
+            },
+        };
         ctx.route = plan.route;
         match plan.action {
             Decided::Answer(reply) => {
@@ -582,7 +591,9 @@ impl ProxyHttp for Balancer {
                     .apply_request(upstream_request, &vars)?;
             }
         }
-        upstream_request.insert_header(request_id::NAME, ctx.request_id.as_str())?;
+        if !parts::off(parts::Part::RequestId) {
+            upstream_request.insert_header(request_id::NAME, ctx.request_id.as_str())?;
+        }
         if !upstream_request.headers.contains_key(http::header::HOST) {
             // An HTTP/1.0 client need not send one; the upstream request is
             // HTTP/1.1, which must: name the address the client reached.
@@ -682,7 +693,9 @@ impl ProxyHttp for Balancer {
             cache: ctx.cache_status,
             tunnel: ctx.tunnel,
         };
-        metrics::observe(&record);
+        if !parts::off(parts::Part::Metrics) {
+            metrics::observe(&record);
+        }
         // Docker probes every few seconds: that is not traffic worth a line.
         let log = ctx.snapshot.access_log;
         if req.uri.path() != HEALTH_CHECK_PATH || log.health_checks {
@@ -741,7 +754,11 @@ impl Balancer {
         }
         let route_allows = ctx.route().is_none_or(|r| r.compression);
         compression::offer(session, &ctx.snapshot, route_allows);
-        if let (Some(policy), false) = (&ctx.snapshot.cache, sent_elsewhere) {
+        if let (Some(policy), false, false) = (
+            &ctx.snapshot.cache,
+            sent_elsewhere,
+            parts::off(parts::Part::CacheLookup),
+        ) {
             ctx.cache_rule = cache::rule_index(&policy.rules, session.req_header().uri.path());
         }
         self.serve_fresh_hit(session, ctx).await
@@ -887,7 +904,9 @@ fn route_response_edits(
         };
         route.response_headers.apply_response(resp, &vars)?;
     }
-    resp.insert_header(request_id::NAME, ctx.request_id.as_str())?;
+    if !parts::off(parts::Part::RequestId) {
+        resp.insert_header(request_id::NAME, ctx.request_id.as_str())?;
+    }
     Ok(())
 }
 

@@ -15,12 +15,13 @@
 //! lines are dropped and counted (`balancer_access_log_dropped_total`), not
 //! waited for.
 
+use super::text as fast;
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::Thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// How a line is written: `log_format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,11 +213,9 @@ fn append_line(lines: &mut Vec<u8>, format: Format, r: &Record<'_>) -> bool {
     if lines.len() >= PENDING_MAX {
         return false;
     }
-    let _ = write!(
-        lines,
-        "[{} INFO  access] ",
-        humantime::format_rfc3339_seconds(SystemTime::now())
-    );
+    lines.push(b'[');
+    fast::push_now(lines);
+    lines.extend_from_slice(b" INFO  access] ");
     match format {
         Format::Text => text(lines, r),
         Format::Json => json(lines, r),
@@ -228,39 +227,51 @@ fn append_line(lines: &mut Vec<u8>, format: Format, r: &Record<'_>) -> bool {
 /// Appends the text form of `r` to `line`.
 fn text(line: &mut Vec<u8>, r: &Record<'_>) {
     match r.client {
-        Some(ip) => {
-            let _ = write!(line, "{ip}");
-        }
+        Some(ip) => line.extend_from_slice(fast::IpText::new(ip).as_str().as_bytes()),
         None => line.push(b'-'),
     }
-    let _ = write!(
+    put(
         line,
-        " \"{} {} {}\" {} upstream={} upstream_time=",
-        r.method,
-        origin_form(r.uri),
-        r.protocol,
-        r.status,
-        r.upstream.unwrap_or("-"),
+        &[
+            " \"",
+            r.method,
+            " ",
+            origin_form(r.uri),
+            " ",
+            r.protocol,
+            "\" ",
+        ],
+    );
+    fast::push_number(line, u64::from(r.status));
+    put(
+        line,
+        &[" upstream=", r.upstream.unwrap_or("-"), " upstream_time="],
     );
     match r.upstream_time {
-        Some(d) => {
-            let _ = write!(line, "{:.3}", d.as_secs_f64());
-        }
+        Some(d) => fast::push_seconds(line, d),
         None => line.push(b'-'),
     }
-    let _ = write!(
+    line.extend_from_slice(b" time=");
+    fast::push_seconds(line, r.time);
+    line.extend_from_slice(b" retries=");
+    fast::push_number(line, u64::from(r.retries));
+    let request_id = if r.request_id.is_empty() {
+        "-"
+    } else {
+        r.request_id
+    };
+    put(
         line,
-        " time={:.3} retries={} cache={} route={} group={} request_id={}",
-        r.time.as_secs_f64(),
-        r.retries,
-        r.cache.unwrap_or("-"),
-        r.route.unwrap_or("-"),
-        r.group.unwrap_or("-"),
-        if r.request_id.is_empty() {
-            "-"
-        } else {
-            r.request_id
-        },
+        &[
+            " cache=",
+            r.cache.unwrap_or("-"),
+            " route=",
+            r.route.unwrap_or("-"),
+            " group=",
+            r.group.unwrap_or("-"),
+            " request_id=",
+            request_id,
+        ],
     );
     if let Some(t) = r.tunnel {
         let _ = write!(
@@ -268,6 +279,12 @@ fn text(line: &mut Vec<u8>, r: &Record<'_>) {
             " tunnel_closed_by={} bytes_up={} bytes_down={}",
             t.closed_by, t.bytes_up, t.bytes_down
         );
+    }
+}
+
+fn put(line: &mut Vec<u8>, parts: &[&str]) {
+    for part in parts {
+        line.extend_from_slice(part.as_bytes());
     }
 }
 
