@@ -196,6 +196,51 @@ fn failing_backends_fail_no_get_while_another_is_healthy() {
     assert_eq!(get(&lb.url("/")).unwrap().status, 200, "still serving");
 }
 
+#[test]
+fn a_backend_that_dies_in_its_answer_is_not_tried_again_into_that_answer() {
+    let good = Origin::start();
+    let bad = Origin::start();
+    let lb = start_balancer(&format!(
+        "[upstream]\nservers = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\nread_timeout = \"2s\"\n",
+        good.port, bad.port
+    ));
+    wait_for(Duration::from_secs(10), "both origins", || {
+        (get(&lb.url("/")).is_ok_and(|r| r.status == 200) && bad.hits_except("") > 0).then_some(())
+    });
+    // The head (200, 100 bytes to come) and 7 bytes of the body, then the
+    // connection closes: the client has been answered in part, and a GET
+    // sent again to the good backend would put its body after the 7 bytes.
+    bad.on("/", Act::CutBody);
+    let mut cut = 0;
+    for i in 0..8 {
+        let path = format!("/y{i}");
+        let (reply, _) = raw_exchange(
+            lb.port,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        let went_bad = bad.seen().iter().any(|s| s.path == path);
+        let went_good = good.seen().iter().any(|s| s.path == path);
+        if went_bad {
+            cut += 1;
+            assert!(
+                !went_good,
+                "{path}: tried again on the good backend after the bad one had begun to answer: {reply:?}"
+            );
+            assert!(
+                !reply.contains("origin"),
+                "{path}: another backend's body in the answer: {reply:?}"
+            );
+        } else {
+            assert!(
+                reply.starts_with("HTTP/1.1 200") && reply.ends_with("origin"),
+                "{path}: {reply:?}"
+            );
+        }
+    }
+    assert!(cut > 0, "the bad backend was tried");
+    assert_eq!(get(&lb.url("/")).unwrap().status, 200, "still serving");
+}
+
 /// A keep-alive connection that has had one request answered 200.
 fn served_connection(port: u16, path: &str) -> TcpStream {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();

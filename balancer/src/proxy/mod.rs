@@ -558,8 +558,13 @@ impl ProxyHttp for Balancer {
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
         let how = ProxyFailure {
+            // Once the client has been sent part of an answer (its head, say,
+            // before the backend died in the body), another try would add a
+            // second answer to it: Pingora writes no second head, and the
+            // next backend's body would follow the first one's.
             replayable: session.req_header().method.is_idempotent()
-                && !session.as_ref().retry_buffer_truncated(),
+                && !session.as_ref().retry_buffer_truncated()
+                && session.response_written().is_none(),
             reused: client_reused,
         };
         ctx.attempts.proxy_failed(ctx.group.as_deref(), how, &mut e);

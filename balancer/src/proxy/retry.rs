@@ -38,7 +38,8 @@ pub struct Attempts {
 
 /// How a try that reached a backend failed.
 pub struct ProxyFailure {
-    /// The request may be sent again: idempotent, and its body still held.
+    /// The request may be sent again: idempotent, its body still held, and
+    /// nothing of an answer sent to the client yet.
     pub replayable: bool,
     /// The connection to the backend was a reused one.
     pub reused: bool,

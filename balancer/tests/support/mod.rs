@@ -321,6 +321,9 @@ pub enum Act {
     Drop,
     /// Send the status line and part of the headers, then close the connection.
     Cut,
+    /// Send a whole head (`content-length: 100`) and part of the body, then
+    /// close the connection.
+    CutBody,
     /// Answer bytes that are not HTTP.
     Garbage,
     /// Answer with this status and body (`{n}` as above) once the gate is
@@ -536,6 +539,13 @@ fn serve(stream: TcpStream, state: &OriginState) {
             Act::Drop => return,
             Act::Cut => {
                 let _ = writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n");
+                return;
+            }
+            Act::CutBody => {
+                let _ = writer.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 100\r\n\r\npartial",
+                );
+                let _ = writer.flush();
                 return;
             }
             Act::Garbage => {
