@@ -144,8 +144,9 @@ fn an_idle_client_is_cut_off_after_the_keepalive_timeout() {
     );
 }
 
-#[test]
-fn failing_backends_fail_no_get_while_another_is_healthy() {
+/// A group of two origins, both answering through the balancer: one to
+/// stay good, one for the test to make bad.
+fn good_and_bad() -> (Origin, Origin, Balancer) {
     let good = Origin::start();
     let bad = Origin::start();
     let lb = start_balancer(&format!(
@@ -155,6 +156,12 @@ fn failing_backends_fail_no_get_while_another_is_healthy() {
     wait_for(Duration::from_secs(10), "both origins", || {
         (get(&lb.url("/")).is_ok_and(|r| r.status == 200) && bad.hits_except("") > 0).then_some(())
     });
+    (good, bad, lb)
+}
+
+#[test]
+fn failing_backends_fail_no_get_while_another_is_healthy() {
+    let (good, bad, lb) = good_and_bad();
     for (what, act) in [
         ("drops the request", Act::Drop),
         ("cuts its answer short", Act::Cut),
@@ -198,15 +205,7 @@ fn failing_backends_fail_no_get_while_another_is_healthy() {
 
 #[test]
 fn a_backend_that_dies_in_its_answer_is_not_tried_again_into_that_answer() {
-    let good = Origin::start();
-    let bad = Origin::start();
-    let lb = start_balancer(&format!(
-        "[upstream]\nservers = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\nread_timeout = \"2s\"\n",
-        good.port, bad.port
-    ));
-    wait_for(Duration::from_secs(10), "both origins", || {
-        (get(&lb.url("/")).is_ok_and(|r| r.status == 200) && bad.hits_except("") > 0).then_some(())
-    });
+    let (good, bad, lb) = good_and_bad();
     // The head (200, 100 bytes to come) and 7 bytes of the body, then the
     // connection closes: the client has been answered in part, and a GET
     // sent again to the good backend would put its body after the 7 bytes.
