@@ -322,7 +322,12 @@ impl ProxyHttp for Balancer {
                 (200, "success")
             };
             let header = text_header(status, text.len())?;
-            write_answer(session, header, Bytes::from_static(text.as_bytes())).await?;
+            Box::pin(write_answer(
+                session,
+                header,
+                Bytes::from_static(text.as_bytes()),
+            ))
+            .await?;
             return Ok(true);
         }
         if !parts::off(parts::Part::RequestId) {
@@ -330,7 +335,7 @@ impl ProxyHttp for Balancer {
         }
         let snapshot = Arc::clone(&ctx.snapshot);
         if let Some(reply) = acme_challenge(session, &snapshot) {
-            self.answer(session, ctx, &reply).await?;
+            Box::pin(self.answer(session, ctx, &reply)).await?;
             return Ok(true);
         }
         // Lower-cased, without port: worked out once, and only when a
@@ -355,7 +360,7 @@ impl ProxyHttp for Balancer {
         ctx.route = plan.route;
         match plan.action {
             Decided::Answer(reply) => {
-                self.answer(session, ctx, &reply).await?;
+                Box::pin(self.answer(session, ctx, &reply)).await?;
                 Ok(true)
             }
             Decided::Forward(group) => {
@@ -713,6 +718,11 @@ impl Balancer {
     /// Carries out a forward: the extensions' say (which may answer, or
     /// send the request elsewhere), then the 404 for a request with nowhere
     /// to go, a WebSocket's tunnel, or the cache and the proxy.
+    ///
+    /// The branches most requests do not take (a local answer, a tunnel, a
+    /// cache hit) are awaited boxed: their futures then stay out of
+    /// `request_filter`'s, which is made, and copied whole, for every
+    /// request (`bench/results/parts.md`).
     async fn forward(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let decision = if ctx.chain().is_empty() {
             Decision::Continue
@@ -725,7 +735,7 @@ impl Balancer {
         match decision {
             Decision::Continue => {}
             Decision::Respond(reply) => {
-                self.answer(session, ctx, &reply).await?;
+                Box::pin(self.answer(session, ctx, &reply)).await?;
                 return Ok(true);
             }
             // Found when the instance was built against this snapshot's groups.
@@ -750,11 +760,11 @@ impl Balancer {
                 404,
                 "404 not found: no route matches this request, and there is no default upstream\n",
             );
-            self.answer(session, ctx, &reply).await?;
+            Box::pin(self.answer(session, ctx, &reply)).await?;
             return Ok(true);
         }
         if tunnel::is_websocket_upgrade(session.req_header()) {
-            self.tunnel(session, ctx).await?;
+            Box::pin(self.tunnel(session, ctx)).await?;
             return Ok(true);
         }
         let route_allows = ctx.route().is_none_or(|r| r.compression);
@@ -766,7 +776,10 @@ impl Balancer {
         ) {
             ctx.cache_rule = cache::rule_index(&policy.rules, session.req_header().uri.path());
         }
-        self.serve_fresh_hit(session, ctx).await
+        if ctx.cache_rule.is_none() {
+            return Ok(false);
+        }
+        Box::pin(self.serve_fresh_hit(session, ctx)).await
     }
 
     /// Runs the extensions' request hooks in turn, until one decides. An
