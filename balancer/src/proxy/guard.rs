@@ -72,10 +72,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
             return None;
         }
         if super::parts::off(super::parts::Part::Guard) {
-            let mut next = ServerApp::process_new(&self.app, stream, shutdown).await;
-            while let Some(stream) = next {
-                next = ServerApp::process_new(&self.app, stream, shutdown).await;
-            }
+            self.serve_by_pingora(stream, shutdown).await;
             return None;
         }
         let limits = &snapshot.limits;
@@ -108,12 +105,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
             return None;
         }
         // TLS (ALPN) and h2c: Pingora tells the protocols apart and serves
-        // every request of the connection in one call; any stream handed
-        // back is served here, still inside the slot.
-        let mut next = ServerApp::process_new(&self.app, stream, shutdown).await;
-        while let Some(stream) = next {
-            next = ServerApp::process_new(&self.app, stream, shutdown).await;
-        }
+        // every request of the connection, still inside the slot.
+        self.serve_by_pingora(stream, shutdown).await;
         None
     }
 
@@ -123,6 +116,16 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
 }
 
 impl<A: HttpServerApp + Send + Sync + 'static> Guarded<A> {
+    /// The connection served by Pingora's own loop: it tells the protocols
+    /// apart and serves every request of the connection in one call; any
+    /// stream it hands back is served again here.
+    async fn serve_by_pingora(&self, stream: Stream, shutdown: &ShutdownWatch) {
+        let mut next = ServerApp::process_new(&self.app, stream, shutdown).await;
+        while let Some(stream) = next {
+            next = ServerApp::process_new(&self.app, stream, shutdown).await;
+        }
+    }
+
     /// A plain HTTP/1.1 connection, one request after the other, as
     /// Pingora's own loop serves it, but for the wait between two requests:
     /// that happens here, holding the socket and nothing of Pingora's. (A

@@ -15,13 +15,14 @@
 //! lines are dropped and counted (`balancer_access_log_dropped_total`), not
 //! waited for.
 
-use super::text as fast;
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
+
+use super::text as fast;
 
 /// How a line is written: `log_format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

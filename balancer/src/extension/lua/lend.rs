@@ -17,6 +17,7 @@ use mlua::{AnyUserData, Lua, MetaMethod, Table, UserData, UserDataMethods, Value
 
 use super::marshal::{self, Headed};
 use crate::extension::{RequestView, ResponseView};
+use crate::telemetry::text::IpText;
 
 /// A view (a [`RequestView`] or a [`ResponseView`]) lent for one call.
 pub struct Lent<V> {
@@ -67,14 +68,20 @@ impl<V> Lent<V> {
         }
     }
 
-    /// Runs `read` on the view lent now.
-    fn with<R>(&self, read: impl FnOnce(&mut V) -> mlua::Result<R>) -> mlua::Result<R> {
-        let Some(mut at) = self.at.get() else {
-            return Err(mlua::Error::runtime(format!(
+    /// The view lent now, or the error a script gets for using `req` (or
+    /// `resp`) outside its call.
+    fn lent_now(&self) -> mlua::Result<NonNull<V>> {
+        self.at.get().ok_or_else(|| {
+            mlua::Error::runtime(format!(
                 "{} is used outside the call it was given to (keep what you need from it in a variable instead)",
                 self.name
-            )));
-        };
+            ))
+        })
+    }
+
+    /// Runs `read` on the view lent now.
+    fn with<R>(&self, read: impl FnOnce(&mut V) -> mlua::Result<R>) -> mlua::Result<R> {
+        let mut at = self.lent_now()?;
         // SAFETY: see `at`: lent (hence alive and not otherwise borrowed)
         // while it is set, and this is the only reference made from it now.
         read(unsafe { at.as_mut() })
@@ -190,7 +197,7 @@ impl Fields for RequestView<'static> {
             b"query" => maybe(self.header.uri.query()),
             b"host" => maybe(Some(self.host).filter(|h| !h.is_empty())),
             b"client_ip" => match self.client_ip {
-                Some(ip) => text(&ip.to_string()),
+                Some(ip) => text(IpText::new(ip).as_str()),
                 None => Ok(Value::Nil),
             },
             b"route" => maybe(self.route),
@@ -225,7 +232,7 @@ impl<V: Fields> Handle<V> {
             b"headers" => Ok(Value::UserData(self.headers.clone())),
             b"ctx" => {
                 // Checked like any field: only during the call.
-                self.lent.with(|_| Ok(()))?;
+                self.lent.lent_now()?;
                 self.lent.ctx(lua).map(Value::Table)
             }
             other => self.lent.with(|view| view.field(lua, other)),
@@ -241,7 +248,7 @@ impl<V: Fields> UserData for Handle<V> {
         methods.add_meta_method(
             MetaMethod::NewIndex,
             |lua, this, (key, value): (Value, Value)| {
-                this.lent.with(|_| Ok(()))?;
+                this.lent.lent_now()?;
                 this.lent.set_own(lua, key, value)
             },
         );
