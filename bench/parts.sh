@@ -20,6 +20,7 @@ if [[ ${1:-} == -o ]]; then
     REPORT=${2:?-o needs a file}
     shift 2
 fi
+command -v valgrind >/dev/null || { echo "parts.sh: valgrind is needed for the instruction counts (apt-get install -y valgrind)" >&2; exit 2; }
 if [[ ${PARTS_SKIP_BUILD:-0} != 1 ]]; then
     (cd "$ROOT" && cargo build --release -p backend -p floor)
     (cd "$ROOT" && CARGO_TARGET_DIR=$ROOT/target/parts cargo build --release -p balancer --features bench-parts)
