@@ -9,13 +9,17 @@ use pingora::Result;
 
 use crate::telemetry::text::IpText;
 
+/// `x-forwarded-for`, made once for the lookup: a name given as text is
+/// parsed on every lookup.
+static FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+
 /// Adds the forwarded headers for a request from `client` to `req`; `tls`:
 /// the client came over HTTPS.
 pub fn apply(req: &mut RequestHeader, client: Option<IpAddr>, tls: bool) -> Result<()> {
     if let Some(ip) = client {
         let ip = IpText::new(ip);
         let ip = ip.as_str();
-        let list = append(req.headers.get("x-forwarded-for").map(|v| v.as_bytes()), ip);
+        let list = append(req.headers.get(&FORWARDED_FOR).map(|v| v.as_bytes()), ip);
         req.insert_header("x-forwarded-for", list)?;
         req.insert_header("x-real-ip", ip.to_owned())?;
     }

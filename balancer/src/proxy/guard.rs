@@ -159,7 +159,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> Guarded<A> {
         let idle = self.live.load().limits.keepalive_timeout;
         let idle = idle.max(Duration::from_secs(1));
         let mut first = [0u8; 1];
-        // Pingora's timer (10 ms grain, cheap to set per request).
+        // At least a second: Pingora hands it to tokio's timer wheel (see
+        // `fast_timeout_to_tokio_threshold_seconds` in server.rs).
         let peeked = fast_timeout::fast_timeout(idle, stream.try_peek(&mut first)).await;
         matches!(peeked, Ok(Ok(true)))
     }

@@ -38,14 +38,18 @@ pub fn check_head(raw: &[u8], limits: &Limits) -> Result<(), Rejection> {
     let request_line = lines.next().unwrap_or_default();
     let request_line = request_line.strip_suffix(b"\r").unwrap_or(request_line);
     // METHOD SP request-target SP HTTP-version: exactly two single spaces.
-    let parts: Vec<&[u8]> = request_line.split(|b| *b == b' ').collect();
-    if parts.len() != 3 || parts.iter().any(|p| p.is_empty()) {
-        return reject(
-            400,
-            "malformed request line (a request-target may not contain spaces)",
-        );
-    }
-    let http11 = parts[2] == b"HTTP/1.1";
+    let mut parts = request_line.split(|b| *b == b' ');
+    let (method, target, version) = (parts.next(), parts.next(), parts.next());
+    let version = match (method, target, version, parts.next()) {
+        (Some(m), Some(t), Some(v), None) if !m.is_empty() && !t.is_empty() && !v.is_empty() => v,
+        _ => {
+            return reject(
+                400,
+                "malformed request line (a request-target may not contain spaces)",
+            )
+        }
+    };
+    let http11 = version == b"HTTP/1.1";
     let mut headers = 0usize;
     let (mut content_length, mut transfer_encoding, mut host) = (false, false, false);
     // The head ends at an empty line.

@@ -289,7 +289,7 @@ impl ProxyHttp for Balancer {
         let declared = session
             .req_header()
             .headers
-            .get("content-length")
+            .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
         if let Some(length) = declared {
