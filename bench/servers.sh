@@ -28,6 +28,7 @@ BACKEND_PORT=${PORT[direct]}
 declare -A PID=()       # the process we started, per target (direct = the backend)
 declare -A WATCH=()     # the PIDs whose RSS counts for a target (nginx: master + worker)
 declare -A CHILDREN=()  # processes our processes started (nginx), stopped with them
+FLOOR_ARGS=()           # more arguments for the floor (tls.sh: its HTTPS listener)
 AUX_PIDS=()             # other processes the caller started (samplers, clients), stopped first
 WORK=""
 
@@ -133,15 +134,16 @@ start_backend() {
 
 # start_proxy TARGET [EDIT]: starts the balancer, the floor, nginx or haproxy
 # with its configuration rendered into WORK/TARGET (the floor takes its few
-# settings on its command line); EDIT, a function, is given the rendered file
-# to change before the start. It does not wait (wait_ready).
+# settings on its command line, and FLOOR_ARGS, an array, after them); EDIT,
+# a function, is given the rendered file to change before the start. It does
+# not wait (wait_ready).
 start_proxy() {
     local target=$1 edit=${2:-} dir=$WORK/$1 config
     claim "$target"
     if [[ $target == floor ]]; then
         log "starting floor on 127.0.0.1:${PORT[floor]}"
         "$TARGET_DIR/release/floor" --listen "127.0.0.1:${PORT[floor]}" \
-            --upstream "127.0.0.1:$BACKEND_PORT" --threads 1 >"$dir/out.log" 2>&1 &
+            --upstream "127.0.0.1:$BACKEND_PORT" --threads 1 "${FLOOR_ARGS[@]}" >"$dir/out.log" 2>&1 &
         PID[floor]=$!
         WATCH[floor]=$!
         return 0

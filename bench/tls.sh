@@ -3,7 +3,9 @@
 # all on 127.0.0.1: one worker/thread each, in front of the same backend
 # process, with run.sh's configurations (bench/balancer.toml, nginx.conf) and
 # an HTTPS listener added to each (bench/balancer-tls.toml, nginx-tls.conf):
-# TLS 1.3 only, the same certificate (`balancer cert --self-signed`).
+# TLS 1.3 only, the same certificate (`balancer cert --self-signed`). The
+# floor (bench/floor, with Pingora's own TLS settings and the same
+# certificate) runs the h1 and h2 steps on / (it has no cache).
 #
 #   h1       HTTP/1.1 with keep-alive: wrk -t1 -c64 on / (proxied) and
 #            /cache-me (a cache hit);
@@ -20,8 +22,9 @@
 # bench/results/tls.md and bench/results/raw-tls/; every process it starts is
 # stopped on exit. Settings (environment):
 #   BENCH_ROUNDS (5), BENCH_DURATION (5, seconds of each measured run),
-#   BENCH_PORT_BASE (19400: the backend; +1 the balancer and +2 nginx over
-#   plain HTTP, +11 and +12 over HTTPS, +13 nginx's check listener),
+#   BENCH_PORT_BASE (19400: the backend; +1 the balancer, +2 nginx and +4 the
+#   floor over plain HTTP, +11, +12 and +14 over HTTPS, +13 nginx's check
+#   listener),
 #   BENCH_NOTE (a line about the conditions, printed in tls.md),
 #   BENCH_SKIP_BUILD=1 (use the binaries in target/release as they are).
 # Starting and stopping the servers: bench/servers.sh.
@@ -44,10 +47,10 @@ HANDSHAKERS=32    # connections at once when each request has one of its own
 CLIENTS=$(nproc)  # ... over this many client processes (curl) or threads (h2load):
                   # a TLS client's handshake costs more CPU than the server's
 
-TARGETS=(balancer nginx)
+TARGETS=(balancer floor nginx)
 STEPS=(h1 h2 full resumed)
 declare -A PATHS=([h1]="/ /cache-me" [h2]="/ /cache-me" [full]=/cache-me [resumed]=/cache-me)
-declare -A TLS_PORT=([balancer]=$((PORT_BASE + 11)) [nginx]=$((PORT_BASE + 12)))
+declare -A TLS_PORT=([balancer]=$((PORT_BASE + 11)) [nginx]=$((PORT_BASE + 12)) [floor]=$((PORT_BASE + 14)))
 CHECK_PORT=$((PORT_BASE + 13))
 declare -A PACE=()    # requests/s of the last `resumed` run, per port
 
@@ -83,9 +86,16 @@ start_servers() {
         ! port_in_use "$port" || die "127.0.0.1:$port is in use (set BENCH_PORT_BASE)"
     done
     "$TARGET_DIR/release/balancer" cert --self-signed --host localhost --out "$WORK/tls" >/dev/null
+    FLOOR_ARGS=(--tls-listen "127.0.0.1:${TLS_PORT[floor]}" --cert "$WORK/tls/cert.pem" --key "$WORK/tls/key.pem")
     start_backend
     for target in "${TARGETS[@]}"; do start_proxy "$target" "edit_$target"; done
     for target in "${TARGETS[@]}"; do wait_ready "$target"; done
+}
+
+# runs TARGET STEP PATH: whether TARGET is measured in STEP on PATH (the
+# floor has no cache: it runs h1 and h2 on / only).
+runs() {
+    [[ $1 != floor ]] || [[ $3 == / && ($2 == h1 || $2 == h2) ]]
 }
 
 # ------------------------------------------------------------------ load
@@ -226,7 +236,10 @@ rounds() {
         for step in "${STEPS[@]}"; do
             # shellcheck disable=SC2086 # PATHS holds lists of paths
             for path in ${PATHS[$step]}; do
-                for target in "${order[@]}"; do measure "$step" "$round" "$target" "$path"; done
+                for target in "${order[@]}"; do
+                    runs "$target" "$step" "$path" || continue
+                    measure "$step" "$round" "$target" "$path"
+                done
             done
         done
         order=("${order[@]:1}" "${order[0]}") # the other target first next round
@@ -259,6 +272,10 @@ check_targets() {
             tls=$(sed -n 's/^\* SSL connection using //p' "$WORK/trace")
             [[ $got == "$version 200" && $(<"$WORK/body") == "Hello World!" && $tls == TLSv1.3* ]] ||
                 die "$target: / over HTTP/$version answered '$got' over '$tls': $(head -c 200 "$WORK/body")"
+            if [[ $target == floor ]]; then
+                check "$target: HTTP/$version over $tls, the certificate verified: / answers Hello World!"
+                continue
+            fi
             fetch "$target" /cache-me --http"$version" >/dev/null
             got=$(fetch "$target" /cache-me --http"$version")
             cache=$(tr -d '\r' <"$WORK/trace" | awk 'tolower($2) == "x-cache-status:" { print $3 }')
@@ -266,6 +283,7 @@ check_targets() {
                 die "$target: /cache-me repeated over HTTP/$version answered '$got', X-Cache-Status: ${cache:-none}"
             check "$target: HTTP/$version over $tls, the certificate verified: / answers Hello World!, /cache-me repeated is a HIT"
         done
+        [[ $target != floor ]] || continue # Pingora's defaults: TLS 1.2 too; not in the handshake steps
         ! curl -sk --max-time 5 --tlsv1.2 --tls-max 1.2 -o /dev/null "https://127.0.0.1:${TLS_PORT[$target]}/" ||
             die "$target accepts TLS 1.2"
         timeout 10 openssl s_client -connect "127.0.0.1:${TLS_PORT[$target]}" -servername localhost -quiet \
@@ -345,24 +363,31 @@ median() { summary | awk '{ print $1 }'; }
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
 
-# table STEP: the figures of STEP, per path and target.
+# table STEP: the figures of STEP, per path and target; "× floor" where the
+# floor ran the same step and path.
 table() {
-    local step=$1 path target rate lo hi nginx_rate us nginx_us extra=""
+    local step=$1 path target rate lo hi nginx_rate us nginx_us floor_rate floor_us extra=""
     local -a figures
     [[ $step == full ]] && extra=" connections per request |"
-    echo "| path | target | requests/s | range | × nginx | proxy CPU | proxy CPU per request | × nginx | client CPU |$extra errors |"
-    echo "|---|---|--:|--:|--:|--:|--:|--:|--:|${extra:+--:|}--:|"
+    echo "| path | target | requests/s | range | × nginx | × floor | proxy CPU | proxy CPU per request | × nginx | × floor | client CPU |$extra errors |"
+    echo "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|${extra:+--:|}--:|"
     # shellcheck disable=SC2086
     for path in ${PATHS[$step]}; do
         nginx_rate=$(values per_second "$step" nginx "$path" | median)
         nginx_us=$(values proxy_cpu_us_per_request "$step" nginx "$path" | median)
+        floor_rate=0 floor_us=0
+        if runs floor "$step" "$path"; then
+            floor_rate=$(values per_second "$step" floor "$path" | median)
+            floor_us=$(values proxy_cpu_us_per_request "$step" floor "$path" | median)
+        fi
         for target in "${TARGETS[@]}"; do
+            runs "$target" "$step" "$path" || continue
             read -r rate lo hi < <(values per_second "$step" "$target" "$path" | summary)
             us=$(values proxy_cpu_us_per_request "$step" "$target" "$path" | median)
             figures=(
-                "\`$path\`" "$target" "$rate" "$lo–$hi" "$(ratio "$rate" "$nginx_rate")"
+                "\`$path\`" "$target" "$rate" "$lo–$hi" "$(ratio "$rate" "$nginx_rate")" "$(ratio "$rate" "$floor_rate")"
                 "$(values proxy_cpu_percent "$step" "$target" "$path" | median) %"
-                "$us µs" "$(ratio "$us" "$nginx_us")"
+                "$us µs" "$(ratio "$us" "$nginx_us")" "$(ratio "$us" "$floor_us")"
                 "$(values client_cpu_percent "$step" "$target" "$path" | median) %"
             )
             [[ -z $extra ]] || figures+=("$(values connections_per_request "$step" "$target" "$path" | median)")
@@ -376,13 +401,15 @@ table() {
 report() {
     echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$RAW/machine.txt"
     {
-        echo "# HTTPS: the balancer and nginx, one interleaved run"
+        echo "# HTTPS: the balancer, its floor and nginx, one interleaved run"
         echo
         [[ -z ${BENCH_NOTE:-} ]] || { echo "*$BENCH_NOTE*"; echo; }
         echo "Written by \`bench/tls.sh\` (see bench/README.md). Rounds: $ROUNDS; in each, every step and path"
-        echo "ran on both targets back to back (the first target alternating), ${DURATION} s after ${WARMUP} s of"
-        echo "the same load. Both proxies: one worker/thread, TLS 1.3 only, the same certificate,"
-        echo "the same backend process (\`--workers 1\`). Figures are medians over the rounds; *range* is"
+        echo "ran on every target back to back (the first target turning), ${DURATION} s after ${WARMUP} s of"
+        echo "the same load. Every proxy: one worker/thread, the same certificate, the same backend"
+        echo "process (\`--workers 1\`); the balancer and nginx TLS 1.3 only, the floor (\`bench/floor\`:"
+        echo "the smallest Pingora proxy forwarding as the balancer does, with Pingora's own TLS"
+        echo "settings) on \`/\` in steps 1 and 2 only, as it has no cache. Figures are medians over the rounds; *range* is"
         echo "the lowest and highest requests/s; *proxy CPU* is the CPU time of the proxy's processes"
         echo "over the run's wall time (100 % = one core), *client CPU* the same for the load generator;"
         echo "*errors* are summed over the rounds."

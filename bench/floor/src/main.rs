@@ -8,7 +8,11 @@
 //! allocator (mimalloc, without transparent huge pages), so that what the
 //! balancer costs above it is the balancer's own.
 //!
+//! With `--tls-listen`, it also serves HTTPS (HTTP/1.1 and HTTP/2 by ALPN)
+//! with Pingora's own TLS settings for rustls, as bench/tls.sh measures it.
+//!
 //!   floor --listen 127.0.0.1:19104 --upstream 127.0.0.1:19100 [--threads 1]
+//!         [--tls-listen 127.0.0.1:19414 --cert cert.pem --key key.pem]
 
 use std::net::SocketAddr;
 
@@ -35,6 +39,15 @@ struct Cli {
     /// Worker threads, as the balancer's `threads`.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Where to listen for HTTPS too (needs --cert and --key).
+    #[arg(long, requires_all = ["cert", "key"])]
+    tls_listen: Option<SocketAddr>,
+    /// The certificate chain (PEM) served on --tls-listen.
+    #[arg(long)]
+    cert: Option<String>,
+    /// Its private key (PEM).
+    #[arg(long)]
+    key: Option<String>,
 }
 
 struct Floor {
@@ -100,6 +113,17 @@ fn main() {
         },
     );
     service.add_tcp(&cli.listen.to_string());
+    if let (Some(listen), Some(cert), Some(key)) = (cli.tls_listen, &cli.cert, &cli.key) {
+        let mut tls = match pingora::listeners::tls::TlsSettings::intermediate(cert, key) {
+            Ok(tls) => tls,
+            Err(e) => {
+                eprintln!("floor: --cert {cert} --key {key}: {e}");
+                std::process::exit(2);
+            }
+        };
+        tls.enable_h2();
+        service.add_tls_with_settings(&listen.to_string(), None, tls);
+    }
     server.add_service(service);
     server.run_forever();
 }
