@@ -20,6 +20,8 @@
 #   threads=N         worker threads (default 1)
 #   log=text|json     the access log on, in that format, to a file
 #                     (default: off, RUST_LOG=warn)
+#   pipe              the output through a pipe (to a process writing the
+#                     file), as Docker reads a container's
 #   config=FILE       more TOML, appended to the variant's configuration
 #   off=PART[+PART]   parts of the request path turned off (BALANCER_BENCH_OFF;
 #                     only a build with the feature bench-parts: bench/parts.sh)
@@ -41,7 +43,7 @@ if [[ ${1:-} == -o ]]; then
     REPORT=${2:?-o needs a file}
     shift 2
 fi
-(($# > 0)) || { sed -n '2,27p' "$0" >&2; exit 2; }
+(($# > 0)) || { sed -n '2,31p' "$0" >&2; exit 2; }
 ROUNDS=${AB_ROUNDS:-5}
 DURATION=${AB_DURATION:-5}
 BASE=${AB_PORT_BASE:-19200}
@@ -57,7 +59,7 @@ trap cleanup EXIT
 
 NAMES=()
 FLOOR=   # the name of the floor's variant, if there is one
-declare -A BIN PORT THREADS LOG CONFIG OFF VPID
+declare -A BIN PORT THREADS LOG PIPE CONFIG OFF VPID
 for spec in "$@"; do
     name=${spec%%=*}
     IFS=, read -r -a fields <<<"${spec#*=}"
@@ -68,6 +70,7 @@ for spec in "$@"; do
     PORT[$name]=$((BASE + ${#NAMES[@]}))
     THREADS[$name]=1
     LOG[$name]=
+    PIPE[$name]=
     CONFIG[$name]=
     OFF[$name]=
     for option in "${fields[@]:1}"; do
@@ -75,6 +78,7 @@ for spec in "$@"; do
             route) CONFIG[$name]+=$'[[route]]\nname = "app"\npath = "/"\nupstream = "default"\n' ;;
             threads=*) THREADS[$name]=${option#threads=} ;;
             log=text | log=json) LOG[$name]=${option#log=} ;;
+            pipe) PIPE[$name]=1 ;;
             config=*) CONFIG[$name]+=$(cat "${option#config=}")$'\n' ;;
             off=*) OFF[$name]=${option#off=} ;;
             *) echo "ab.sh: $spec: unknown option $option" >&2; exit 2 ;;
@@ -112,7 +116,12 @@ for t in "${NAMES[@]}"; do
     } >"$WORK/$t/balancer.toml"
     level=warn
     [[ -n ${LOG[$t]} ]] && level=info
-    BALANCER_BENCH_OFF=${OFF[$t]//+/,} RUST_LOG=$level "${BIN[$t]}" --config "$WORK/$t/balancer.toml" >"$WORK/logs/$t.log" 2>&1 &
+    if [[ -n ${PIPE[$t]} ]]; then
+        BALANCER_BENCH_OFF=${OFF[$t]//+/,} RUST_LOG=$level "${BIN[$t]}" --config "$WORK/$t/balancer.toml" \
+            > >(cat >"$WORK/logs/$t.log") 2>&1 &
+    else
+        BALANCER_BENCH_OFF=${OFF[$t]//+/,} RUST_LOG=$level "${BIN[$t]}" --config "$WORK/$t/balancer.toml" >"$WORK/logs/$t.log" 2>&1 &
+    fi
     PIDS+=($!)
     VPID[$t]=$!
 done

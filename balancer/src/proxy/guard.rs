@@ -7,6 +7,7 @@
 //! and the lingering close, and the counts kept of every connection, are
 //! `connections`'.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,8 +16,8 @@ use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, Ser
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
-use pingora_timeout::fast_timeout;
 use tokio::io::AsyncWriteExt;
+use tokio::time::{Instant, Sleep};
 
 use crate::proxy::connections::{closing_response, linger, Connections, Timed};
 use crate::proxy::drain::Stopping;
@@ -137,9 +138,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> Guarded<A> {
         // Pingora's default; `early_request_filter` sets the configured one.
         session.set_keepalive((!*shutdown.borrow()).then_some(60));
         let mut reused = self.app.process_new_http(session, shutdown).await;
+        let mut idle_timer = None;
         while let Some((mut stream, settings)) = reused.map(ReusedHttpStream::consume) {
             let pipelined = settings.as_ref().is_some_and(|s| !nothing_pipelined(s));
-            if !pipelined && !self.next_request_comes(&mut stream).await {
+            if !pipelined && !self.next_request_comes(&mut stream, &mut idle_timer).await {
                 return;
             }
             let mut session = ServerSession::new_http1(stream);
@@ -155,14 +157,35 @@ impl<A: HttpServerApp + Send + Sync + 'static> Guarded<A> {
     /// proxy to read (see [`Timed`]'s `try_peek`). `false`: the client
     /// closed or stayed silent. (A server that is stopping drops its idle
     /// connections with its runtime, as Pingora's own wait does.)
-    async fn next_request_comes(&self, stream: &mut Stream) -> bool {
+    ///
+    /// The waits of a connection share one timer (`timer`), set at its first
+    /// wait: a later wait finds it set for an earlier deadline, and moves it
+    /// on only when it fires, so a wait on a busy connection sets no timer.
+    async fn next_request_comes(
+        &self,
+        stream: &mut Stream,
+        timer: &mut Option<Pin<Box<Sleep>>>,
+    ) -> bool {
         let idle = self.live.load().limits.keepalive_timeout;
-        let idle = idle.max(Duration::from_secs(1));
+        let deadline = Instant::now() + idle.max(Duration::from_secs(1));
+        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() > deadline {
+            // keepalive_timeout was made shorter by a reload.
+            timer.as_mut().reset(deadline);
+        }
         let mut first = [0u8; 1];
-        // At least a second: Pingora hands it to tokio's timer wheel (see
-        // `fast_timeout_to_tokio_threshold_seconds` in server.rs).
-        let peeked = fast_timeout::fast_timeout(idle, stream.try_peek(&mut first)).await;
-        matches!(peeked, Ok(Ok(true)))
+        loop {
+            tokio::select! {
+                biased;
+                peeked = stream.try_peek(&mut first) => return matches!(peeked, Ok(true)),
+                () = timer.as_mut() => {
+                    if timer.deadline() >= deadline {
+                        return false;
+                    }
+                    timer.as_mut().reset(deadline);
+                }
+            }
+        }
     }
 }
 

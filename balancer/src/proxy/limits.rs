@@ -34,9 +34,7 @@ pub fn check_head(raw: &[u8], limits: &Limits) -> Result<(), Rejection> {
             ),
         );
     }
-    let mut lines = raw.split(|b| *b == b'\n');
-    let request_line = lines.next().unwrap_or_default();
-    let request_line = request_line.strip_suffix(b"\r").unwrap_or(request_line);
+    let (request_line, mut rest) = split_line(raw);
     // METHOD SP request-target SP HTTP-version: exactly two single spaces.
     let mut parts = request_line.split(|b| *b == b' ');
     let (method, target, version) = (parts.next(), parts.next(), parts.next());
@@ -53,20 +51,25 @@ pub fn check_head(raw: &[u8], limits: &Limits) -> Result<(), Rejection> {
     let mut headers = 0usize;
     let (mut content_length, mut transfer_encoding, mut host) = (false, false, false);
     // The head ends at an empty line.
-    for line in lines {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+    while !rest.is_empty() {
+        let line;
+        (line, rest) = split_line(rest);
         if line.is_empty() {
             break;
         }
         headers += 1;
-        let name = line
-            .split(|b| *b == b':')
-            .next()
-            .unwrap_or_default()
-            .trim_ascii();
-        content_length |= name.eq_ignore_ascii_case(b"content-length");
-        transfer_encoding |= name.eq_ignore_ascii_case(b"transfer-encoding");
-        host |= name.eq_ignore_ascii_case(b"host");
+        let name = match memchr::memchr(b':', line) {
+            Some(colon) => &line[..colon],
+            None => line,
+        };
+        let name = name.trim_ascii();
+        // Only a name of the right length is compared.
+        match name.len() {
+            4 => host |= name.eq_ignore_ascii_case(b"host"),
+            14 => content_length |= name.eq_ignore_ascii_case(b"content-length"),
+            17 => transfer_encoding |= name.eq_ignore_ascii_case(b"transfer-encoding"),
+            _ => {}
+        }
     }
     if headers > limits.max_headers {
         return reject(
@@ -83,6 +86,15 @@ pub fn check_head(raw: &[u8], limits: &Limits) -> Result<(), Rejection> {
         return reject(400, "an HTTP/1.1 request must carry a Host header");
     }
     Ok(())
+}
+
+/// The line `bytes` starts with (without its CR LF or LF), and what follows it.
+fn split_line(bytes: &[u8]) -> (&[u8], &[u8]) {
+    let (line, rest) = match memchr::memchr(b'\n', bytes) {
+        Some(end) => (&bytes[..end], &bytes[end + 1..]),
+        None => (bytes, &[][..]),
+    };
+    (line.strip_suffix(b"\r").unwrap_or(line), rest)
 }
 
 /// Checks a declared or so-far received body size.

@@ -34,11 +34,11 @@ fn well_formed(id: &str) -> bool {
 fn new_id() -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bits = fastrand::u128(..);
-    let mut id = String::with_capacity(32);
-    for shift in (0..32).rev() {
-        id.push(char::from(HEX[((bits >> (shift * 4)) & 0xf) as usize]));
+    let mut id = [0u8; 32];
+    for (i, digit) in id.iter_mut().enumerate() {
+        *digit = HEX[((bits >> ((31 - i) * 4)) & 0xf) as usize];
     }
-    id
+    String::from_utf8_lossy(&id).into_owned()
 }
 
 #[cfg(test)]
@@ -57,6 +57,10 @@ mod tests {
             let id = with(bad);
             assert_ne!(id, bad);
             assert_eq!(id.len(), 32, "{id}");
+            assert!(
+                id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
+                "{id}: 32 lowercase hex digits"
+            );
         }
         let plain = RequestHeader::build("GET", b"/", None).unwrap();
         assert_ne!(for_request(&plain), for_request(&plain), "new ids differ");
