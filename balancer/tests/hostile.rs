@@ -144,6 +144,43 @@ fn an_idle_client_is_cut_off_after_the_keepalive_timeout() {
     );
 }
 
+#[test]
+fn a_client_that_pauses_less_than_the_keepalive_timeout_is_kept_however_long_it_stays() {
+    let origin = Origin::start();
+    let lb = one_origin(&origin, "[limits]\nkeepalive_timeout = \"2s\"");
+    let mut stream = served_connection(lb.port, "/");
+    // Five pauses of 1.2 s: each shorter than the timeout, all together
+    // three times as long. (The waits share one timer, set for the first
+    // one's deadline: it fires during the second pause and must be moved on.)
+    for i in 0..5 {
+        std::thread::sleep(Duration::from_millis(1200));
+        stream
+            .write_all(format!("GET /again-{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .unwrap_or_else(|e| panic!("pause {i}: the connection was closed: {e}"));
+        let reply = read_response(&mut stream);
+        assert!(
+            reply.starts_with("HTTP/1.1 200 "),
+            "after pause {i}: {reply:?}"
+        );
+    }
+    // ...and then, idle, it is closed after the timeout.
+    let idle = Instant::now();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => continue,
+            Err(_) => break false,
+        }
+    };
+    let after = idle.elapsed();
+    assert!(closed, "the idle connection was closed");
+    assert!(
+        after >= Duration::from_millis(1800) && after < Duration::from_secs(6),
+        "closed after {after:?}"
+    );
+}
+
 /// A group of two origins, both answering through the balancer: one to
 /// stay good, one for the test to make bad.
 fn good_and_bad() -> (Origin, Origin, Balancer) {
