@@ -68,13 +68,15 @@ N2=${PARTS_N2:-2300}
 WORK=$(mktemp -d)
 BACKEND_PID=
 cleanup() {
-    [[ -n $BACKEND_PID ]] && kill "$BACKEND_PID" 2>/dev/null
+    [[ -z $BACKEND_PID ]] || kill "$BACKEND_PID" 2>/dev/null || true
     wait 2>/dev/null || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 "$ROOT/target/release/backend" --listen 127.0.0.1:19849 --workers 1 >"$WORK/backend.log" 2>&1 &
 BACKEND_PID=$!
+sleep 0.5
+kill -0 "$BACKEND_PID" 2>/dev/null || { echo "parts.sh: the backend did not start (is 127.0.0.1:19849 in use?):" >&2; cat "$WORK/backend.log" >&2; exit 1; }
 
 # instructions N LEVEL OFF CMD...: the instructions CMD (a proxy on 19850)
 # ran to serve N requests to /, and to start and stop.

@@ -38,7 +38,8 @@ fn new_id() -> String {
     for (i, digit) in id.iter_mut().enumerate() {
         *digit = HEX[((bits >> ((31 - i) * 4)) & 0xf) as usize];
     }
-    String::from_utf8_lossy(&id).into_owned()
+    // Hex digits are ASCII: never the empty default.
+    std::str::from_utf8(&id).unwrap_or_default().to_owned()
 }
 
 #[cfg(test)]
