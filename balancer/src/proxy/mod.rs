@@ -776,6 +776,8 @@ impl Balancer {
         ) {
             ctx.cache_rule = cache::rule_index(&policy.rules, session.req_header().uri.path());
         }
+        // `serve_fresh_hit` makes the same check first; made here too, a
+        // path without a rule (most requests) allocates no box for it.
         if ctx.cache_rule.is_none() {
             return Ok(false);
         }
