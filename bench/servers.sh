@@ -7,7 +7,8 @@
 # started when the script exits. What is measured, and how, is the caller's.
 #
 # Before sourcing, the caller sets PORT_BASE (the backend; +1 balancer,
-# +2 nginx, +3 HAProxy, +4 the floor, all on 127.0.0.1) and RAW (where the servers' last
+# +2 nginx, +3 HAProxy, +4 the floor, +6 a baseline: an earlier balancer
+# build, BASELINE_BIN, run as the balancer is; all on 127.0.0.1) and RAW (where the servers' last
 # log lines are kept on exit), then calls open_work_dir before starting any.
 # shellcheck shell=bash
 
@@ -23,6 +24,7 @@ declare -A PORT=(
     [nginx]=$((PORT_BASE + 2))
     [haproxy]=$((PORT_BASE + 3))
     [floor]=$((PORT_BASE + 4))
+    [baseline]=$((PORT_BASE + 6))
 )
 BACKEND_PORT=${PORT[direct]}
 declare -A PID=()       # the process we started, per target (direct = the backend)
@@ -149,7 +151,7 @@ start_proxy() {
         return 0
     fi
     case $target in
-        balancer) config=$dir/balancer.toml ;;
+        balancer | baseline) config=$dir/balancer.toml ;;
         nginx) config=$dir/nginx.conf ;;
         haproxy) config=$dir/haproxy.cfg ;;
         *) die "no such proxy: $target" ;;
@@ -160,6 +162,9 @@ start_proxy() {
     case $target in
         balancer)
             RUST_LOG=warn "$TARGET_DIR/release/balancer" --config "$config" >"$dir/out.log" 2>&1 &
+            ;;
+        baseline)
+            RUST_LOG=warn "${BASELINE_BIN:?no BASELINE_BIN}" --config "$config" >"$dir/out.log" 2>&1 &
             ;;
         nginx)
             nginx -p "$dir" -c "$config" -e "$dir/error.log" -g 'daemon off;' >"$dir/out.log" 2>&1 &
@@ -201,7 +206,7 @@ stop() {
 }
 
 # stop_all: every server we started, the proxies first.
-stop_all() { stop balancer floor nginx haproxy direct; }
+stop_all() { stop balancer baseline floor nginx haproxy direct; }
 
 cleanup() {
     local rc=$? pid

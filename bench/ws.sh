@@ -11,7 +11,10 @@
 #   bench/ws.sh [-o REPORT]
 #
 # Environment: WS_ROUNDS (5), WS_DURATION (5 s), WS_CONNECTIONS (50),
-# BENCH_PORT_BASE (19500), BENCH_SKIP_BUILD (1: use target/release as it is).
+# BENCH_PORT_BASE (19500), BENCH_SKIP_BUILD (1: use target/release as it is),
+# WS_BASELINE (an earlier release build of the balancer, built from its
+# commit in a worktree: it runs as a third target, `baseline`, for an A/B of
+# the two builds in the same interleaved run).
 set -euo pipefail
 
 PORT_BASE=${BENCH_PORT_BASE:-19500}
@@ -44,6 +47,13 @@ wait_ready balancer
 start_proxy nginx nginx_ws
 wait_ready nginx
 TARGETS=(balancer nginx)
+if [[ -n ${WS_BASELINE:-} ]]; then
+    [[ -x $WS_BASELINE ]] || die "WS_BASELINE=$WS_BASELINE is not an executable"
+    BASELINE_BIN=$WS_BASELINE
+    start_proxy baseline
+    wait_ready baseline
+    TARGETS=(balancer baseline nginx)
+fi
 for t in "${TARGETS[@]}"; do
     out=$("$CLIENT" "ws://127.0.0.1:${PORT[$t]}/ws" 2 1)
     [[ $out == *"failed=0"* ]] || die "$t: no WebSocket echo: $out"
@@ -72,6 +82,10 @@ done
 {
     echo "# WebSocket echo: balancer against nginx, one interleaved run"
     echo
+    if [[ -n ${WS_BASELINE:-} ]]; then
+        echo "\`baseline\` is an earlier build of the balancer, $WS_BASELINE, with the same configuration."
+        echo
+    fi
     echo "$ROUNDS rounds of ${DURATION} s, $CONNECTIONS WebSockets each sending a 32-byte message and waiting for its echo (\`ws_bench\`), one backend worker, one proxy worker or thread; $(nproc) cores; load before: $(cut -d' ' -f1-3 /proc/loadavg); nginx $(nginx -v 2>&1 | sed 's|.*/||')."
     echo
     echo "| proxy | median round trips/s | range | p50 µs | p99 µs (median) | p99 range | proxy CPU µs per round trip |"

@@ -1675,6 +1675,60 @@ fn bytes_sent_before_the_101_are_forwarded_and_the_log_says_how_each_tunnel_ende
     assert!(cut.read().is_err(), "the client's side is closed too");
 }
 
+/// A WebSocket backend that greets each client: its `101` and a first text
+/// frame leave in one write, then it echoes whatever bytes come until the
+/// client closes.
+fn start_greeting_backend(greeting: &'static str) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for mut stream in listener.incoming().map_while(Result::ok) {
+            thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let mut answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n".to_vec();
+                answer.extend_from_slice(&[0x81, greeting.len() as u8]);
+                answer.extend_from_slice(greeting.as_bytes());
+                if stream.write_all(&answer).is_err() {
+                    return;
+                }
+                while let Ok(n @ 1..) = stream.read(&mut buf) {
+                    if stream.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn what_a_backend_sends_with_its_101_reaches_the_client_before_anything_else() {
+    let lb = start_balancer(&upstream_at(start_greeting_backend("welcome"), ""));
+    for _ in 0..20 {
+        let mut client = plain_tcp(lb.port);
+        client.write_all(UPGRADE_REQUEST.as_bytes()).unwrap();
+        let (head, greeting) = read_head_and_text_frame(&mut client);
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        assert_eq!(greeting, "welcome", "the frame sent along with the 101");
+        // The tunnel carries on both ways after it.
+        let frame = masked_text_frame("and then");
+        client.write_all(&frame).unwrap();
+        let mut echo = vec![0u8; frame.len()];
+        client.read_exact(&mut echo).unwrap();
+        assert_eq!(echo, frame, "the backend's echo of the first message");
+    }
+    let line = lb.wait_for_log("tunnel_closed_by=");
+    assert!(line.contains("\"GET /ws HTTP/1.1\" 101"), "{line}");
+}
+
 #[test]
 fn an_upgrade_the_backend_refuses_is_relayed_as_a_normal_response() {
     let origin = Origin::start();

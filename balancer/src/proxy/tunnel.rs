@@ -14,19 +14,26 @@
 //! closes, `idle_timeout` passes with nothing either way, or the grace
 //! period of a graceful stop is over.
 //!
-//! The client's bytes are read only once the `101` is written: Pingora then
-//! reads the connection as a close-delimited body that starts with whatever
-//! the client sent early, so nothing sent before the `101` is lost.
+//! After the `101` the bytes skip Pingora's HTTP sessions: the tunnel reads
+//! and writes the backend's stream (taken out of its session) and, on the
+//! plain listener, the client's socket (see `Client`). What each side sent
+//! before that, which its session has already read into its buffer (a
+//! client may send before the `101`, a backend along with it), is taken
+//! from the session first, so nothing is lost.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
 use pingora::connectors::TransportConnector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::http::v1::client::HttpSession as BackendSession;
-use pingora::ErrorType;
+use pingora::protocols::Stream;
+use pingora::{ErrorType, OrErr};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use super::{Balancer, RequestCtx};
 use crate::telemetry::access_log;
@@ -108,13 +115,21 @@ impl Balancer {
         session.write_response_header(header, false).await?;
         // The tunnel's silence is measured both ways below, not per side.
         session.set_read_timeout(None);
-        backend.maybe_upgrade_body_writer();
         let idle = ctx
             .group
             .as_ref()
             .map_or(Duration::from_secs(3600), |g| g.idle_timeout);
-        let end = self.pump(session, &mut backend, idle).await;
-        backend.shutdown().await;
+        // What either side sent along with the upgrade is already read into
+        // its session's buffer: it goes first, then the sockets themselves.
+        let early_down = backend.read_body_bytes().now_or_never().map(Step::Backend);
+        let mut backend = Socket::new(backend.into_inner());
+        let (mut client, early_up) = Client::take(session);
+        let early = [early_up.map(Step::Client), early_down];
+        let end = self
+            .pump(&mut client, &mut backend, early.into_iter().flatten(), idle)
+            .await;
+        drop(client); // the duplicate descriptor, before Pingora closes its own
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut backend.io).await;
         ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
         ctx.attempts.response_done();
         ctx.tunnel = Some(end);
@@ -140,10 +155,12 @@ impl Balancer {
     }
 
     /// Copies bytes both ways until the tunnel ends, and says how it did.
+    /// `early` is what the two sides sent before the tunnel began.
     async fn pump(
         &self,
-        session: &mut Session,
-        backend: &mut BackendSession,
+        client: &mut Client<'_>,
+        backend: &mut Socket<Stream>,
+        mut early: impl Iterator<Item = Step>,
         idle: Duration,
     ) -> access_log::Tunnel {
         let mut end = access_log::Tunnel {
@@ -160,35 +177,34 @@ impl Balancer {
         let stop = self.stopping.grace_over();
         tokio::pin!(stop);
         let failure = loop {
-            let step = tokio::select! {
-                read = session.read_request_body() => Step::Client(read),
-                read = backend.read_body_bytes() => Step::Backend(read),
-                () = &mut silence => {
-                    let deadline = last + idle;
-                    if deadline > Instant::now() {
-                        silence.as_mut().reset(deadline.into());
-                        continue;
+            let step = match early.next() {
+                Some(step) => step,
+                None => tokio::select! {
+                    read = client.receive() => Step::Client(read),
+                    read = backend.receive() => Step::Backend(read),
+                    () = &mut silence => {
+                        let deadline = last + idle;
+                        if deadline > Instant::now() {
+                            silence.as_mut().reset(deadline.into());
+                            continue;
+                        }
+                        Step::Idle
                     }
-                    Step::Idle
-                }
-                () = &mut stop => Step::Stop,
+                    () = &mut stop => Step::Stop,
+                },
             };
             last = Instant::now();
             match step {
                 Step::Client(Ok(Some(bytes))) => {
                     end.bytes_up += bytes.len() as u64;
-                    if let Err(e) = backend.write_body(&bytes).await {
+                    if let Err(e) = backend.send(&bytes).await {
                         end.closed_by = "backend";
                         break Some(e);
                     }
                 }
                 Step::Backend(Ok(Some(bytes))) => {
                     end.bytes_down += bytes.len() as u64;
-                    if session
-                        .write_response_body(Some(bytes), false)
-                        .await
-                        .is_err()
-                    {
+                    if client.send(bytes).await.is_err() {
                         break None; // the client is gone
                     }
                 }
@@ -196,7 +212,7 @@ impl Balancer {
                 Step::Client(_) => break None,
                 Step::Backend(read) => {
                     end.closed_by = "backend";
-                    let _ = session.write_response_body(None, true).await;
+                    client.finish().await;
                     break read.err();
                 }
                 Step::Idle => {
@@ -220,6 +236,126 @@ impl Balancer {
         }
         end
     }
+}
+
+/// The client's end of a tunnel.
+///
+/// On the plain listener the tunnel reads and writes the client's socket
+/// itself, through a duplicate of the descriptor of Pingora's stream: a
+/// message then costs two system calls and a copy, not a pass through
+/// Pingora's body reader and writer on top. Over TLS the bytes must go
+/// through Pingora's session, which holds the TLS state.
+enum Client<'a> {
+    Session(&'a mut Session),
+    Socket {
+        socket: Socket<TcpStream>,
+        /// Kept for the end: a backend's close is passed on through it.
+        session: &'a mut Session,
+    },
+}
+
+impl<'a> Client<'a> {
+    /// The client's end, and what it sent before the tunnel began (read
+    /// from the session's buffer, the only place the socket cannot give).
+    fn take(session: &'a mut Session) -> (Client<'a>, Option<Result<Option<Bytes>>>) {
+        if super::is_tls(session) || super::client_ip(session).is_none() {
+            return (Client::Session(session), None);
+        }
+        let Some(fd) = session.stream().map(|s| s.id()) else {
+            return (Client::Session(session), None);
+        };
+        // The session's buffer is handed over before the socket: a read
+        // that would have to wait for the network is dropped unstarted.
+        let early = session.read_request_body().now_or_never();
+        match duplicate(fd) {
+            Ok(socket) => {
+                let socket = Socket::new(socket);
+                (Client::Socket { socket, session }, early)
+            }
+            Err(e) => {
+                log::warn!(
+                    "WebSocket tunnel through the session, its socket could not be taken: {e}"
+                );
+                (Client::Session(session), early)
+            }
+        }
+    }
+
+    async fn receive(&mut self) -> Result<Option<Bytes>> {
+        match self {
+            Client::Session(session) => session.read_request_body().await,
+            Client::Socket { socket, .. } => socket.receive().await,
+        }
+    }
+
+    async fn send(&mut self, bytes: Bytes) -> Result<()> {
+        match self {
+            Client::Session(session) => session.write_response_body(Some(bytes), false).await,
+            Client::Socket { socket, .. } => socket.send(&bytes).await,
+        }
+    }
+
+    /// Passes on the backend's close: the client's connection ends.
+    async fn finish(&mut self) {
+        let session = match self {
+            Client::Session(session) => session,
+            Client::Socket { session, .. } => session,
+        };
+        let _ = session.write_response_body(None, true).await;
+    }
+}
+
+/// A socket the tunnel reads and writes itself, with its read buffer.
+struct Socket<S> {
+    io: S,
+    /// Each read's bytes are split off and sent on; once they are written
+    /// and dropped, the next read reuses the same allocation.
+    buf: BytesMut,
+}
+
+/// The most one read takes.
+const READ_SIZE: usize = 16 * 1024;
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
+    fn new(io: S) -> Socket<S> {
+        Socket {
+            io,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// The next bytes, `None` at the end. Cancel-safe: a read that has to
+    /// wait takes nothing until it completes.
+    async fn receive(&mut self) -> Result<Option<Bytes>> {
+        self.buf.reserve(READ_SIZE);
+        match self.io.read_buf(&mut self.buf).await {
+            Ok(0) => Ok(None),
+            Ok(_) => Ok(Some(self.buf.split().freeze())),
+            Err(e) => Error::e_because(ErrorType::ReadError, "reading a WebSocket tunnel", e),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<()> {
+        let written = async {
+            self.io.write_all(bytes).await?;
+            self.io.flush().await
+        };
+        written
+            .await
+            .or_err(ErrorType::WriteError, "writing a WebSocket tunnel")
+    }
+}
+
+/// A socket of the runtime's for the TCP connection behind `fd`, which
+/// stays open in Pingora's stream as well.
+fn duplicate(fd: std::os::fd::RawFd) -> std::io::Result<TcpStream> {
+    // SAFETY: `fd` is the descriptor of the session's stream, open for as
+    // long as the session lives, which is longer than this borrow; the
+    // copy made of it is a new descriptor owned by the socket returned.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let socket = std::net::TcpStream::from(borrowed.try_clone_to_owned()?);
+    socket.set_nonblocking(true)?;
+    TcpStream::from_std(socket)
 }
 
 /// What one turn of the tunnel brought.
