@@ -1730,6 +1730,47 @@ fn what_a_backend_sends_with_its_101_reaches_the_client_before_anything_else() {
 }
 
 #[test]
+fn a_tunnel_carries_both_ways_at_once_when_each_side_writes_more_than_the_sockets_hold() {
+    // The backend echoes as it reads, blocking in each write: a tunnel that
+    // stopped reading the backend while it waited to write to it would hold
+    // both still once the socket buffers between them are full.
+    let lb = start_balancer(&upstream_at(start_greeting_backend("go"), ""));
+    let mut client = plain_tcp(lb.port);
+    client.write_all(UPGRADE_REQUEST.as_bytes()).unwrap();
+    let (head, _) = read_head_and_text_frame(&mut client);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    const TOTAL: usize = 64 << 20;
+    let mut writer = client.try_clone().unwrap();
+    let sent = thread::spawn(move || {
+        let chunk: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        for _ in 0..TOTAL / chunk.len() {
+            writer
+                .write_all(&chunk)
+                .expect("the tunnel takes the client's bytes");
+        }
+    });
+    let mut buf = vec![0u8; 65536];
+    let mut got = 0usize;
+    while got < TOTAL {
+        match client.read(&mut buf) {
+            Ok(0) => panic!("the tunnel closed after {got} bytes of the echo"),
+            Ok(n) => {
+                assert!(
+                    buf[..n]
+                        .iter()
+                        .enumerate()
+                        .all(|(i, b)| *b == ((got + i) % 65536 % 251) as u8),
+                    "the echo's bytes at {got} are the ones sent"
+                );
+                got += n;
+            }
+            Err(e) => panic!("no echo for 10 s after {got} of {TOTAL} bytes: {e}"),
+        }
+    }
+    sent.join().unwrap();
+}
+
+#[test]
 fn an_upgrade_the_backend_refuses_is_relayed_as_a_normal_response() {
     let origin = Origin::start();
     origin.on("/ws", Act::Answer(403, "no WebSocket for you"));

@@ -30,7 +30,7 @@ use pingora::connectors::TransportConnector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::http::v1::client::HttpSession as BackendSession;
-use pingora::protocols::Stream;
+use pingora::protocols::IO;
 use pingora::{ErrorType, OrErr};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -122,14 +122,26 @@ impl Balancer {
         // What either side sent along with the upgrade is already read into
         // its session's buffer: it goes first, then the sockets themselves.
         let early_down = backend.read_body_bytes().now_or_never().map(Step::Backend);
-        let mut backend = Socket::new(backend.into_inner());
+        let stream = backend.into_inner();
         let (mut client, early_up) = Client::take(session);
-        let early = [early_up.map(Step::Client), early_down];
-        let end = self
-            .pump(&mut client, &mut backend, early.into_iter().flatten(), idle)
-            .await;
+        let early = [early_up.map(Step::Client), early_down]
+            .into_iter()
+            .flatten();
+        let end = match plain_socket(&*stream, None) {
+            // A plain backend: its socket alone, with Pingora's stream gone.
+            Some(socket) => {
+                drop(stream);
+                let (from, to) = socket.into_split();
+                self.pump(&mut client, Backend::new(from, to), early, idle)
+                    .await
+            }
+            None => {
+                let (from, to) = tokio::io::split(stream);
+                self.pump(&mut client, Backend::new(from, to), early, idle)
+                    .await
+            }
+        };
         drop(client); // the duplicate descriptor, before Pingora closes its own
-        let _ = tokio::io::AsyncWriteExt::shutdown(&mut backend.io).await;
         ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
         ctx.attempts.response_done();
         ctx.tunnel = Some(end);
@@ -156,13 +168,17 @@ impl Balancer {
 
     /// Copies bytes both ways until the tunnel ends, and says how it did.
     /// `early` is what the two sides sent before the tunnel began.
-    async fn pump(
+    async fn pump<R, W>(
         &self,
         client: &mut Client<'_>,
-        backend: &mut Socket<Stream>,
+        mut backend: Backend<R, W>,
         mut early: impl Iterator<Item = Step>,
         idle: Duration,
-    ) -> access_log::Tunnel {
+    ) -> access_log::Tunnel
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         let mut end = access_log::Tunnel {
             closed_by: "client",
             bytes_up: 0,
@@ -180,8 +196,14 @@ impl Balancer {
             let step = match early.next() {
                 Some(step) => step,
                 None => tokio::select! {
-                    read = client.receive() => Step::Client(read),
-                    read = backend.receive() => Step::Backend(read),
+                    // The client is read again once the backend has taken
+                    // all it sent: one read's worth waits, not more.
+                    read = client.receive(), if !backend.to.busy() => Step::Client(read),
+                    read = backend.from.receive() => Step::Backend(read),
+                    written = backend.to.advance(), if backend.to.busy() => match written {
+                        Ok(()) => continue,
+                        Err(e) => Step::BackendGone(e),
+                    },
                     () = &mut silence => {
                         let deadline = last + idle;
                         if deadline > Instant::now() {
@@ -197,7 +219,7 @@ impl Balancer {
             match step {
                 Step::Client(Ok(Some(bytes))) => {
                     end.bytes_up += bytes.len() as u64;
-                    if let Err(e) = backend.send(&bytes).await {
+                    if let Err(e) = backend.to.put(bytes) {
                         end.closed_by = "backend";
                         break Some(e);
                     }
@@ -215,6 +237,10 @@ impl Balancer {
                     client.finish().await;
                     break read.err();
                 }
+                Step::BackendGone(e) => {
+                    end.closed_by = "backend";
+                    break Some(e);
+                }
                 Step::Idle => {
                     end.closed_by = "idle";
                     break None;
@@ -225,6 +251,7 @@ impl Balancer {
                 }
             }
         };
+        let _ = backend.to.io.shutdown().await;
         if let Some(e) = failure {
             // A backend that drops a WebSocket without closing it is worth
             // an operator's look; a client that does is not.
@@ -258,27 +285,15 @@ impl<'a> Client<'a> {
     /// The client's end, and what it sent before the tunnel began (read
     /// from the session's buffer, the only place the socket cannot give).
     fn take(session: &'a mut Session) -> (Client<'a>, Option<Result<Option<Bytes>>>) {
-        if super::is_tls(session) || super::client_ip(session).is_none() {
-            return (Client::Session(session), None);
-        }
-        let Some(fd) = session.stream().map(|s| s.id()) else {
+        let client = session.client_addr().and_then(|a| a.as_inet()).copied();
+        let Some(socket) = session.stream().and_then(|s| plain_socket(&**s, client)) else {
             return (Client::Session(session), None);
         };
         // The session's buffer is handed over before the socket: a read
         // that would have to wait for the network is dropped unstarted.
         let early = session.read_request_body().now_or_never();
-        match duplicate(fd) {
-            Ok(socket) => {
-                let socket = Socket::new(socket);
-                (Client::Socket { socket, session }, early)
-            }
-            Err(e) => {
-                log::warn!(
-                    "WebSocket tunnel through the session, its socket could not be taken: {e}"
-                );
-                (Client::Session(session), early)
-            }
-        }
+        let socket = Socket::new(socket);
+        (Client::Socket { socket, session }, early)
     }
 
     async fn receive(&mut self) -> Result<Option<Bytes>> {
@@ -316,14 +331,16 @@ struct Socket<S> {
 /// The most one read takes.
 const READ_SIZE: usize = 16 * 1024;
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
+impl<S> Socket<S> {
     fn new(io: S) -> Socket<S> {
         Socket {
             io,
             buf: BytesMut::new(),
         }
     }
+}
 
+impl<S: AsyncRead + Unpin> Socket<S> {
     /// The next bytes, `None` at the end. Cancel-safe: a read that has to
     /// wait takes nothing until it completes.
     async fn receive(&mut self) -> Result<Option<Bytes>> {
@@ -334,7 +351,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
             Err(e) => Error::e_because(ErrorType::ReadError, "reading a WebSocket tunnel", e),
         }
     }
+}
 
+impl<S: AsyncWrite + Unpin> Socket<S> {
     async fn send(&mut self, bytes: &[u8]) -> Result<()> {
         let written = async {
             self.io.write_all(bytes).await?;
@@ -346,14 +365,117 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
     }
 }
 
-/// A socket of the runtime's for the TCP connection behind `fd`, which
-/// stays open in Pingora's stream as well.
-fn duplicate(fd: std::os::fd::RawFd) -> std::io::Result<TcpStream> {
-    // SAFETY: `fd` is the descriptor of the session's stream, open for as
-    // long as the session lives, which is longer than this borrow; the
-    // copy made of it is a new descriptor owned by the socket returned.
+/// The backend's end of a tunnel, read and written apart: its socket, or
+/// over TLS its stream taken out of its session.
+struct Backend<R, W> {
+    from: Socket<R>,
+    to: Outbox<W>,
+}
+
+impl<R, W> Backend<R, W> {
+    fn new(from: R, to: W) -> Backend<R, W> {
+        Backend {
+            from: Socket::new(from),
+            to: Outbox {
+                io: to,
+                queued: Bytes::new(),
+                unflushed: false,
+            },
+        }
+    }
+}
+
+/// Bytes on their way to the backend, written as its socket takes them
+/// while the tunnel goes on reading the backend. A backend that stops
+/// reading until what it sends is read (an echo blocked in its writes) so
+/// never waits on a tunnel that waits on it.
+struct Outbox<W> {
+    io: W,
+    queued: Bytes,
+    /// Written into the stream's buffer and not yet flushed out of it.
+    unflushed: bool,
+}
+
+impl<W: AsyncWrite + Unpin> Outbox<W> {
+    /// Whether bytes are still on their way.
+    fn busy(&self) -> bool {
+        !self.queued.is_empty() || self.unflushed
+    }
+
+    /// Queues `bytes` (the outbox is empty: the client is read only then)
+    /// and writes at once what the socket takes without waiting.
+    fn put(&mut self, bytes: Bytes) -> Result<()> {
+        debug_assert!(self.queued.is_empty());
+        self.queued = bytes;
+        while self.busy() {
+            match self.advance().now_or_never() {
+                Some(written) => written?,
+                None => break, // the rest when the socket has room
+            }
+        }
+        Ok(())
+    }
+
+    /// One step on the way: a write of what is queued, or the flush after
+    /// it. Cancel-safe: a step that has to wait has done nothing.
+    async fn advance(&mut self) -> Result<()> {
+        if self.queued.is_empty() {
+            self.io
+                .flush()
+                .await
+                .or_err(ErrorType::WriteError, "writing a WebSocket tunnel")?;
+            self.unflushed = false;
+            return Ok(());
+        }
+        match self.io.write(&self.queued).await {
+            Ok(0) => Error::e_explain(ErrorType::WriteError, "the backend takes no more bytes"),
+            Ok(n) => {
+                if n < self.queued.len() {
+                    bytes::Buf::advance(&mut self.queued, n);
+                } else {
+                    // Let go of the read buffer's bytes: the next read then
+                    // reuses its allocation.
+                    self.queued = Bytes::new();
+                }
+                self.unflushed = true;
+                Ok(())
+            }
+            Err(e) => Error::e_because(ErrorType::WriteError, "writing a WebSocket tunnel", e),
+        }
+    }
+}
+
+/// The TCP socket under a plain (not TLS) stream of Pingora's, connected
+/// to `peer` when that is given.
+fn plain_socket(stream: &dyn IO, peer: Option<std::net::SocketAddr>) -> Option<TcpStream> {
+    if stream.get_ssl_digest().is_some() {
+        return None;
+    }
+    duplicate(stream.id(), peer)
+        .inspect_err(|e| {
+            log::warn!(
+                "WebSocket tunnel through Pingora's stream, its socket could not be taken: {e}"
+            )
+        })
+        .ok()
+}
+
+/// A socket of the runtime's for the TCP connection behind `fd`, the
+/// descriptor of a stream of Pingora's, which may stay open there too.
+fn duplicate(
+    fd: std::os::fd::RawFd,
+    peer: Option<std::net::SocketAddr>,
+) -> std::io::Result<TcpStream> {
+    // SAFETY: `fd` is the descriptor of a stream the caller holds, open for
+    // longer than this borrow; the copy made of it is a new descriptor
+    // owned by the socket returned.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     let socket = std::net::TcpStream::from(borrowed.try_clone_to_owned()?);
+    let connected = socket.peer_addr()?; // a TCP socket, not a Unix one
+    if let Some(peer) = peer.filter(|peer| *peer != connected) {
+        let e = format!("descriptor {fd} is connected to {connected}, not to {peer}");
+        return Err(std::io::Error::other(e));
+    }
     socket.set_nonblocking(true)?;
     TcpStream::from_std(socket)
 }
@@ -362,6 +484,8 @@ fn duplicate(fd: std::os::fd::RawFd) -> std::io::Result<TcpStream> {
 enum Step {
     Client(Result<Option<Bytes>>),
     Backend(Result<Option<Bytes>>),
+    /// A write to the backend failed.
+    BackendGone(Box<Error>),
     Idle,
     Stop,
 }
