@@ -1729,6 +1729,22 @@ fn what_a_backend_sends_with_its_101_reaches_the_client_before_anything_else() {
     assert!(line.contains("\"GET /ws HTTP/1.1\" 101"), "{line}");
 }
 
+/// How much goes each way at once in the tests below: more than the
+/// socket buffers between client, balancer and backend hold.
+const BOTH_WAYS: usize = 64 << 20;
+
+/// The bytes sent up, 64 KiB at a time; the echo must match them.
+fn both_ways_chunk() -> Vec<u8> {
+    (0..65536u32).map(|i| (i % 251) as u8).collect()
+}
+
+/// Whether `echo`, which starts at offset `at` of what was sent, is that.
+fn is_the_echo(echo: &[u8], at: usize) -> bool {
+    echo.iter()
+        .enumerate()
+        .all(|(i, b)| *b == ((at + i) % 65536 % 251) as u8)
+}
+
 #[test]
 fn a_tunnel_carries_both_ways_at_once_when_each_side_writes_more_than_the_sockets_hold() {
     // The backend echoes as it reads, blocking in each write: a tunnel that
@@ -1739,11 +1755,10 @@ fn a_tunnel_carries_both_ways_at_once_when_each_side_writes_more_than_the_socket
     client.write_all(UPGRADE_REQUEST.as_bytes()).unwrap();
     let (head, _) = read_head_and_text_frame(&mut client);
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    const TOTAL: usize = 64 << 20;
     let mut writer = client.try_clone().unwrap();
     let sent = thread::spawn(move || {
-        let chunk: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
-        for _ in 0..TOTAL / chunk.len() {
+        let chunk = both_ways_chunk();
+        for _ in 0..BOTH_WAYS / chunk.len() {
             writer
                 .write_all(&chunk)
                 .expect("the tunnel takes the client's bytes");
@@ -1751,23 +1766,84 @@ fn a_tunnel_carries_both_ways_at_once_when_each_side_writes_more_than_the_socket
     });
     let mut buf = vec![0u8; 65536];
     let mut got = 0usize;
-    while got < TOTAL {
+    while got < BOTH_WAYS {
         match client.read(&mut buf) {
             Ok(0) => panic!("the tunnel closed after {got} bytes of the echo"),
             Ok(n) => {
-                assert!(
-                    buf[..n]
-                        .iter()
-                        .enumerate()
-                        .all(|(i, b)| *b == ((got + i) % 65536 % 251) as u8),
-                    "the echo's bytes at {got} are the ones sent"
-                );
+                assert!(is_the_echo(&buf[..n], got), "the echo's bytes at {got}");
                 got += n;
             }
-            Err(e) => panic!("no echo for 10 s after {got} of {TOTAL} bytes: {e}"),
+            Err(e) => panic!("no echo for 10 s after {got} of {BOTH_WAYS} bytes: {e}"),
         }
     }
     sent.join().unwrap();
+}
+
+#[test]
+fn over_tls_too_a_tunnel_carries_both_ways_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new(&["localhost"]);
+    let backend = upstream_at(start_greeting_backend("go"), "");
+    let https = start_https("", &pki.cert, &pki.key, "", &backend);
+    let config = client_config(&[&pki.ca], TLS12_AND_13, &[b"http/1.1"]);
+    let port = https.tls_port;
+    let carried = http2::block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS handshake: {e}"))?;
+        let (mut from, mut to) = tokio::io::split(tls);
+        to.write_all(UPGRADE_REQUEST.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        // The head, then the greeting: a 4-byte text frame.
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let byte = from.read_u8().await.map_err(|e| format!("the head: {e}"))?;
+            head.push(byte);
+        }
+        if !head.starts_with(b"HTTP/1.1 101") {
+            return Err(format!("{}", String::from_utf8_lossy(&head)));
+        }
+        let mut greeting = [0u8; 4];
+        from.read_exact(&mut greeting)
+            .await
+            .map_err(|e| format!("the greeting: {e}"))?;
+        let send = async {
+            let chunk = both_ways_chunk();
+            for _ in 0..BOTH_WAYS / chunk.len() {
+                to.write_all(&chunk)
+                    .await
+                    .map_err(|e| format!("sending: {e}"))?;
+            }
+            to.flush().await.map_err(|e| format!("sending: {e}"))
+        };
+        let receive = async {
+            let mut buf = vec![0u8; 65536];
+            let mut got = 0usize;
+            while got < BOTH_WAYS {
+                let read = tokio::time::timeout(Duration::from_secs(10), from.read(&mut buf));
+                match read.await {
+                    Err(_) => return Err(format!("no echo for 10 s after {got} bytes")),
+                    Ok(Err(e)) => return Err(format!("reading after {got} bytes: {e}")),
+                    Ok(Ok(0)) => return Err(format!("closed after {got} bytes")),
+                    Ok(Ok(n)) if !is_the_echo(&buf[..n], got) => {
+                        return Err(format!("the echo's bytes at {got} are not the ones sent"))
+                    }
+                    Ok(Ok(n)) => got += n,
+                }
+            }
+            Ok(())
+        };
+        tokio::try_join!(send, receive).map(|_| ())
+    });
+    if let Err(e) = carried {
+        panic!("{e}\n{}", https.lb.proc.log_text());
+    }
 }
 
 #[test]
