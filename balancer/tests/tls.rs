@@ -1229,6 +1229,21 @@ fn h2c_serves_http2_and_http1_on_the_plain_listener_and_outlives_the_header_time
     }
 }
 
+/// A TLS connection (tokio) to `localhost` on the balancer's `port`.
+async fn tls_to_localhost(
+    port: u16,
+    config: Arc<ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))
+}
+
 #[test]
 fn an_http2_connection_over_tls_outlives_the_header_timeout() {
     let pki = Pki::new(&["localhost"]);
@@ -1244,14 +1259,7 @@ fn an_http2_connection_over_tls_outlives_the_header_timeout() {
     let config = client_config(&[&pki.ca], TLS12_AND_13, &[b"h2"]);
     let port = https.tls_port;
     let answers = http2::block_on(async move {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .map_err(|e| e.to_string())?;
-        let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
-        let tls = tokio_rustls::TlsConnector::from(config)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS handshake: {e}"))?;
+        let tls = tls_to_localhost(port, config).await?;
         let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
         if alpn.as_deref() != Some(b"h2") {
             return Err(format!("ALPN chose {alpn:?}, not h2"));
@@ -1788,14 +1796,7 @@ fn over_tls_too_a_tunnel_carries_both_ways_at_once() {
     let config = client_config(&[&pki.ca], TLS12_AND_13, &[b"http/1.1"]);
     let port = https.tls_port;
     let carried = http2::block_on(async move {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .map_err(|e| e.to_string())?;
-        let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
-        let tls = tokio_rustls::TlsConnector::from(config)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS handshake: {e}"))?;
+        let tls = tls_to_localhost(port, config).await?;
         let (mut from, mut to) = tokio::io::split(tls);
         to.write_all(UPGRADE_REQUEST.as_bytes())
             .await
