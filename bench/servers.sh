@@ -134,7 +134,8 @@ start_backend() {
     wait_ready direct
 }
 
-# start_proxy TARGET [EDIT]: starts the balancer, the floor, nginx or haproxy
+# start_proxy TARGET [EDIT]: starts the balancer (RUST_LOG=warn, no access
+# log, unless BALANCER_RUST_LOG says otherwise), the floor, nginx or haproxy
 # with its configuration rendered into WORK/TARGET (the floor takes its few
 # settings on its command line, and FLOOR_ARGS, an array, after them); EDIT,
 # a function, is given the rendered file to change before the start. It does
@@ -161,7 +162,7 @@ start_proxy() {
     log "starting $target on 127.0.0.1:${PORT[$target]}"
     case $target in
         balancer)
-            RUST_LOG=warn "$TARGET_DIR/release/balancer" --config "$config" >"$dir/out.log" 2>&1 &
+            RUST_LOG=${BALANCER_RUST_LOG:-warn} "$TARGET_DIR/release/balancer" --config "$config" >"$dir/out.log" 2>&1 &
             ;;
         baseline)
             RUST_LOG=warn "${BASELINE_BIN:?no BASELINE_BIN}" --config "$config" >"$dir/out.log" 2>&1 &

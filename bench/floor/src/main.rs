@@ -11,8 +11,14 @@
 //! With `--tls-listen`, it also serves HTTPS (HTTP/1.1 and HTTP/2 by ALPN)
 //! with Pingora's own TLS settings for rustls, as bench/tls.sh measures it.
 //!
+//! With `--answer PATH`, requests for PATH are answered from memory in
+//! `request_filter` with the upstream's answer to PATH, fetched once at the
+//! start: the least any Pingora program, a cache included, can do for a
+//! request it answers itself (the floor of a cache hit, bench/hits.sh).
+//!
 //!   floor --listen 127.0.0.1:19104 --upstream 127.0.0.1:19100 [--threads 1]
 //!         [--tls-listen 127.0.0.1:19414 --cert cert.pem --key key.pem]
+//!         [--answer /cache-me]
 
 use std::net::SocketAddr;
 
@@ -48,10 +54,68 @@ struct Cli {
     /// Its private key (PEM).
     #[arg(long)]
     key: Option<String>,
+    /// Answer requests for this path from memory, with the upstream's answer
+    /// to it fetched at the start.
+    #[arg(long)]
+    answer: Option<String>,
 }
 
 struct Floor {
     upstream: SocketAddr,
+    answer: Option<Answer>,
+}
+
+/// A response kept in memory, and the path it answers.
+struct Answer {
+    path: String,
+    header: ResponseHeader,
+    body: bytes::Bytes,
+}
+
+impl Answer {
+    /// The upstream's answer to `GET path` (HTTP/1.0, so that it ends with
+    /// the connection), without its hop-by-hop fields.
+    fn fetch(upstream: SocketAddr, path: &str) -> std::result::Result<Answer, String> {
+        use std::io::{Read, Write};
+        let mut tcp = std::net::TcpStream::connect(upstream).map_err(|e| e.to_string())?;
+        write!(tcp, "GET {path} HTTP/1.0\r\nHost: {upstream}\r\n\r\n")
+            .map_err(|e| e.to_string())?;
+        let mut raw = Vec::new();
+        tcp.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+        let end = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or("no end of the response head")?;
+        let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+        let body = bytes::Bytes::copy_from_slice(&raw[end + 4..]);
+        let mut lines = head.split("\r\n");
+        let status: u16 = lines
+            .next()
+            .and_then(|line| line.split(' ').nth(1))
+            .and_then(|code| code.parse().ok())
+            .ok_or("no status")?;
+        let mut header = ResponseHeader::build(status, None).map_err(|e| e.to_string())?;
+        for line in lines {
+            let (name, value) = line.split_once(':').ok_or("a header line without ':'")?;
+            let name = name.trim().to_ascii_lowercase();
+            if !matches!(
+                name.as_str(),
+                "connection" | "keep-alive" | "transfer-encoding" | "content-length"
+            ) {
+                header
+                    .append_header(name, value.trim().to_string())
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        header
+            .insert_header("content-length", body.len().to_string())
+            .map_err(|e| e.to_string())?;
+        Ok(Answer {
+            path: path.to_string(),
+            header,
+            body,
+        })
+    }
 }
 
 #[async_trait]
@@ -61,6 +125,22 @@ impl ProxyHttp for Floor {
     fn new_ctx(&self) {}
 
     fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
+    async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> Result<bool> {
+        let Some(answer) = &self.answer else {
+            return Ok(false);
+        };
+        if session.req_header().uri.path() != answer.path {
+            return Ok(false);
+        }
+        session
+            .write_response_header(Box::new(answer.header.clone()), false)
+            .await?;
+        session
+            .write_response_body(Some(answer.body.clone()), true)
+            .await?;
+        Ok(true)
+    }
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
         Ok(Box::new(HttpPeer::new(self.upstream, false, String::new())))
@@ -98,6 +178,12 @@ fn main() {
         libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
     }
     let cli = Cli::parse();
+    let answer = cli.answer.as_deref().map(|path| {
+        Answer::fetch(cli.upstream, path).unwrap_or_else(|e| {
+            eprintln!("floor: --answer {path}: from {}: {e}", cli.upstream);
+            std::process::exit(2);
+        })
+    });
     let conf = pingora::server::configuration::ServerConf {
         threads: cli.threads,
         grace_period_seconds: Some(0),
@@ -110,6 +196,7 @@ fn main() {
         &server.configuration,
         Floor {
             upstream: cli.upstream,
+            answer,
         },
     );
     service.add_tcp(&cli.listen.to_string());
