@@ -53,7 +53,7 @@ struct Ready {
 impl Ready {
     fn decode(meta: &(Vec<u8>, Vec<u8>), body_len: usize) -> Option<Ready> {
         let meta = CacheMeta::deserialize(&meta.0, &meta.1).ok()?;
-        let mut header = meta.response_header_copy();
+        let mut header = with_room(meta.response_header(), HIT_FIELDS).ok()?;
         header.set_version(http::Version::HTTP_11);
         header.remove_header(&http::header::TRANSFER_ENCODING);
         header
@@ -72,6 +72,31 @@ impl Ready {
             varies: meta.variance().is_some(),
         })
     }
+}
+
+/// Room for the fields a hit adds to the stored header (`Age`,
+/// `X-Request-Id`, `Cache-Control` and `Expires` of `client_max_age`, a
+/// route's own), and for those `decode` adds.
+const HIT_FIELDS: usize = 12;
+
+/// A copy of `stored`, field names' case kept, whose maps have room for
+/// `spare` more fields. Each hit sends a clone of it, which keeps the room:
+/// adding a hit's fields then grows no map.
+fn with_room(stored: &ResponseHeader, spare: usize) -> pingora::Result<ResponseHeader> {
+    let mut header = ResponseHeader::build(stored.status, Some(stored.headers.len() + spare))?;
+    if stored.has_case() {
+        for (name, value) in stored.case_header_iter() {
+            header.append_header(name.clone(), value.clone())?;
+        }
+    } else {
+        for (name, value) in &stored.headers {
+            header.append_header(name.clone(), value.clone())?;
+        }
+    }
+    if let Some(reason) = stored.get_reason_phrase() {
+        header.set_reason_phrase(Some(reason))?;
+    }
+    Ok(header)
 }
 
 /// A fresh stored response, ready to be sent as it is.
@@ -200,11 +225,12 @@ impl MemoryStorage {
         keys.len()
     }
 
-    /// The stored response for `key` when it is fresh and has no variants:
+    /// The stored response for the key hashed `key` (its `combined_bin`)
+    /// when it is fresh and has no variants:
     /// a hit that needs neither the cache lock nor revalidation, served
     /// without decoding its metadata again.
-    pub fn fresh_hit(&self, key: &CacheKey) -> Option<FreshHit> {
-        let entry = self.get(key)?;
+    pub fn fresh_hit(&self, key: &HashBinary) -> Option<FreshHit> {
+        let entry = self.entries.get(key)?;
         let ready = entry.ready.as_ref()?;
         let now = SystemTime::now();
         if ready.varies || now >= ready.fresh_until {
@@ -398,6 +424,27 @@ mod tests {
     use super::*;
     use pingora::cache::trace::Span;
 
+    #[test]
+    fn the_header_with_room_is_the_stored_one_field_for_field() {
+        let mut stored = ResponseHeader::build(203, None).unwrap();
+        stored.set_reason_phrase(Some("Partly Cached")).unwrap();
+        stored.append_header("Content-Type", "text/plain").unwrap();
+        stored.append_header("x-lower-case", "1").unwrap();
+        stored.append_header("Set-Cookie", "a=1").unwrap();
+        stored.append_header("SET-COOKIE", "b=2").unwrap();
+        let wire = |h: &ResponseHeader| {
+            let mut buf = bytes::BytesMut::new();
+            h.header_to_h1_wire(&mut buf);
+            buf
+        };
+        let copy = with_room(&stored, HIT_FIELDS).unwrap();
+        assert_eq!(wire(&copy), wire(&stored), "names' case, order and values");
+        assert_eq!(copy.status, stored.status);
+        assert_eq!(copy.get_reason_phrase(), Some("Partly Cached"));
+        let plain = ResponseHeader::from(http::Response::new(()).into_parts().0);
+        assert!(with_room(&plain, 1).unwrap().headers.is_empty());
+    }
+
     fn leak(max_size: u64, max_object: usize) -> &'static MemoryStorage {
         Box::leak(Box::new(MemoryStorage::new(max_size, max_object)))
     }
@@ -497,7 +544,7 @@ mod tests {
         }
         let oldest = key::cache_key("h", "/item/0");
         assert!(
-            storage.fresh_hit(&oldest).is_none(),
+            storage.fresh_hit(&oldest.combined_bin()).is_none(),
             "the oldest went at once"
         );
         let newest = storage.get(&key::cache_key("h", "/item/11")).unwrap();
@@ -534,9 +581,11 @@ mod tests {
     async fn fresh_hits_come_only_from_fresh_plain_entries() {
         let storage = leak(1 << 20, 1 << 20);
         let k = key::cache_key("h", "/fresh");
-        assert!(storage.fresh_hit(&k).is_none());
+        assert!(storage.fresh_hit(&k.combined_bin()).is_none());
         put(storage, &k, b"body").await.unwrap();
-        let hit = storage.fresh_hit(&k).expect("fresh for 30 s");
+        let hit = storage
+            .fresh_hit(&k.combined_bin())
+            .expect("fresh for 30 s");
         assert_eq!(
             (hit.header.status.as_u16(), &hit.body[..]),
             (200, &b"body"[..])
@@ -555,7 +604,7 @@ mod tests {
             .await
             .unwrap();
         assert!(
-            storage.fresh_hit(&k).is_none(),
+            storage.fresh_hit(&k.combined_bin()).is_none(),
             "an expired entry goes the full way"
         );
         let mut variant = key::cache_key("h", "/variant");
@@ -571,7 +620,7 @@ mod tests {
             .unwrap();
         miss.finish().await.unwrap();
         assert!(
-            storage.fresh_hit(&variant).is_none(),
+            storage.fresh_hit(&variant.combined_bin()).is_none(),
             "variants need the full lookup"
         );
     }

@@ -892,7 +892,7 @@ impl Balancer {
             return Ok(false);
         }
         let client_max_age = rule.client_max_age;
-        let key = self.cache_key_callback(session, ctx)?;
+        let key = cache::key::hash_of_request(session.req_header());
         let Some(hit) = self.cache.storage.fresh_hit(&key) else {
             return Ok(false);
         };
