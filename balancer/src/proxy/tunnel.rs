@@ -15,11 +15,13 @@
 //! period of a graceful stop is over.
 //!
 //! After the `101` the bytes skip Pingora's HTTP sessions: the tunnel reads
-//! and writes the backend's stream (taken out of its session) and, on the
-//! plain listener, the client's socket (see `Client`). What each side sent
-//! before that, which its session has already read into its buffer (a
-//! client may send before the `101`, a backend along with it), is taken
-//! from the session first, so nothing is lost.
+//! and writes the backend's socket (over TLS, its stream taken out of its
+//! session; see `Backend`) and, on the plain listener, the client's socket
+//! (see `Client`). What each side sent before that, which its session has
+//! already read into its buffer (a client may send before the `101`, a
+//! backend along with it), is taken from the session first, so nothing is
+//! lost. A write to the backend that waits for room does not stop the
+//! tunnel from reading the backend (see `Outbox`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
