@@ -1753,13 +1753,10 @@ fn is_the_echo(echo: &[u8], at: usize) -> bool {
         .all(|(i, b)| *b == ((at + i) % 65536 % 251) as u8)
 }
 
-#[test]
-fn a_tunnel_carries_both_ways_at_once_when_each_side_writes_more_than_the_sockets_hold() {
-    // The backend echoes as it reads, blocking in each write: a tunnel that
-    // stopped reading the backend while it waited to write to it would hold
-    // both still once the socket buffers between them are full.
-    let lb = start_balancer(&upstream_at(start_greeting_backend("go"), ""));
-    let mut client = plain_tcp(lb.port);
+/// Opens a WebSocket on `client` to a greeting echo backend (see
+/// [`start_greeting_backend`]), then sends [`BOTH_WAYS`] bytes while it
+/// reads their echo, each on a thread of its own.
+fn carry_both_ways(mut client: TcpStream) {
     client.write_all(UPGRADE_REQUEST.as_bytes()).unwrap();
     let (head, _) = read_head_and_text_frame(&mut client);
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
@@ -1785,6 +1782,43 @@ fn a_tunnel_carries_both_ways_at_once_when_each_side_writes_more_than_the_socket
         }
     }
     sent.join().unwrap();
+}
+
+#[test]
+fn a_tunnel_carries_both_ways_at_once_when_each_side_writes_more_than_the_sockets_hold() {
+    // The backend echoes as it reads, blocking in each write: a tunnel that
+    // stopped reading the backend while it waited to write to it would hold
+    // both still once the socket buffers between them are full.
+    let lb = start_balancer(&upstream_at(start_greeting_backend("go"), ""));
+    carry_both_ways(plain_tcp(lb.port));
+}
+
+#[test]
+fn to_a_tls_backend_too_a_tunnel_carries_both_ways_at_once() {
+    // The backend's stream is TLS here, written through Pingora's buffered
+    // stream (each write flushed) while it is read: nginx over TLS in front
+    // of the blocking echo, carrying each way on its own.
+    let echo = start_greeting_backend("go");
+    let pki = Pki::new(&["localhost"]);
+    let nginx = Nginx::start(
+        "ssl",
+        &format!(
+            "ssl_certificate {};\nssl_certificate_key {};\n\
+             location /ws {{ proxy_pass http://127.0.0.1:{echo}; proxy_http_version 1.1;\n\
+             proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\";\n\
+             proxy_read_timeout 60s; proxy_send_timeout 60s; }}",
+            pki.cert.display(),
+            pki.key.display()
+        ),
+    );
+    let lb = start_balancer(&upstream_at(
+        nginx.port,
+        &format!(
+            "tls = true\nsni = \"localhost\"\nca_file = {}",
+            toml_path(&pki.ca)
+        ),
+    ));
+    carry_both_ways(plain_tcp(lb.port));
 }
 
 #[test]
