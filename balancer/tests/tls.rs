@@ -1798,26 +1798,9 @@ fn to_a_tls_backend_too_a_tunnel_carries_both_ways_at_once() {
     // The backend's stream is TLS here, written through Pingora's buffered
     // stream (each write flushed) while it is read: nginx over TLS in front
     // of the blocking echo, carrying each way on its own.
-    let echo = start_greeting_backend("go");
     let pki = Pki::new(&["localhost"]);
-    let nginx = Nginx::start(
-        "ssl",
-        &format!(
-            "ssl_certificate {};\nssl_certificate_key {};\n\
-             location /ws {{ proxy_pass http://127.0.0.1:{echo}; proxy_http_version 1.1;\n\
-             proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\";\n\
-             proxy_read_timeout 60s; proxy_send_timeout 60s; }}",
-            pki.cert.display(),
-            pki.key.display()
-        ),
-    );
-    let lb = start_balancer(&upstream_at(
-        nginx.port,
-        &format!(
-            "tls = true\nsni = \"localhost\"\nca_file = {}",
-            toml_path(&pki.ca)
-        ),
-    ));
+    let nginx = nginx_tls_before_websockets(&pki, start_greeting_backend("go"));
+    let lb = start_balancer(&tls_upstream_at(nginx.port, &pki));
     carry_both_ways(plain_tcp(lb.port));
 }
 
@@ -2038,13 +2021,10 @@ fn sigterm_closes_open_tunnels_only_after_the_grace_period() {
     );
 }
 
-#[test]
-fn a_websocket_reaches_a_tls_backend_verified_with_sni() {
-    let backend_port = free_port();
-    let _backend = start_backend("ws-tls-backend", backend_port);
-    let pki = Pki::new(&["localhost"]);
-    // nginx over TLS, passing /ws on to the backend as its manual says.
-    let nginx = Nginx::start(
+/// nginx over TLS (`pki`'s certificate), passing `/ws` on to the backend on
+/// `backend_port` as its manual says WebSockets are proxied.
+fn nginx_tls_before_websockets(pki: &Pki, backend_port: u16) -> Nginx {
+    Nginx::start(
         "ssl",
         &format!(
             "ssl_certificate {};\nssl_certificate_key {};\n\
@@ -2053,14 +2033,28 @@ fn a_websocket_reaches_a_tls_backend_verified_with_sni() {
             pki.cert.display(),
             pki.key.display()
         ),
-    );
-    let lb = start_balancer(&upstream_at(
-        nginx.port,
+    )
+}
+
+/// An `[upstream]` of the TLS server on `port`, verified against `pki`'s CA
+/// with SNI `localhost`.
+fn tls_upstream_at(port: u16, pki: &Pki) -> String {
+    upstream_at(
+        port,
         &format!(
             "tls = true\nsni = \"localhost\"\nca_file = {}",
             toml_path(&pki.ca)
         ),
-    ));
+    )
+}
+
+#[test]
+fn a_websocket_reaches_a_tls_backend_verified_with_sni() {
+    let backend_port = free_port();
+    let _backend = start_backend("ws-tls-backend", backend_port);
+    let pki = Pki::new(&["localhost"]);
+    let nginx = nginx_tls_before_websockets(&pki, backend_port);
+    let lb = start_balancer(&tls_upstream_at(nginx.port, &pki));
     let mut ws = ws_plain(lb.port);
     for n in 0..3 {
         ws_round_trip(&mut ws, &format!("over TLS to the backend, {n}")).unwrap();
