@@ -20,10 +20,7 @@ PORT_BASE=${BENCH_PORT_BASE:-19600}
 RAW=$(cd "$(dirname "$0")" && pwd)/results/raw
 # shellcheck source=bench/servers.sh
 source "$(dirname "$0")/servers.sh"
-REPORT=$BENCH_DIR/results/compression.md
-if [[ ${1:-} == -o ]]; then
-    REPORT=${2:?-o needs a file}
-fi
+report_file compression "$@"
 ROUNDS=${CZ_ROUNDS:-5}
 DURATION=${CZ_DURATION:-5}
 PATHS=(/data.json /cached/data.json)

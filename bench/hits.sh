@@ -19,10 +19,7 @@ PORT_BASE=${BENCH_PORT_BASE:-19700}
 RAW=$(cd "$(dirname "$0")" && pwd)/results/raw
 # shellcheck source=bench/servers.sh
 source "$(dirname "$0")/servers.sh"
-REPORT=$BENCH_DIR/results/hits.md
-if [[ ${1:-} == -o ]]; then
-    REPORT=${2:?-o needs a file}
-fi
+report_file hits "$@"
 ROUNDS=${HITS_ROUNDS:-5}
 DURATION=${HITS_DURATION:-5}
 PATHS=(/cache-me)

@@ -61,6 +61,15 @@ raise_fd_limit() {
     (($(ulimit -n) >= $1)) || die "open-file limit $(ulimit -n) is too low for $2"
 }
 
+# report_file NAME [-o FILE]: sets REPORT, where the report is written:
+# FILE, or results/NAME.md.
+report_file() {
+    REPORT=$BENCH_DIR/results/$1.md
+    if [[ ${2:-} == -o ]]; then
+        REPORT=${3:?-o needs a file}
+    fi
+}
+
 build() {
     if [[ ${BENCH_SKIP_BUILD:-0} == 1 ]]; then
         log "BENCH_SKIP_BUILD=1: using $TARGET_DIR/release as it is"

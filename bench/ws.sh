@@ -21,10 +21,7 @@ PORT_BASE=${BENCH_PORT_BASE:-19500}
 RAW=$(cd "$(dirname "$0")" && pwd)/results/raw
 # shellcheck source=bench/servers.sh
 source "$(dirname "$0")/servers.sh"
-REPORT=$BENCH_DIR/results/ws.md
-if [[ ${1:-} == -o ]]; then
-    REPORT=${2:?-o needs a file}
-fi
+report_file ws "$@"
 ROUNDS=${WS_ROUNDS:-5}
 DURATION=${WS_DURATION:-5}
 CONNECTIONS=${WS_CONNECTIONS:-50}

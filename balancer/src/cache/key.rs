@@ -13,13 +13,14 @@ use pingora::http::RequestHeader;
 
 /// The key of `req`: its `Host` (or the authority of its target) and its path and query.
 pub fn for_request(req: &RequestHeader) -> CacheKey {
-    let path_and_query = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    cache_key(host_of(req), path_and_query)
+    let (host, path_and_query) = parts_of(req);
+    cache_key(host, path_and_query)
 }
 
-/// The host a request names, as its key holds it.
-pub fn host_of(req: &RequestHeader) -> &str {
-    crate::config::Authority::of_request(&req.headers, &req.uri)
+/// The host a request names and its path and query, as its key holds them.
+pub fn parts_of(req: &RequestHeader) -> (&str, &str) {
+    let host = crate::config::Authority::of_request(&req.headers, &req.uri);
+    (host, req.uri.path_and_query().map_or("/", |pq| pq.as_str()))
 }
 
 /// The key of a request for `path_and_query` on `host`.
@@ -39,8 +40,7 @@ pub fn cache_key(host: &str, path_and_query: &str) -> CacheKey {
 /// building the key for the keys a thread was asked for last. A fresh hit
 /// on a popular key then hashes nothing cryptographic.
 pub fn hash_of_request(req: &RequestHeader) -> HashBinary {
-    let path_and_query = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let host = host_of(req);
+    let (host, path_and_query) = parts_of(req);
     // FNV-1a picks the slot: two texts in one slot cost a Blake2b, no more.
     let slot = host
         .bytes()

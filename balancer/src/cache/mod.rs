@@ -115,8 +115,7 @@ impl ResponseCache {
         if safe || !(200..400).contains(&resp.status.as_u16()) {
             return 0;
         }
-        let host = key::host_of(req);
-        let target = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let (host, target) = key::parts_of(req);
         let named = ["location", "content-location"]
             .into_iter()
             .filter_map(|name| resp.headers.get(name)?.to_str().ok())
