@@ -161,8 +161,14 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
     use std::time::Duration;
 
+    /// `Listeners::find` copies, for a moment, every listening socket of the
+    /// process, those of a test beside it too: the tests that find take
+    /// turns.
+    static FINDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn a_stopped_listener_completes_no_new_connection_but_keeps_its_backlog() {
+        let _turn = FINDING.lock().unwrap_or_else(|e| e.into_inner());
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let found = Listeners::find(&[addr]);
@@ -219,12 +225,24 @@ mod tests {
         }
     }
 
+    /// Whether a handshake to local `port` is half done: its SYN answered
+    /// (`SYN_RECV`, state 03 in /proc/net/tcp), its last ACK not yet in.
+    fn answered_handshakes(port: u16) -> bool {
+        let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+        let local = format!(":{port:04X}");
+        table.lines().skip(1).any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 3 && fields[1].ends_with(&local) && fields[3] == "03"
+        })
+    }
+
     fn unblock(fd: &OwnedFd) {
         set_option(fd, libc::SO_DETACH_FILTER, &0).expect("SO_DETACH_FILTER");
     }
 
     #[test]
     fn a_handshake_under_way_when_the_listener_stops_still_completes() {
+        let _turn = FINDING.lock().unwrap_or_else(|e| e.into_inner());
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -232,7 +250,14 @@ mod tests {
         // The client's SYN reaches the listener and is answered, but the
         // client drops the answer: the handshake waits, half done.
         let client = half_open_client(addr);
-        std::thread::sleep(Duration::from_millis(200));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !answered_handshakes(addr.port()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the listener never answered the client's SYN"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert!(found.backlog_empty(), "the handshake is not complete yet");
         found.stop_completing().unwrap();
         unblock(&client);
