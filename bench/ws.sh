@@ -56,22 +56,26 @@ for t in "${TARGETS[@]}"; do
     [[ $out == *"failed=0"* ]] || die "$t: no WebSocket echo: $out"
 done
 
-declare -A RATE P99 P50 CPU
+declare -A RATE P99 P50 CPU USER SYSTEM
+# CPU ticks $1 in microseconds per round trip, for the round's $n.
+per_trip() { awk -v t="$1" -v hz="$CLK_TCK" -v n="$n" 'BEGIN { printf "%.2f", (n > 0 ? t / hz / n * 1e6 : 0) }'; }
 for ((round = 1; round <= ROUNDS; round++)); do
     for t in "${TARGETS[@]}"; do
         # shellcheck disable=SC2086 # a list of PIDs
         cpu_ticks ${WATCH[$t]}
-        ticks=$((CPU_USER + CPU_SYSTEM))
+        user=$CPU_USER system=$CPU_SYSTEM
         out=$("$CLIENT" "ws://127.0.0.1:${PORT[$t]}/ws" "$CONNECTIONS" "$DURATION")
         # shellcheck disable=SC2086
         cpu_ticks ${WATCH[$t]}
-        ticks=$((CPU_USER + CPU_SYSTEM - ticks))
+        user=$((CPU_USER - user)) system=$((CPU_SYSTEM - system))
         [[ $out == *"failed=0"* ]] || die "round $round, $t: WebSockets failed: $out"
         n=$(sed -E 's/.*round_trips=([0-9]+).*/\1/' <<<"$out")
         RATE[$t]+="$(sed -E 's/.*per_second=([0-9]+).*/\1/' <<<"$out") "
         P50[$t]+="$(sed -E 's/.*p50_us=([0-9]+).*/\1/' <<<"$out") "
         P99[$t]+="$(sed -E 's/.*p99_us=([0-9]+).*/\1/' <<<"$out") "
-        CPU[$t]+="$(awk -v t="$ticks" -v hz="$CLK_TCK" -v n="$n" 'BEGIN { printf "%.2f", (n > 0 ? t / hz / n * 1e6 : 0) }') "
+        CPU[$t]+="$(per_trip $((user + system))) "
+        USER[$t]+="$(per_trip "$user") "
+        SYSTEM[$t]+="$(per_trip "$system") "
         log "round $round $t: $out"
     done
 done
@@ -85,10 +89,10 @@ done
     fi
     echo "$ROUNDS rounds of ${DURATION} s, $CONNECTIONS WebSockets each sending a 32-byte message and waiting for its echo (\`ws_bench\`), one backend worker, one proxy worker or thread; $(nproc) cores; load before: $(cut -d' ' -f1-3 /proc/loadavg); nginx $(nginx -v 2>&1 | sed 's|.*/||')."
     echo
-    echo "| proxy | median round trips/s | range | p50 µs | p99 µs (median) | p99 range | proxy CPU µs per round trip |"
-    echo "|---|---|---|---|---|---|---|"
+    echo "| proxy | median round trips/s | range | p50 µs | p99 µs (median) | p99 range | proxy CPU µs per round trip | user + system µs |"
+    echo "|---|---|---|---|---|---|---|---|"
     for t in "${TARGETS[@]}"; do
-        echo "| $t | $(echo "${RATE[$t]}" | median) | $(echo "${RATE[$t]}" | range) | $(echo "${P50[$t]}" | median) | $(echo "${P99[$t]}" | median) | $(echo "${P99[$t]}" | range) | $(echo "${CPU[$t]}" | median) |"
+        echo "| $t | $(echo "${RATE[$t]}" | median) | $(echo "${RATE[$t]}" | range) | $(echo "${P50[$t]}" | median) | $(echo "${P99[$t]}" | median) | $(echo "${P99[$t]}" | range) | $(echo "${CPU[$t]}" | median) | $(echo "${USER[$t]}" | median) + $(echo "${SYSTEM[$t]}" | median) |"
     done
 } >"$REPORT"
 cat "$REPORT"

@@ -23,7 +23,11 @@
 //! lost. A write to the backend that waits for room does not stop the
 //! tunnel from reading the backend (see `Outbox`).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::future::Future;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -188,38 +192,66 @@ impl Balancer {
         };
         // One timer and one stop watch for the whole tunnel, not one per
         // message: traffic only notes its time, and the timer, when it
-        // fires, is moved to idle_timeout after the last traffic.
+        // fires, is moved to idle_timeout after the last traffic. Both are
+        // polled only when one of them has woken the tunnel (see `Bell`).
         let mut last = Instant::now();
         let silence = tokio::time::sleep(idle);
         tokio::pin!(silence);
         let stop = self.stopping.grace_over();
         tokio::pin!(stop);
+        let bell = Arc::new(Bell::default());
+        let alarm = futures::task::waker(bell.clone());
+        // Which side is read first, turn about, so that neither starves.
+        let mut client_first = true;
         let failure = loop {
             let step = match early.next() {
                 Some(step) => step,
-                None => tokio::select! {
-                    // The client is read again once the backend has taken
-                    // all it sent: one read's worth waits, not more.
-                    read = client.receive(), if !backend.to.busy() => Step::Client(read),
-                    read = backend.from.receive() => Step::Backend(read),
-                    written = backend.to.advance(), if backend.to.busy() => match written {
-                        Ok(()) => continue,
-                        Err(e) => Step::BackendGone(e),
-                    },
-                    () = &mut silence => {
-                        let deadline = last + idle;
-                        if deadline > Instant::now() {
-                            silence.as_mut().reset(deadline.into());
-                            continue;
+                None => {
+                    client_first = !client_first;
+                    std::future::poll_fn(|cx| {
+                        // The client is read again once the backend has
+                        // taken all it sent: one read's worth waits, not
+                        // more.
+                        let client_turn = !backend.to.busy();
+                        if client_first && client_turn {
+                            if let Poll::Ready(read) = pin!(client.receive()).poll(cx) {
+                                return Poll::Ready(Step::Client(read));
+                            }
                         }
-                        Step::Idle
-                    }
-                    () = &mut stop => Step::Stop,
-                },
+                        if let Poll::Ready(read) = pin!(backend.from.receive()).poll(cx) {
+                            return Poll::Ready(Step::Backend(read));
+                        }
+                        if !client_first && client_turn {
+                            if let Poll::Ready(read) = pin!(client.receive()).poll(cx) {
+                                return Poll::Ready(Step::Client(read));
+                            }
+                        }
+                        if !client_turn {
+                            if let Poll::Ready(written) = pin!(backend.to.advance()).poll(cx) {
+                                return Poll::Ready(match written {
+                                    Ok(()) => Step::Written,
+                                    Err(e) => Step::BackendGone(e),
+                                });
+                            }
+                        }
+                        bell.task.register(cx.waker());
+                        if bell.rang.swap(false, Ordering::AcqRel) {
+                            let mut cx = Context::from_waker(&alarm);
+                            if silence.as_mut().poll(&mut cx).is_ready() {
+                                return Poll::Ready(Step::Silence);
+                            }
+                            if stop.as_mut().poll(&mut cx).is_ready() {
+                                return Poll::Ready(Step::Stop);
+                            }
+                        }
+                        Poll::Pending
+                    })
+                    .await
+                }
             };
-            last = Instant::now();
             match step {
                 Step::Client(Ok(Some(bytes))) => {
+                    last = Instant::now();
                     end.bytes_up += bytes.len() as u64;
                     if let Err(e) = backend.to.put(bytes) {
                         end.closed_by = "backend";
@@ -227,6 +259,7 @@ impl Balancer {
                     }
                 }
                 Step::Backend(Ok(Some(bytes))) => {
+                    last = Instant::now();
                     end.bytes_down += bytes.len() as u64;
                     if client.send(bytes).await.is_err() {
                         break None; // the client is gone
@@ -243,9 +276,16 @@ impl Balancer {
                     end.closed_by = "backend";
                     break Some(e);
                 }
-                Step::Idle => {
-                    end.closed_by = "idle";
-                    break None;
+                Step::Written => {}
+                Step::Silence => {
+                    let deadline = last + idle;
+                    if deadline <= Instant::now() {
+                        end.closed_by = "idle";
+                        break None;
+                    }
+                    silence.as_mut().reset(deadline.into());
+                    // Polled again, to be woken at the new deadline.
+                    bell.rang.store(true, Ordering::Release);
                 }
                 Step::Stop => {
                     end.closed_by = "stop";
@@ -488,8 +528,37 @@ enum Step {
     Backend(Result<Option<Bytes>>),
     /// A write to the backend failed.
     BackendGone(Box<Error>),
-    Idle,
+    /// A write to the backend took some of what waits.
+    Written,
+    /// The idle timer fired.
+    Silence,
     Stop,
+}
+
+/// The waker the idle timer and the end of a graceful stop are given: it
+/// wakes the tunnel's task and notes that one of them did, so that the
+/// tunnel polls them only then, and not after every message as a `select!`
+/// would (their polls were an eighth of a round trip's instructions).
+struct Bell {
+    rang: AtomicBool,
+    task: futures::task::AtomicWaker,
+}
+
+impl Default for Bell {
+    fn default() -> Bell {
+        // Rung from the start: both are polled once, to be woken at all.
+        Bell {
+            rang: AtomicBool::new(true),
+            task: futures::task::AtomicWaker::new(),
+        }
+    }
+}
+
+impl futures::task::ArcWake for Bell {
+    fn wake_by_ref(bell: &Arc<Bell>) {
+        bell.rang.store(true, Ordering::Release);
+        bell.task.wake();
+    }
 }
 
 /// Strips the hop-by-hop fields of the client's request (and those its
