@@ -15,7 +15,8 @@
 # floor (target/release/floor, bench/floor: the smallest Pingora proxy doing
 # the same forwarding; it has no cache, so it is measured on the paths other
 # than /cache-me, and the report adds a "vs floor" column), and the options
-# (the balancer's; the floor takes threads=N only) are:
+# (the balancer's; the floor takes threads=N and with=CALL[+CALL] only; the
+# first floor variant is the one the "vs floor" column divides by) are:
 #   route             one [[route]] sending / to the default upstream
 #   threads=N         worker threads (default 1)
 #   log=text|json     the access log on, in that format, to a file
@@ -25,6 +26,9 @@
 #   config=FILE       more TOML, appended to the variant's configuration
 #   off=PART[+PART]   parts of the request path turned off (BALANCER_BENCH_OFF;
 #                     only a build with the feature bench-parts: bench/parts.sh)
+#   with=CALL[+CALL]  the floor only: Pingora calls of the balancer's features
+#                     it makes too (floor --with: request-id, forwarded-proto,
+#                     timeouts)
 # For example:
 #   bench/ab.sh -o bench/results/ab.md old=/tmp/old/balancer \
 #       new=target/release/balancer new+route=target/release/balancer,route
@@ -59,20 +63,21 @@ trap cleanup EXIT
 
 NAMES=()
 FLOOR=   # the name of the floor's variant, if there is one
-declare -A BIN PORT THREADS LOG PIPE CONFIG OFF VPID
+declare -A BIN PORT THREADS LOG PIPE CONFIG OFF WITH VPID
 for spec in "$@"; do
     name=${spec%%=*}
     IFS=, read -r -a fields <<<"${spec#*=}"
     [[ $name != "$spec" && -x ${fields[0]:-} ]] || { echo "ab.sh: $spec: expected NAME=BINARY[,OPTION...] with an executable BINARY" >&2; exit 2; }
     NAMES+=("$name")
     BIN[$name]=${fields[0]}
-    [[ $(basename "${fields[0]}") == floor ]] && FLOOR=$name
+    [[ -z $FLOOR && $(basename "${fields[0]}") == floor ]] && FLOOR=$name
     PORT[$name]=$((BASE + ${#NAMES[@]}))
     THREADS[$name]=1
     LOG[$name]=
     PIPE[$name]=
     CONFIG[$name]=
     OFF[$name]=
+    WITH[$name]=
     for option in "${fields[@]:1}"; do
         case $option in
             route) CONFIG[$name]+=$'[[route]]\nname = "app"\npath = "/"\nupstream = "default"\n' ;;
@@ -81,6 +86,7 @@ for spec in "$@"; do
             pipe) PIPE[$name]=1 ;;
             config=*) CONFIG[$name]+=$(cat "${option#config=}")$'\n' ;;
             off=*) OFF[$name]=${option#off=} ;;
+            with=*) WITH[$name]=${option#with=} ;;
             *) echo "ab.sh: $spec: unknown option $option" >&2; exit 2 ;;
         esac
     done
@@ -95,9 +101,9 @@ PIDS+=($!)
 mkdir -p "$WORK/logs"
 for t in "${NAMES[@]}"; do
     mkdir -p "$WORK/$t"
-    if [[ $t == "$FLOOR" ]]; then
+    if [[ $(basename "${BIN[$t]}") == floor ]]; then
         "${BIN[$t]}" --listen "127.0.0.1:${PORT[$t]}" --upstream "127.0.0.1:$BASE" \
-            --threads "${THREADS[$t]}" >"$WORK/logs/$t.log" 2>&1 &
+            --threads "${THREADS[$t]}" ${WITH[$t]:+--with "${WITH[$t]//+/,}"} >"$WORK/logs/$t.log" 2>&1 &
         PIDS+=($!)
         VPID[$t]=$!
         continue
@@ -130,7 +136,7 @@ for t in "${NAMES[@]}"; do
         curl -s -o /dev/null --max-time 1 "http://127.0.0.1:${PORT[$t]}/" && break
         sleep 0.1
     done
-    status=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:${PORT[$t]}/cache-me")
+    status=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:${PORT[$t]}/cache-me" || true)
     [[ $status == 200 ]] || { echo "ab.sh: $t does not answer on port ${PORT[$t]}:" >&2; tail -n 20 "$WORK/logs/$t.log" >&2; exit 1; }
 done
 
@@ -138,7 +144,7 @@ declare -A RESULTS CPU
 for ((round = 1; round <= ROUNDS; round++)); do
     for path in "${PATHS[@]}"; do
         for t in "${NAMES[@]}"; do
-            [[ $t == "$FLOOR" && $path == /cache-me ]] && continue
+            [[ $(basename "${BIN[$t]}") == floor && $path == /cache-me ]] && continue
             wrk_measured "$DURATION" "http://127.0.0.1:${PORT[$t]}$path" "${VPID[$t]}"
             RESULTS["$t $path"]+="$RPS "
             CPU["$t $path"]+="$CPU_US "

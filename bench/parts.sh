@@ -41,6 +41,16 @@ VARIANTS=(
     "json_log||info|log_format = \"json\""
     "no_all|guard,request_id,routing,metrics,cache_lookup|warn|"
 )
+# The floor, and the floor making the calls into Pingora's API that some of
+# the balancer's parts need (bench/floor --with): NAME, the calls. What
+# these cost the floor is Pingora's price for those parts.
+FLOORS=(
+    "floor|"
+    "floor+request_id|request-id"
+    "floor+forwarded_proto|forwarded-proto"
+    "floor+timeouts|timeouts"
+    "floor+calls|request-id,forwarded-proto,timeouts"
+)
 
 # 1. Time: bench/ab.sh, interleaved rounds of wrk.
 if [[ ${PARTS_WRK:-1} == 1 ]]; then
@@ -53,8 +63,10 @@ if [[ ${PARTS_WRK:-1} == 1 ]]; then
         [[ -n $off ]] && spec+=",off=${off//,/+}"
         specs+=("$spec")
     done
+    # The floor alone and with all its calls: the others in instructions only.
     AB_PORT_BASE=19800 AB_PATHS=/ AB_BACKEND=$ROOT/target/release/backend \
-        "$ROOT/bench/ab.sh" -o "$REPORT" "${specs[@]}" "floor=$FLOOR"
+        "$ROOT/bench/ab.sh" -o "$REPORT" "${specs[@]}" "floor=$FLOOR" \
+        "floor+calls=$FLOOR,with=request-id+forwarded-proto+timeouts"
 else
     : >"$REPORT"
 fi
@@ -97,10 +109,11 @@ instructions() {
 }
 
 declare -A PER
-for v in "${VARIANTS[@]}" "floor|||"; do
+for v in "${VARIANTS[@]}" "${FLOORS[@]}"; do
     IFS='|' read -r name off level toml <<<"$v"
-    if [[ $name == floor ]]; then
-        cmd=("$FLOOR" --listen 127.0.0.1:19850 --upstream 127.0.0.1:19849 --threads 1)
+    if [[ $name == floor* ]]; then
+        cmd=("$FLOOR" --listen 127.0.0.1:19850 --upstream 127.0.0.1:19849 --threads 1 ${off:+--with "$off"})
+        off= level=warn
     else
         mkdir -p "$WORK/$name"
         {
@@ -137,11 +150,16 @@ done
     echo
     echo "| variant | instructions per request | vs shipped | what the part costs | vs floor |"
     echo "|---|---|---|---|---|"
-    for v in "${VARIANTS[@]}" "floor|||"; do
+    for v in "${VARIANTS[@]}" "${FLOORS[@]}"; do
         name=${v%%|*}
+        case $name in
+            shipped | floor) cost= ;;
+            floor*) cost="+$((PER[$name] - PER[floor])) to the floor" ;;
+            *) cost=$((PER[shipped] - PER[$name])) ;;
+        esac
         printf '| %s | %d | %s | %s | %s |\n' "$name" "${PER[$name]}" \
             "$(awk -v a="${PER[$name]}" -v b="${PER[shipped]}" 'BEGIN { printf "%.3f", a / b }')" \
-            "$([[ $name == shipped || $name == floor ]] && echo "" || echo $((PER[shipped] - PER[$name])))" \
+            "$cost" \
             "$(awk -v a="${PER[$name]}" -v b="${PER[floor]}" 'BEGIN { printf "%.3f", a / b }')"
     done
     echo
@@ -150,6 +168,9 @@ done
     echo "with that part turned off (\`BALANCER_BENCH_OFF\`, see \`balancer/src/proxy/parts.rs\`);"
     echo "\`no_log\`: the access log off (\`RUST_LOG=warn\`); \`json_log\`: the access log as JSON;"
     echo "\`no_all\`: every part and the log off; \`floor\`: \`bench/floor\`, the smallest Pingora"
-    echo "proxy doing the same forwarding."
+    echo "proxy doing the same forwarding; \`floor+CALL\`: the floor making too the calls into"
+    echo "Pingora's API that a part of the balancer needs (\`floor --with\`: \`X-Request-Id\` inserted"
+    echo "upstream and in the response, \`X-Forwarded-Proto\` inserted, the peer's timeouts set;"
+    echo "\`floor+calls\`: all three), which is Pingora's price for that part."
 } >>"$REPORT"
 cat "$REPORT"

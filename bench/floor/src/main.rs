@@ -16,9 +16,14 @@
 //! start: the least any Pingora program, a cache included, can do for a
 //! request it answers itself (the floor of a cache hit, bench/hits.sh).
 //!
+//! With `--with`, it also makes the calls into Pingora's API that some of
+//! the balancer's features need on every request, and nothing else of those
+//! features: what the floor then costs more is Pingora's price for them, a
+//! price the balancer pays whatever its own code does (bench/parts.sh).
+//!
 //!   floor --listen 127.0.0.1:19104 --upstream 127.0.0.1:19100 [--threads 1]
 //!         [--tls-listen 127.0.0.1:19414 --cert cert.pem --key key.pem]
-//!         [--answer /cache-me]
+//!         [--answer /cache-me] [--with request-id,forwarded-proto,timeouts]
 
 use std::net::SocketAddr;
 
@@ -58,12 +63,40 @@ struct Cli {
     /// to it fetched at the start.
     #[arg(long)]
     answer: Option<String>,
+    /// Pingora calls of the balancer's features to make too.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    with: Vec<Call>,
+}
+
+/// The calls into Pingora's API that a feature of the balancer makes per
+/// request, with the balancer's values.
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum Call {
+    /// `X-Request-Id` inserted into the upstream request and into the
+    /// response: a fixed id of a new one's length, since making one is the
+    /// balancer's own work, not Pingora's.
+    RequestId,
+    /// `X-Forwarded-Proto` inserted into the upstream request.
+    ForwardedProto,
+    /// The upstream peer's timeouts (`connect_timeout`, `read_timeout`, the
+    /// pool's idle timeout), with the balancer's defaults.
+    Timeouts,
 }
 
 struct Floor {
     upstream: SocketAddr,
     answer: Option<Answer>,
+    with: Vec<Call>,
 }
+
+impl Floor {
+    fn with(&self, call: Call) -> bool {
+        self.with.contains(&call)
+    }
+}
+
+/// A request id as long as the balancer's new ones (32 hex digits).
+const REQUEST_ID: &str = "0123456789abcdef0123456789abcdef";
 
 /// A response kept in memory, and the path it answers.
 struct Answer {
@@ -143,7 +176,13 @@ impl ProxyHttp for Floor {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
-        Ok(Box::new(HttpPeer::new(self.upstream, false, String::new())))
+        let mut peer = HttpPeer::new(self.upstream, false, String::new());
+        if self.with(Call::Timeouts) {
+            peer.options.connection_timeout = Some(std::time::Duration::from_secs(2));
+            peer.options.read_timeout = Some(std::time::Duration::from_secs(60));
+            peer.options.idle_timeout = Some(std::time::Duration::from_secs(4));
+        }
+        Ok(Box::new(peer))
     }
 
     async fn upstream_request_filter(
@@ -152,6 +191,12 @@ impl ProxyHttp for Floor {
         upstream_request: &mut RequestHeader,
         _ctx: &mut (),
     ) -> Result<()> {
+        if self.with(Call::RequestId) {
+            upstream_request.insert_header("X-Request-Id", REQUEST_ID)?;
+        }
+        if self.with(Call::ForwardedProto) {
+            upstream_request.insert_header("x-forwarded-proto", "http")?;
+        }
         // Host is the client's, as `proxy_set_header Host $host` keeps it.
         let Some(ip) = session
             .client_addr()
@@ -166,6 +211,18 @@ impl ProxyHttp for Floor {
         };
         upstream_request.insert_header("X-Forwarded-For", forwarded_for)?;
         upstream_request.insert_header("X-Real-IP", ip)?;
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        _ctx: &mut (),
+    ) -> Result<()> {
+        if self.with(Call::RequestId) {
+            resp.insert_header("X-Request-Id", REQUEST_ID)?;
+        }
         Ok(())
     }
 }
@@ -197,6 +254,7 @@ fn main() {
         Floor {
             upstream: cli.upstream,
             answer,
+            with: cli.with,
         },
     );
     service.add_tcp(&cli.listen.to_string());
