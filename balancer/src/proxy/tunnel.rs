@@ -41,6 +41,7 @@ use pingora::{ErrorType, OrErr};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::drain::Stopping;
 use super::{Balancer, RequestCtx};
 use crate::telemetry::access_log;
 
@@ -129,25 +130,25 @@ impl Balancer {
         // its session's buffer: it goes first, then the sockets themselves.
         let early_down = backend.read_body_bytes().now_or_never().map(Step::Backend);
         let stream = backend.into_inner();
-        let (mut client, early_up) = Client::take(session);
-        let early = [early_up.map(Step::Client), early_down]
-            .into_iter()
-            .flatten();
+        let (client, early_up) = Client::take(session);
+        let early = [early_up.map(Step::Client), early_down];
+        let stopping = Arc::clone(&self.stopping);
         let end = match plain_socket(&*stream, None) {
             // A plain backend: its socket alone, with Pingora's stream gone.
             Some(socket) => {
                 drop(stream);
                 let (from, to) = socket.into_split();
-                self.pump(&mut client, Backend::new(from, to), early, idle)
-                    .await
+                carry(client, Backend::new(from, to), early, idle, stopping).await
             }
             None => {
                 let (from, to) = tokio::io::split(stream);
-                self.pump(&mut client, Backend::new(from, to), early, idle)
-                    .await
+                carry(client, Backend::new(from, to), early, idle, stopping).await
             }
         };
-        drop(client); // the duplicate descriptor, before Pingora closes its own
+        if end.closed_by == "backend" {
+            // Passes the backend's close on: the client's connection ends.
+            let _ = session.write_response_body(None, true).await;
+        }
         ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
         ctx.attempts.response_done();
         ctx.tunnel = Some(end);
@@ -171,140 +172,198 @@ impl Balancer {
             }
         }
     }
+}
 
-    /// Copies bytes both ways until the tunnel ends, and says how it did.
-    /// `early` is what the two sides sent before the tunnel began.
-    async fn pump<R, W>(
-        &self,
-        client: &mut Client<'_>,
-        mut backend: Backend<R, W>,
-        mut early: impl Iterator<Item = Step>,
-        idle: Duration,
-    ) -> access_log::Tunnel
-    where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
-    {
-        let mut end = access_log::Tunnel {
-            closed_by: "client",
-            bytes_up: 0,
-            bytes_down: 0,
+/// Carries the tunnel to its end. With the client's socket in hand (the
+/// plain listener), on a task of its own: a packet then wakes that task
+/// alone, not the futures of the connection, of Pingora's request and of
+/// its hooks that hold the tunnel (a tenth of a round trip's instructions).
+/// The task ends with the request's future: a tunnel is never left behind.
+async fn carry<R, W>(
+    client: Client<'_>,
+    backend: Backend<R, W>,
+    early: [Option<Step>; 2],
+    idle: Duration,
+    stopping: Arc<Stopping>,
+) -> access_log::Tunnel
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let early = early.into_iter().flatten();
+    match client {
+        Client::Socket(socket) => {
+            let mut client = Client::Socket(socket);
+            let task = Detached(tokio::spawn(async move {
+                pump(&mut client, backend, early, idle, &stopping).await
+                // The duplicate descriptor closes here, before Pingora
+                // closes its own.
+            }));
+            task.end().await
+        }
+        mut session => pump(&mut session, backend, early, idle, &stopping).await,
+    }
+}
+
+/// A tunnel's task, stopped when dropped.
+struct Detached(tokio::task::JoinHandle<access_log::Tunnel>);
+
+impl Detached {
+    /// How the tunnel ended. A panic in the task goes on in the caller, as
+    /// it would have had the tunnel run there.
+    async fn end(mut self) -> access_log::Tunnel {
+        match (&mut self.0).await {
+            Ok(end) => end,
+            Err(e) => match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                // Cancelled: the runtime is going away with the process.
+                Err(_) => access_log::Tunnel {
+                    closed_by: "stop",
+                    bytes_up: 0,
+                    bytes_down: 0,
+                },
+            },
+        }
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Copies bytes both ways until the tunnel ends, and says how it did.
+/// `early` is what the two sides sent before the tunnel began.
+async fn pump<R, W>(
+    client: &mut Client<'_>,
+    mut backend: Backend<R, W>,
+    mut early: impl Iterator<Item = Step>,
+    idle: Duration,
+    stopping: &Stopping,
+) -> access_log::Tunnel
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut end = access_log::Tunnel {
+        closed_by: "client",
+        bytes_up: 0,
+        bytes_down: 0,
+    };
+    // One timer and one stop watch for the whole tunnel, not one per
+    // message: traffic only notes its time, and the timer, when it
+    // fires, is moved to idle_timeout after the last traffic. Both are
+    // polled only when one of them has woken the tunnel (see `Bell`).
+    let mut last = Instant::now();
+    let silence = tokio::time::sleep(idle);
+    tokio::pin!(silence);
+    let stop = stopping.grace_over();
+    tokio::pin!(stop);
+    let bell = Arc::new(Bell::default());
+    let alarm = futures::task::waker(bell.clone());
+    // Which side is read first, turn about, so that neither starves.
+    let mut client_first = true;
+    let failure = loop {
+        let step = match early.next() {
+            Some(step) => step,
+            None => {
+                client_first = !client_first;
+                std::future::poll_fn(|cx| {
+                    // The client is read again once the backend has
+                    // taken all it sent: one read's worth waits, not
+                    // more.
+                    let client_turn = !backend.to.busy();
+                    if client_first && client_turn {
+                        if let Poll::Ready(read) = pin!(client.receive()).poll(cx) {
+                            return Poll::Ready(Step::Client(read));
+                        }
+                    }
+                    if let Poll::Ready(read) = pin!(backend.from.receive()).poll(cx) {
+                        return Poll::Ready(Step::Backend(read));
+                    }
+                    if !client_first && client_turn {
+                        if let Poll::Ready(read) = pin!(client.receive()).poll(cx) {
+                            return Poll::Ready(Step::Client(read));
+                        }
+                    }
+                    if !client_turn {
+                        if let Poll::Ready(written) = pin!(backend.to.advance()).poll(cx) {
+                            return Poll::Ready(match written {
+                                Ok(()) => Step::Written,
+                                Err(e) => Step::BackendGone(e),
+                            });
+                        }
+                    }
+                    bell.task.register(cx.waker());
+                    if bell.rang.swap(false, Ordering::AcqRel) {
+                        let mut cx = Context::from_waker(&alarm);
+                        if silence.as_mut().poll(&mut cx).is_ready() {
+                            return Poll::Ready(Step::Silence);
+                        }
+                        if stop.as_mut().poll(&mut cx).is_ready() {
+                            return Poll::Ready(Step::Stop);
+                        }
+                    }
+                    Poll::Pending
+                })
+                .await
+            }
         };
-        // One timer and one stop watch for the whole tunnel, not one per
-        // message: traffic only notes its time, and the timer, when it
-        // fires, is moved to idle_timeout after the last traffic. Both are
-        // polled only when one of them has woken the tunnel (see `Bell`).
-        let mut last = Instant::now();
-        let silence = tokio::time::sleep(idle);
-        tokio::pin!(silence);
-        let stop = self.stopping.grace_over();
-        tokio::pin!(stop);
-        let bell = Arc::new(Bell::default());
-        let alarm = futures::task::waker(bell.clone());
-        // Which side is read first, turn about, so that neither starves.
-        let mut client_first = true;
-        let failure = loop {
-            let step = match early.next() {
-                Some(step) => step,
-                None => {
-                    client_first = !client_first;
-                    std::future::poll_fn(|cx| {
-                        // The client is read again once the backend has
-                        // taken all it sent: one read's worth waits, not
-                        // more.
-                        let client_turn = !backend.to.busy();
-                        if client_first && client_turn {
-                            if let Poll::Ready(read) = pin!(client.receive()).poll(cx) {
-                                return Poll::Ready(Step::Client(read));
-                            }
-                        }
-                        if let Poll::Ready(read) = pin!(backend.from.receive()).poll(cx) {
-                            return Poll::Ready(Step::Backend(read));
-                        }
-                        if !client_first && client_turn {
-                            if let Poll::Ready(read) = pin!(client.receive()).poll(cx) {
-                                return Poll::Ready(Step::Client(read));
-                            }
-                        }
-                        if !client_turn {
-                            if let Poll::Ready(written) = pin!(backend.to.advance()).poll(cx) {
-                                return Poll::Ready(match written {
-                                    Ok(()) => Step::Written,
-                                    Err(e) => Step::BackendGone(e),
-                                });
-                            }
-                        }
-                        bell.task.register(cx.waker());
-                        if bell.rang.swap(false, Ordering::AcqRel) {
-                            let mut cx = Context::from_waker(&alarm);
-                            if silence.as_mut().poll(&mut cx).is_ready() {
-                                return Poll::Ready(Step::Silence);
-                            }
-                            if stop.as_mut().poll(&mut cx).is_ready() {
-                                return Poll::Ready(Step::Stop);
-                            }
-                        }
-                        Poll::Pending
-                    })
-                    .await
-                }
-            };
-            match step {
-                Step::Client(Ok(Some(bytes))) => {
-                    last = Instant::now();
-                    end.bytes_up += bytes.len() as u64;
-                    if let Err(e) = backend.to.put(bytes) {
-                        end.closed_by = "backend";
-                        break Some(e);
-                    }
-                }
-                Step::Backend(Ok(Some(bytes))) => {
-                    last = Instant::now();
-                    end.bytes_down += bytes.len() as u64;
-                    if client.send(bytes).await.is_err() {
-                        break None; // the client is gone
-                    }
-                }
-                // A reset is a close too, only a ruder one.
-                Step::Client(_) => break None,
-                Step::Backend(read) => {
-                    end.closed_by = "backend";
-                    client.finish().await;
-                    break read.err();
-                }
-                Step::BackendGone(e) => {
+        match step {
+            Step::Client(Ok(Some(bytes))) => {
+                last = Instant::now();
+                end.bytes_up += bytes.len() as u64;
+                if let Err(e) = backend.to.put(bytes) {
                     end.closed_by = "backend";
                     break Some(e);
                 }
-                Step::Written => {}
-                Step::Silence => {
-                    let deadline = last + idle;
-                    if deadline <= Instant::now() {
-                        end.closed_by = "idle";
-                        break None;
-                    }
-                    silence.as_mut().reset(deadline.into());
-                    // Polled again, to be woken at the new deadline.
-                    bell.rang.store(true, Ordering::Release);
-                }
-                Step::Stop => {
-                    end.closed_by = "stop";
-                    break None;
+            }
+            Step::Backend(Ok(Some(bytes))) => {
+                last = Instant::now();
+                end.bytes_down += bytes.len() as u64;
+                if client.send(bytes).await.is_err() {
+                    break None; // the client is gone
                 }
             }
-        };
-        let _ = backend.to.io.shutdown().await;
-        if let Some(e) = failure {
-            // A backend that drops a WebSocket without closing it is worth
-            // an operator's look; a client that does is not.
-            log::warn!(
-                "WebSocket tunnel cut by the backend after {} bytes up and {} down: {e}",
-                end.bytes_up,
-                end.bytes_down
-            );
+            // A reset is a close too, only a ruder one.
+            Step::Client(_) => break None,
+            Step::Backend(read) => {
+                end.closed_by = "backend";
+                break read.err();
+            }
+            Step::BackendGone(e) => {
+                end.closed_by = "backend";
+                break Some(e);
+            }
+            Step::Written => {}
+            Step::Silence => {
+                let deadline = last + idle;
+                if deadline <= Instant::now() {
+                    end.closed_by = "idle";
+                    break None;
+                }
+                silence.as_mut().reset(deadline.into());
+                // Polled again, to be woken at the new deadline.
+                bell.rang.store(true, Ordering::Release);
+            }
+            Step::Stop => {
+                end.closed_by = "stop";
+                break None;
+            }
         }
-        end
+    };
+    let _ = backend.to.io.shutdown().await;
+    if let Some(e) = failure {
+        // A backend that drops a WebSocket without closing it is worth
+        // an operator's look; a client that does is not.
+        log::warn!(
+            "WebSocket tunnel cut by the backend after {} bytes up and {} down: {e}",
+            end.bytes_up,
+            end.bytes_down
+        );
     }
+    end
 }
 
 /// The client's end of a tunnel.
@@ -316,11 +375,7 @@ impl Balancer {
 /// through Pingora's session, which holds the TLS state.
 enum Client<'a> {
     Session(&'a mut Session),
-    Socket {
-        socket: Socket<TcpStream>,
-        /// Kept for the end: a backend's close is passed on through it.
-        session: &'a mut Session,
-    },
+    Socket(Socket<TcpStream>),
 }
 
 impl<'a> Client<'a> {
@@ -334,31 +389,21 @@ impl<'a> Client<'a> {
         // The session's buffer is handed over before the socket: a read
         // that would have to wait for the network is dropped unstarted.
         let early = session.read_request_body().now_or_never();
-        let socket = Socket::new(socket);
-        (Client::Socket { socket, session }, early)
+        (Client::Socket(Socket::new(socket)), early)
     }
 
     async fn receive(&mut self) -> Result<Option<Bytes>> {
         match self {
             Client::Session(session) => session.read_request_body().await,
-            Client::Socket { socket, .. } => socket.receive().await,
+            Client::Socket(socket) => socket.receive().await,
         }
     }
 
     async fn send(&mut self, bytes: Bytes) -> Result<()> {
         match self {
             Client::Session(session) => session.write_response_body(Some(bytes), false).await,
-            Client::Socket { socket, .. } => socket.send(&bytes).await,
+            Client::Socket(socket) => socket.send(&bytes).await,
         }
-    }
-
-    /// Passes on the backend's close: the client's connection ends.
-    async fn finish(&mut self) {
-        let session = match self {
-            Client::Session(session) => session,
-            Client::Socket { session, .. } => session,
-        };
-        let _ = session.write_response_body(None, true).await;
     }
 }
 
