@@ -63,6 +63,8 @@ trap cleanup EXIT
 
 NAMES=()
 FLOOR=   # the name of the floor's variant, if there is one
+# is_floor NAME: whether the variant NAME runs the floor.
+is_floor() { [[ $(basename "${BIN[$1]}") == floor ]]; }
 declare -A BIN PORT THREADS LOG PIPE CONFIG OFF WITH VPID
 for spec in "$@"; do
     name=${spec%%=*}
@@ -70,7 +72,7 @@ for spec in "$@"; do
     [[ $name != "$spec" && -x ${fields[0]:-} ]] || { echo "ab.sh: $spec: expected NAME=BINARY[,OPTION...] with an executable BINARY" >&2; exit 2; }
     NAMES+=("$name")
     BIN[$name]=${fields[0]}
-    [[ -z $FLOOR && $(basename "${fields[0]}") == floor ]] && FLOOR=$name
+    [[ -z $FLOOR ]] && is_floor "$name" && FLOOR=$name
     PORT[$name]=$((BASE + ${#NAMES[@]}))
     THREADS[$name]=1
     LOG[$name]=
@@ -101,7 +103,7 @@ PIDS+=($!)
 mkdir -p "$WORK/logs"
 for t in "${NAMES[@]}"; do
     mkdir -p "$WORK/$t"
-    if [[ $(basename "${BIN[$t]}") == floor ]]; then
+    if is_floor "$t"; then
         "${BIN[$t]}" --listen "127.0.0.1:${PORT[$t]}" --upstream "127.0.0.1:$BASE" \
             --threads "${THREADS[$t]}" ${WITH[$t]:+--with "${WITH[$t]//+/,}"} >"$WORK/logs/$t.log" 2>&1 &
         PIDS+=($!)
@@ -144,7 +146,7 @@ declare -A RESULTS CPU
 for ((round = 1; round <= ROUNDS; round++)); do
     for path in "${PATHS[@]}"; do
         for t in "${NAMES[@]}"; do
-            [[ $(basename "${BIN[$t]}") == floor && $path == /cache-me ]] && continue
+            is_floor "$t" && [[ $path == /cache-me ]] && continue
             wrk_measured "$DURATION" "http://127.0.0.1:${PORT[$t]}$path" "${VPID[$t]}"
             RESULTS["$t $path"]+="$RPS "
             CPU["$t $path"]+="$CPU_US "

@@ -63,10 +63,12 @@ if [[ ${PARTS_WRK:-1} == 1 ]]; then
         [[ -n $off ]] && spec+=",off=${off//,/+}"
         specs+=("$spec")
     done
-    # The floor alone and with all its calls: the others in instructions only.
+    # The floor alone and with all its calls (the last of FLOORS): the
+    # others in instructions only.
+    calls=${FLOORS[-1]#*|}
     AB_PORT_BASE=19800 AB_PATHS=/ AB_BACKEND=$ROOT/target/release/backend \
         "$ROOT/bench/ab.sh" -o "$REPORT" "${specs[@]}" "floor=$FLOOR" \
-        "floor+calls=$FLOOR,with=request-id+forwarded-proto+timeouts"
+        "floor+calls=$FLOOR,with=${calls//,/+}"
 else
     : >"$REPORT"
 fi

@@ -108,12 +108,6 @@ fn drop_new_handshakes(fd: &OwnedFd) -> std::io::Result<()> {
     const TCP_FLAGS: u32 = 13;
     const SYN: u32 = 0x02;
     const ACK: u32 = 0x10;
-    let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
-        code: code as u16,
-        jt,
-        jf,
-        k,
-    };
     let mut program = [
         op(libc::BPF_LD | libc::BPF_B | libc::BPF_ABS, 0, 0, TCP_FLAGS),
         op(libc::BPF_ALU | libc::BPF_AND | libc::BPF_K, 0, 0, SYN | ACK),
@@ -123,6 +117,16 @@ fn drop_new_handshakes(fd: &OwnedFd) -> std::io::Result<()> {
         op(libc::BPF_RET | libc::BPF_K, 0, 0, u32::MAX),
     ];
     attach_filter(fd, &mut program)
+}
+
+/// One instruction of a classic BPF program.
+fn op(code: u32, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    }
 }
 
 /// Attaches the classic BPF `program` to the socket `fd` (the kernel keeps
@@ -194,12 +198,7 @@ mod tests {
             let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
             assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
             let fd = OwnedFd::from_raw_fd(fd);
-            let mut drop_all = [libc::sock_filter {
-                code: (libc::BPF_RET | libc::BPF_K) as u16,
-                jt: 0,
-                jf: 0,
-                k: 0,
-            }];
+            let mut drop_all = [op(libc::BPF_RET | libc::BPF_K, 0, 0, 0)];
             attach_filter(&fd, &mut drop_all).expect("SO_ATTACH_FILTER");
             let std::net::SocketAddr::V4(v4) = addr else {
                 panic!("an IPv4 address");

@@ -345,7 +345,7 @@ where
                 }
                 silence.as_mut().reset(deadline.into());
                 // Polled again, to be woken at the new deadline.
-                bell.rang.store(true, Ordering::Release);
+                bell.ring();
             }
             Step::Stop => {
                 end.closed_by = "stop";
@@ -599,9 +599,16 @@ impl Default for Bell {
     }
 }
 
+impl Bell {
+    /// Has the timer and the stop polled on the next turn.
+    fn ring(&self) {
+        self.rang.store(true, Ordering::Release);
+    }
+}
+
 impl futures::task::ArcWake for Bell {
     fn wake_by_ref(bell: &Arc<Bell>) {
-        bell.rang.store(true, Ordering::Release);
+        bell.ring();
         bell.task.wake();
     }
 }
