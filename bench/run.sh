@@ -183,13 +183,7 @@ fixed_rate_rounds() {
         while read -r target; do
             url="http://127.0.0.1:${PORT[$target]}/"
             out=$RAW/rate-r$round-$target.json
-            # One load-generating thread (like wrk -t1); -w: requests still open at
-            # the deadline are waited for, not counted as aborted.
-            timeout 60 oha -z 1s -q "$RATE" -c "$RATE_CONNS" -w --worker-threads 1 --no-tui \
-                --output-format quiet "$url" >/dev/null 2>&1 || true
-            timeout --kill-after=5 $((RATE_DURATION + 60)) \
-                oha -z "${RATE_DURATION}s" -q "$RATE" -c "$RATE_CONNS" -w --worker-threads 1 --no-tui \
-                --output-format json "$url" >"$out.full" 2>"$WORK/oha.err" ||
+            oha_at_rate "$url" "$RATE" "$RATE_CONNS" "$RATE_DURATION" "$out.full" "$WORK/oha.err" ||
                 log "oha against $target failed: $(head -c 300 "$WORK/oha.err")"
             # Keep the summary and the percentiles, not the whole histogram.
             "$PY" "$BENCH_DIR/report.py" --trim-oha "$out.full" "$out" "$target"

@@ -187,6 +187,20 @@ start_proxy() {
     WATCH[$target]=$!
 }
 
+# oha_at_rate URL RATE CONNECTIONS SECONDS OUT ERR: `oha` against URL at RATE
+# requests/s over CONNECTIONS, a second first (connections open, caches warm),
+# then SECONDS measured, its JSON in OUT and its errors in ERR; fails when
+# that oha does. One load-generating thread (like wrk -t1); -w: requests
+# still open at the deadline are waited for, not counted as aborted.
+oha_at_rate() {
+    local url=$1 rate=$2 conns=$3 secs=$4 out=$5 err=$6
+    timeout 60 oha -z 1s -q "$rate" -c "$conns" -w --worker-threads 1 --no-tui \
+        --output-format quiet "$url" >/dev/null 2>&1 || true
+    timeout --kill-after=5 $((secs + 60)) \
+        oha -z "${secs}s" -q "$rate" -c "$conns" -w --worker-threads 1 --no-tui \
+        --output-format json "$url" >"$out" 2>"$err"
+}
+
 # stop TARGET...: TERM to those we started, KILL after 10 s.
 stop() {
     local target pid i alive
