@@ -591,6 +591,37 @@ mod tests {
     }
 
     #[test]
+    fn any_string_and_duration_is_written_as_serde_json_writes_it() {
+        // Strings drawn from ASCII (controls, quotes and backslashes
+        // included) and a few wider characters; durations of any size.
+        let mut rng = fastrand::Rng::with_seed(26);
+        let alphabet: Vec<char> = (0u8..0x80)
+            .map(char::from)
+            .chain(['é', 'ß', '\u{2028}', '\u{fffd}', '✓', '🦀'])
+            .collect();
+        let uri: http::Uri = "/".parse().unwrap();
+        for i in 0..5_000 {
+            let text: String = (0..rng.usize(0..24))
+                .map(|_| alphabet[rng.usize(..alphabet.len())])
+                .collect();
+            let r = Record {
+                route: Some(&text),
+                upstream: Some(&text),
+                time: Duration::from_nanos(rng.u64(..) >> rng.u32(0..64)),
+                upstream_time: Some(Duration::new(rng.u64(..1 << 40), rng.u32(..1_000_000_000))),
+                ..record(&uri)
+            };
+            let mut line = Vec::new();
+            json(&mut line, &r);
+            assert_eq!(
+                String::from_utf8(line).unwrap(),
+                serde_json_line(&r),
+                "case {i}: {text:?}"
+            );
+        }
+    }
+
+    #[test]
     fn a_full_buffer_drops_whole_lines_and_a_drain_writes_every_threads_lines() {
         let uri: http::Uri = "/x".parse().unwrap();
         let r = record(&uri);
