@@ -532,6 +532,16 @@ mod tests {
         .unwrap()
     }
 
+    fn assert_written_as_serde_json_writes(r: &Record<'_>, what: &str) {
+        let mut line = Vec::new();
+        json(&mut line, r);
+        assert_eq!(
+            String::from_utf8(line).unwrap(),
+            serde_json_line(r),
+            "{what}"
+        );
+    }
+
     #[test]
     fn a_json_line_is_what_serde_json_writes_byte_for_byte() {
         let uris: Vec<http::Uri> = ["/", "/a%20b?q=1&r=%22", "/x/y.z?"]
@@ -578,13 +588,7 @@ mod tests {
                 }),
                 uri,
             };
-            let mut line = Vec::new();
-            json(&mut line, &r);
-            assert_eq!(
-                String::from_utf8(line).unwrap(),
-                serde_json_line(&r),
-                "record {i}"
-            );
+            assert_written_as_serde_json_writes(&r, &format!("record {i}"));
             checked += 1;
         }
         assert_eq!(checked, 24);
@@ -611,13 +615,7 @@ mod tests {
                 upstream_time: Some(Duration::new(rng.u64(..1 << 40), rng.u32(..1_000_000_000))),
                 ..record(&uri)
             };
-            let mut line = Vec::new();
-            json(&mut line, &r);
-            assert_eq!(
-                String::from_utf8(line).unwrap(),
-                serde_json_line(&r),
-                "case {i}: {text:?}"
-            );
+            assert_written_as_serde_json_writes(&r, &format!("case {i}: {text:?}"));
         }
     }
 
