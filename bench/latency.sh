@@ -37,20 +37,6 @@ start_proxy floor
 wait_ready floor
 TARGETS=(direct balancer floor)
 
-# percentiles FILE: "p50 p99" in milliseconds from oha's JSON, or nothing
-# when oha measured nothing or saw errors.
-percentiles() {
-    "$PY" - "$1" <<'EOF'
-import json, sys
-data = json.load(open(sys.argv[1]))
-pct = data.get("latencyPercentiles") or {}
-codes = data.get("statusCodeDistribution") or {}
-bad = sum(n for c, n in codes.items() if not str(c).startswith("2")) + sum((data.get("errorDistribution") or {}).values())
-if bad == 0 and pct.get("p50") is not None and pct.get("p99") is not None:
-    print(f"{pct['p50'] * 1000:.4f} {pct['p99'] * 1000:.4f}")
-EOF
-}
-
 declare -A P50 P99
 for ((round = 1; round <= ROUNDS; round++)); do
     n=${#TARGETS[@]}
@@ -59,7 +45,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
         url="http://127.0.0.1:${PORT[$t]}/"
         oha_at_rate "$url" "$RATE" "$CONNECTIONS" "$DURATION" "$WORK/oha.json" "$WORK/oha.err" ||
             die "round $round, $t: oha failed: $(head -c 300 "$WORK/oha.err")"
-        read -r p50 p99 < <(percentiles "$WORK/oha.json") ||
+        read -r p50 p99 < <("$PY" "$BENCH_DIR/report.py" --percentiles "$WORK/oha.json") ||
             die "round $round, $t: no latency measured, or errors (see $WORK/oha.json)"
         P50[$t]+="$p50 " P99[$t]+="$p99 "
         log "round $round $t: p50 $p50 ms, p99 $p99 ms"
@@ -73,7 +59,7 @@ grep -q '"GET / HTTP/1.1" 200' "$WORK/balancer/out.log" ||
 {
     echo "# Latency added at a fixed rate: the balancer as shipped against the floor"
     echo
-    echo "$ROUNDS rounds of \`oha\` at $RATE requests/s on \`/\`, $CONNECTIONS connections, ${DURATION} s each (after 1 s at the rate), one load thread; the backend (\`backend --workers 1\`) called directly, the balancer (\`threads = 1\`, \`bench/balancer.toml\`, \`RUST_LOG=info\`: the access log on, to a file) and the floor (\`bench/floor --threads 1\`) in front of it; the order of the three turns by one each round. 2 cores; load at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
+    echo "$ROUNDS rounds of \`oha\` at $RATE requests/s on \`/\`, $CONNECTIONS connections, ${DURATION} s each (after 1 s at the rate), one load thread; the backend (\`backend --workers 1\`) called directly, the balancer (\`threads = 1\`, \`bench/balancer.toml\`, \`RUST_LOG=info\`: the access log on, to a file) and the floor (\`bench/floor --threads 1\`) in front of it; the order of the three turns by one each round. $(nproc) cores; load at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
     echo
     "$PY" - "${P50[direct]}" "${P99[direct]}" "${P50[balancer]}" "${P99[balancer]}" "${P50[floor]}" "${P99[floor]}" <<'EOF'
 import statistics, sys

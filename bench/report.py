@@ -7,6 +7,9 @@
         matplotlib is there).
     report.py --trim-oha FULL.json OUT.json TARGET
         keeps the summary and the percentiles of one oha --json output.
+    report.py --percentiles OHA.json
+        prints "P50 P99" (ms) of one oha --json output, or nothing when it
+        measured nothing or saw errors (bench/latency.sh).
 
 Standard library only, apart from matplotlib for the chart.
 """
@@ -84,7 +87,7 @@ def trim_oha(full, out, target):
 
 def parse_oha(path):
     data = json.loads(path.read_text())
-    run = {"target": data["target"], "rps": None, "p50": None, "p99": None, "errors": None}
+    run = {"target": data.get("target"), "rps": None, "p50": None, "p99": None, "errors": None}
     summary, pct = data.get("summary"), data.get("latencyPercentiles")
     if not summary or not pct:
         return run
@@ -416,6 +419,10 @@ def main(results):
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "--trim-oha":
         trim_oha(*sys.argv[2:])
+    elif len(sys.argv) == 3 and sys.argv[1] == "--percentiles":
+        measured = parse_oha(Path(sys.argv[2]))
+        if measured["errors"] == 0 and None not in (measured["p50"], measured["p99"]):
+            print(f"{measured['p50']:.4f} {measured['p99']:.4f}")
     elif len(sys.argv) == 2:
         main(Path(sys.argv[1]))
     else:
