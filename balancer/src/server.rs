@@ -188,6 +188,7 @@ fn proxy_service(
             cache: shared.cache,
             stopping: Arc::clone(&shared.stopping),
             tunnels: proxy::tunnel::connector(&server.configuration),
+            relays: proxy::Relays::new(config.threads()),
         },
     );
     if config.http2_cleartext {

@@ -170,6 +170,18 @@ pub struct Timed {
     /// yet (`read_at` onwards); empty, and holding no memory, otherwise.
     read_ahead: Vec<u8>,
     read_at: usize,
+    /// Set by [`hand_over_on_flush`]: the next flush that completes moves
+    /// the socket's stream into `handed`, for a WebSocket tunnel's relay.
+    hand_over: AtomicBool,
+    handed: std::sync::Mutex<Option<Handed>>,
+}
+
+/// A client's stream handed over to a tunnel, with what was read ahead of
+/// the proxy and not taken by it.
+#[derive(Debug)]
+pub struct Handed {
+    pub stream: Stream,
+    pub read_ahead: Vec<u8>,
 }
 
 impl Timed {
@@ -190,6 +202,8 @@ impl Timed {
             fresh: AtomicBool::new(true),
             read_ahead: Vec::new(),
             read_at: 0,
+            hand_over: AtomicBool::new(false),
+            handed: std::sync::Mutex::new(None),
         }
     }
 
@@ -371,6 +385,28 @@ pub fn request_done(session: &Session) {
     }
 }
 
+/// The session's client stream is to be handed over (see [`handed_over`])
+/// once the response header being written is flushed: a `101`. `false`:
+/// the stream is not one of ours (or not plain), and stays with Pingora.
+pub fn hand_over_on_flush(session: &Session) -> bool {
+    match timed(session) {
+        Some(t) if t.inner.get_ssl_digest().is_none() => {
+            t.hand_over.store(true, Ordering::Relaxed);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// The client's stream, handed over by the flush that
+/// [`hand_over_on_flush`] asked for; `None` if none came (which cancels
+/// the hand-over).
+pub fn handed_over(session: &Session) -> Option<Handed> {
+    let t = timed(session)?;
+    t.hand_over.store(false, Ordering::Relaxed);
+    t.handed.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
 /// The proxy answered before the request (its body) was read whole, and
 /// will close the connection: close it lingering.
 pub fn answered_early(session: &Session) {
@@ -449,7 +485,18 @@ impl AsyncWrite for Timed {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let flushed = Pin::new(&mut this.inner).poll_flush(cx);
+        if this.hand_over.load(Ordering::Relaxed) && matches!(flushed, Poll::Ready(Ok(()))) {
+            this.hand_over.store(false, Ordering::Relaxed);
+            // What stays behind reads as closed and is never written to.
+            let stream = std::mem::replace(&mut this.inner, Box::new(io::Cursor::new(Vec::new())));
+            let read_ahead = std::mem::take(&mut this.read_ahead).split_off(this.read_at);
+            this.read_at = 0;
+            let handed = Handed { stream, read_ahead };
+            *this.handed.lock().unwrap_or_else(|e| e.into_inner()) = Some(handed);
+        }
+        flushed
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -29,6 +29,8 @@ pub mod guard;
 pub mod limits;
 pub mod listeners;
 pub mod parts;
+mod relay;
+pub use relay::Relays;
 mod retry;
 pub mod tunnel;
 
@@ -95,6 +97,8 @@ pub struct Balancer {
     pub stopping: Arc<Stopping>,
     /// Connects WebSocket tunnels to their backends (see `tunnel`).
     pub tunnels: pingora::connectors::TransportConnector,
+    /// Carry plain WebSocket tunnels once they are open (see `relay`).
+    pub relays: relay::Relays,
 }
 
 /// Client mistakes are logged at most once a second: a flood of bad

@@ -14,10 +14,15 @@
 //! closes, `idle_timeout` passes with nothing either way, or the grace
 //! period of a graceful stop is over.
 //!
-//! After the `101` the bytes skip Pingora's HTTP sessions: the tunnel reads
-//! and writes the backend's socket (over TLS, its stream taken out of its
-//! session; see `Backend`) and, on the plain listener, the client's socket
-//! (see `Client`). What each side sent before that, which its session has
+//! After the `101` the bytes skip Pingora's HTTP sessions. When both sides
+//! are plain TCP, the client's stream is handed over by the connection's
+//! `Timed` stream as the `101` is flushed, and a relay thread carries the
+//! bytes between the two sockets (see `relay`): the task here waits for the
+//! end. Otherwise the tunnel's own task reads and writes the backend's
+//! socket (over TLS, its stream taken out of its session; see `Backend`)
+//! and, on the plain listener, the client's socket (see `Client`); over
+//! TLS the client's bytes go through its session. What each side sent
+//! before that, which its session has
 //! already read into its buffer (a client may send before the `101`, a
 //! backend along with it), is taken from the session first, so nothing is
 //! lost. A write to the backend that waits for room does not stop the
@@ -36,13 +41,14 @@ use pingora::connectors::TransportConnector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::http::v1::client::HttpSession as BackendSession;
-use pingora::protocols::IO;
+use pingora::protocols::{Stream, IO};
 use pingora::{ErrorType, OrErr};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::connections::Handed;
 use super::drain::Stopping;
-use super::{Balancer, RequestCtx};
+use super::{relay, Balancer, RequestCtx};
 use crate::telemetry::access_log;
 
 /// Tunnels open right now; a graceful stop waits for them to close.
@@ -119,6 +125,10 @@ impl Balancer {
             return relayed;
         }
         let _open = OpenGuard::enter();
+        // Both sides plain: the client's stream is handed over once the
+        // `101` is out, and the relay carries the bytes (see `relay`).
+        let handing = backend.stream().get_ssl_digest().is_none()
+            && super::connections::hand_over_on_flush(session);
         session.write_response_header(header, false).await?;
         // The tunnel's silence is measured both ways below, not per side.
         session.set_read_timeout(None);
@@ -130,6 +140,16 @@ impl Balancer {
         // its session's buffer: it goes first, then the sockets themselves.
         let early_down = backend.read_body_bytes().now_or_never().map(Step::Backend);
         let stream = backend.into_inner();
+        if let Some(handed) = handing
+            .then(|| super::connections::handed_over(session))
+            .flatten()
+        {
+            let end = self.relay(session, handed, stream, early_down, idle).await;
+            ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
+            ctx.attempts.response_done();
+            ctx.tunnel = Some(end);
+            return Ok(());
+        }
         let (client, early_up) = Client::take(session);
         let early = [early_up.map(Step::Client), early_down];
         let stopping = Arc::clone(&self.stopping);
@@ -153,6 +173,83 @@ impl Balancer {
         ctx.attempts.response_done();
         ctx.tunnel = Some(end);
         Ok(())
+    }
+
+    /// Carries a tunnel whose client stream was handed over, on a relay
+    /// thread (on this task if none could be started). The client's
+    /// connection closes with the tunnel.
+    async fn relay(
+        &self,
+        session: &mut Session,
+        handed: Handed,
+        backend: Stream,
+        early_down: Option<Step>,
+        idle: Duration,
+    ) -> access_log::Tunnel {
+        let failed = |e: std::io::Error| {
+            log::warn!("WebSocket tunnel closed: its socket could not be taken: {e}");
+            access_log::Tunnel {
+                closed_by: "error",
+                bytes_up: 0,
+                bytes_down: 0,
+            }
+        };
+        let peer = session.client_addr().and_then(|a| a.as_inet()).copied();
+        let client = match duplicate(handed.stream.id(), peer) {
+            Ok(socket) => socket,
+            Err(e) => return failed(e),
+        };
+        // Pingora's stream goes, and with it its registration with the
+        // runtime: the relay alone watches the socket.
+        drop(handed.stream);
+        // What the client sent before the tunnel: what the session read into
+        // its buffer (anything else than bytes is no more than that the
+        // buffer was empty; the socket tells the rest), then what was read
+        // ahead of the session.
+        let mut up = BytesMut::new();
+        if let Some(Ok(Some(bytes))) = session.read_request_body().now_or_never() {
+            up.extend_from_slice(&bytes);
+        }
+        up.extend_from_slice(&handed.read_ahead);
+        let down = match early_down {
+            Some(Step::Backend(Ok(Some(bytes)))) => bytes,
+            _ => Bytes::new(),
+        };
+        let backend_socket = match duplicate(backend.id(), None) {
+            Ok(socket) => socket,
+            Err(e) => return failed(e),
+        };
+        drop(backend);
+        let opening = relay::Opening {
+            client,
+            backend: backend_socket,
+            up: up.freeze(),
+            down,
+            idle,
+        };
+        let stopping = Arc::clone(&self.stopping);
+        let opening = match self.relays.carry(opening) {
+            Ok(carried) => {
+                let ended = carried.end(stopping.grace_over()).await;
+                if let Some(e) = ended.failure {
+                    cut_by_backend(&ended.tunnel, &e);
+                }
+                return ended.tunnel;
+            }
+            Err(opening) => *opening,
+        };
+        let runtime = |socket| TcpStream::from_std(socket);
+        let (client, backend) = match (runtime(opening.client), runtime(opening.backend)) {
+            (Ok(client), Ok(backend)) => (client, backend),
+            (Err(e), _) | (_, Err(e)) => return failed(e),
+        };
+        let early = [
+            (!opening.up.is_empty()).then(|| Step::Client(Ok(Some(opening.up)))),
+            (!opening.down.is_empty()).then(|| Step::Backend(Ok(Some(opening.down)))),
+        ];
+        let (from, to) = backend.into_split();
+        let client = Client::Socket(Socket::new(client));
+        carry(client, Backend::new(from, to), early, idle, stopping).await
     }
 
     /// A connection to a backend of the request's group, retried elsewhere
@@ -355,15 +452,19 @@ where
     };
     let _ = backend.to.io.shutdown().await;
     if let Some(e) = failure {
-        // A backend that drops a WebSocket without closing it is worth
-        // an operator's look; a client that does is not.
-        log::warn!(
-            "WebSocket tunnel cut by the backend after {} bytes up and {} down: {e}",
-            end.bytes_up,
-            end.bytes_down
-        );
+        cut_by_backend(&end, &e);
     }
     end
+}
+
+/// A backend that drops a WebSocket without closing it is worth an
+/// operator's look; a client that does is not.
+fn cut_by_backend(end: &access_log::Tunnel, e: &dyn std::fmt::Display) {
+    log::warn!(
+        "WebSocket tunnel cut by the backend after {} bytes up and {} down: {e}",
+        end.bytes_up,
+        end.bytes_down
+    );
 }
 
 /// The client's end of a tunnel.
@@ -539,6 +640,7 @@ fn plain_socket(stream: &dyn IO, peer: Option<std::net::SocketAddr>) -> Option<T
         return None;
     }
     duplicate(stream.id(), peer)
+        .and_then(TcpStream::from_std)
         .inspect_err(|e| {
             log::warn!(
                 "WebSocket tunnel through Pingora's stream, its socket could not be taken: {e}"
@@ -547,12 +649,12 @@ fn plain_socket(stream: &dyn IO, peer: Option<std::net::SocketAddr>) -> Option<T
         .ok()
 }
 
-/// A socket of the runtime's for the TCP connection behind `fd`, the
-/// descriptor of a stream of Pingora's, which may stay open there too.
+/// A nonblocking socket for the TCP connection behind `fd`, the descriptor
+/// of a stream of Pingora's, which may stay open there too.
 fn duplicate(
     fd: std::os::fd::RawFd,
     peer: Option<std::net::SocketAddr>,
-) -> std::io::Result<TcpStream> {
+) -> std::io::Result<std::net::TcpStream> {
     // SAFETY: `fd` is the descriptor of a stream the caller holds, open for
     // longer than this borrow; the copy made of it is a new descriptor
     // owned by the socket returned.
@@ -564,7 +666,7 @@ fn duplicate(
         return Err(std::io::Error::other(e));
     }
     socket.set_nonblocking(true)?;
-    TcpStream::from_std(socket)
+    Ok(socket)
 }
 
 /// What one turn of the tunnel brought.

@@ -1,0 +1,602 @@
+//! The relay: carries the bytes of a plain WebSocket tunnel once the
+//! balancer holds both of its sockets alone (the client's handed over by
+//! its [`Timed`](super::connections::Timed) stream, the backend's taken out
+//! of Pingora's), on threads of its own, as many as the worker threads,
+//! each waiting on an `epoll` of its own.
+//!
+//! A tunnel's message is a read and a write each way. On the runtime, each
+//! of those also went through tokio's readiness, wakers and task
+//! scheduling, which cost more user time than the system calls did, and a
+//! bare tokio relay with nothing else came out below nginx on the WebSocket
+//! bench (`bench/ws.sh`). Here an event leads straight to the read and the
+//! write, as in nginx's event loop.
+//!
+//! The tunnel's task on the runtime stays: it hands the sockets over, waits
+//! for the end (or for the grace period of a graceful stop to be over, and
+//! then has the relay close the tunnel), and logs it. If its future is
+//! dropped, the relay closes the tunnel: none is left behind.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use crate::telemetry::access_log::Tunnel;
+
+/// The most one read takes.
+const READ_SIZE: usize = 16 * 1024;
+
+/// Events taken from the `epoll` per wait.
+const EVENTS: usize = 256;
+
+/// The token of a relay's own wake-up (its eventfd); a socket's token is
+/// its tunnel's number times two, plus one for the backend's.
+const WAKE: u64 = u64::MAX;
+
+const CLIENT: usize = 0;
+const BACKEND: usize = 1;
+
+/// A tunnel handed to the relay.
+pub struct Opening {
+    pub client: TcpStream,
+    pub backend: TcpStream,
+    /// What the client sent before the tunnel began, for the backend.
+    pub up: Bytes,
+    /// What the backend sent along with its `101`, for the client.
+    pub down: Bytes,
+    /// The tunnel closes after this long with nothing either way.
+    pub idle: Duration,
+}
+
+/// How a tunnel ended.
+pub struct Ended {
+    pub tunnel: Tunnel,
+    /// The backend's failure, when one ended the tunnel (a client's is
+    /// just a close, if a ruder one).
+    pub failure: Option<io::Error>,
+}
+
+/// The relay threads, started with the first tunnel.
+pub struct Relays {
+    threads: usize,
+    started: OnceLock<Result<Vec<Arc<Relay>>, String>>,
+}
+
+/// Numbers the tunnels; the number also picks the relay.
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+impl Relays {
+    pub fn new(threads: usize) -> Relays {
+        Relays {
+            threads: threads.max(1),
+            started: OnceLock::new(),
+        }
+    }
+
+    /// Has a relay carry the tunnel. The opening comes back when no relay
+    /// could be started (said once, in the log): the caller carries it on
+    /// the runtime then.
+    pub fn carry(&self, opening: Opening) -> Result<Carried, Box<Opening>> {
+        let relays = self.started.get_or_init(|| {
+            let started = (0..self.threads).map(Relay::start).collect::<io::Result<Vec<_>>>();
+            started.map_err(|e| {
+                log::warn!("WebSocket relay threads could not be started ({e}); tunnels are carried on the worker threads");
+                e.to_string()
+            })
+        });
+        let Ok(relays) = relays else {
+            return Err(Box::new(opening));
+        };
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        let relay = Arc::clone(&relays[id as usize % relays.len()]);
+        let (tell, done) = oneshot::channel();
+        relay.send(Command::Open(id, Box::new(opening), tell));
+        Ok(Carried {
+            id,
+            relay,
+            done,
+            finished: false,
+        })
+    }
+}
+
+/// A tunnel the relay carries, seen from the task that handed it over.
+pub struct Carried {
+    id: u64,
+    relay: Arc<Relay>,
+    done: oneshot::Receiver<Ended>,
+    finished: bool,
+}
+
+impl Carried {
+    /// Waits for the tunnel's end; when `stop` comes first, has the relay
+    /// close it (`stop`) and waits for that.
+    pub async fn end(mut self, stop: impl Future<Output = ()>) -> Ended {
+        tokio::pin!(stop);
+        let ended = tokio::select! {
+            biased;
+            ended = &mut self.done => ended,
+            () = &mut stop => {
+                self.relay.send(Command::Close(self.id));
+                (&mut self.done).await
+            }
+        };
+        self.finished = true;
+        // The relay went away with its thread: only when the process does.
+        ended.unwrap_or(Ended {
+            tunnel: Tunnel {
+                closed_by: "stop",
+                bytes_up: 0,
+                bytes_down: 0,
+            },
+            failure: None,
+        })
+    }
+}
+
+impl Drop for Carried {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.relay.send(Command::Close(self.id));
+        }
+    }
+}
+
+enum Command {
+    Open(u64, Box<Opening>, oneshot::Sender<Ended>),
+    Close(u64),
+}
+
+/// One relay thread's mailbox and `epoll`.
+struct Relay {
+    epoll: OwnedFd,
+    /// An eventfd, written when a command is put in `inbox`.
+    wake: OwnedFd,
+    inbox: Mutex<Vec<Command>>,
+}
+
+impl Relay {
+    fn start(index: usize) -> io::Result<Arc<Relay>> {
+        // SAFETY: plain system calls; each descriptor returned is checked
+        // and then owned.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        let epoll = unsafe { OwnedFd::from_raw_fd(check(epoll)?) };
+        let wake = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        let wake = unsafe { OwnedFd::from_raw_fd(check(wake)?) };
+        control(
+            &epoll,
+            libc::EPOLL_CTL_ADD,
+            wake.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            WAKE,
+        )?;
+        let relay = Arc::new(Relay {
+            epoll,
+            wake,
+            inbox: Mutex::new(Vec::new()),
+        });
+        let worker = Worker {
+            relay: Arc::clone(&relay),
+            tunnels: HashMap::new(),
+            buf: vec![0; READ_SIZE].into_boxed_slice(),
+            next_check: None,
+        };
+        std::thread::Builder::new()
+            .name(format!("ws-relay-{index}"))
+            .spawn(move || worker.run())?;
+        Ok(relay)
+    }
+
+    fn send(&self, command: Command) {
+        self.inbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(command);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to an owned eventfd. It
+        // cannot fail short of its counter overflowing, which a wake-up
+        // that is still due makes harmless.
+        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+}
+
+fn check(fd: RawFd) -> io::Result<RawFd> {
+    if fd < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(fd)
+    }
+}
+
+fn control(epoll: &OwnedFd, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+    let mut event = libc::epoll_event { events, u64: token };
+    // SAFETY: both descriptors are open; `event` outlives the call.
+    check(unsafe { libc::epoll_ctl(epoll.as_raw_fd(), op, fd, &mut event) }).map(drop)
+}
+
+/// A relay thread's state.
+struct Worker {
+    relay: Arc<Relay>,
+    tunnels: HashMap<u64, Open>,
+    buf: Box<[u8]>,
+    /// No tunnel can be idle for long enough to close before this.
+    next_check: Option<Instant>,
+}
+
+/// An open tunnel: its two sides, [`CLIENT`] and [`BACKEND`].
+struct Open {
+    sides: [Side; 2],
+    idle: Duration,
+    /// When bytes last came from either side.
+    last: Instant,
+    done: oneshot::Sender<Ended>,
+}
+
+struct Side {
+    socket: TcpStream,
+    /// The socket may have bytes (or its end) to read: set by an event,
+    /// cleared by a read that found the socket drained.
+    readable: bool,
+    /// Bytes from the other side that the socket had no room for yet; the
+    /// other side is not read until they are written.
+    outbox: Vec<u8>,
+    sent: usize,
+    /// Bytes read from this side.
+    received: u64,
+}
+
+impl Side {
+    fn new(socket: TcpStream, outbox: Bytes) -> Side {
+        Side {
+            socket,
+            readable: true,
+            outbox: outbox.to_vec(),
+            sent: 0,
+            received: 0,
+        }
+    }
+
+    /// Writes what waits; `false` when some still does (the socket is full).
+    fn flush(&mut self) -> io::Result<bool> {
+        while self.sent < self.outbox.len() {
+            match (&self.socket).write(&self.outbox[self.sent..]) {
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.outbox = Vec::new();
+        self.sent = 0;
+        Ok(true)
+    }
+
+    /// Sends `bytes` on, keeping what the socket has no room for.
+    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let mut written = 0;
+        while written < bytes.len() {
+            match (&self.socket).write(&bytes[written..]) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if written < bytes.len() {
+            self.outbox = bytes[written..].to_vec();
+            self.sent = 0;
+        }
+        Ok(())
+    }
+}
+
+/// Why a tunnel ends: who closed it, and the backend's failure if any.
+type End = (&'static str, Option<io::Error>);
+
+/// The end brought by `side`'s close or failure.
+fn closed(side: usize, failure: Option<io::Error>) -> End {
+    if side == CLIENT {
+        ("client", None)
+    } else {
+        ("backend", failure)
+    }
+}
+
+impl Open {
+    /// Moves bytes both ways as far as the sockets allow; `Some` when the
+    /// tunnel is over.
+    fn drive(&mut self, buf: &mut [u8], now: Instant) -> Option<End> {
+        for from in [CLIENT, BACKEND] {
+            let to = 1 - from;
+            loop {
+                if !self.sides[to].outbox.is_empty() {
+                    match self.sides[to].flush() {
+                        Ok(true) => {}
+                        Ok(false) => break, // an event says when there is room
+                        Err(e) => return Some(closed(to, Some(e))),
+                    }
+                }
+                if !self.sides[from].readable {
+                    break;
+                }
+                match (&self.sides[from].socket).read(buf) {
+                    Ok(0) => return Some(closed(from, None)),
+                    Ok(n) => {
+                        self.last = now;
+                        let side = &mut self.sides[from];
+                        side.received += n as u64;
+                        // A short read emptied the socket: the next bytes
+                        // bring an event of their own.
+                        side.readable = n == buf.len();
+                        if let Err(e) = self.sides[to].send(&buf[..n]) {
+                            return Some(closed(to, Some(e)));
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.sides[from].readable = false;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Some(closed(from, Some(e))),
+                }
+            }
+        }
+        None
+    }
+
+    fn finish(self, (closed_by, failure): End) {
+        let [client, backend] = self.sides;
+        let _ = backend.socket.shutdown(Shutdown::Write);
+        let ended = Ended {
+            tunnel: Tunnel {
+                closed_by,
+                bytes_up: client.received,
+                bytes_down: backend.received,
+            },
+            failure,
+        };
+        // The sockets close here (closing takes them out of the `epoll`);
+        // the task may have gone already.
+        drop((client, backend));
+        let _ = self.done.send(ended);
+    }
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
+        loop {
+            let timeout = self.next_check.map_or(-1, |at| {
+                // Rounded up: waking before the deadline would only wait again.
+                let left = at.saturating_duration_since(Instant::now());
+                left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+            });
+            // SAFETY: `events` is a live buffer of EVENTS entries.
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.relay.epoll.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    EVENTS as i32,
+                    timeout,
+                )
+            };
+            let now = Instant::now();
+            for event in &events[..n.max(0) as usize] {
+                let (token, flags) = (event.u64, event.events);
+                if token == WAKE {
+                    self.take_commands(now);
+                    continue;
+                }
+                let (id, side) = (token >> 1, (token & 1) as usize);
+                let Some(open) = self.tunnels.get_mut(&id) else {
+                    continue;
+                };
+                let input =
+                    (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+                if flags & input != 0 {
+                    open.sides[side].readable = true;
+                }
+                if let Some(end) = open.drive(&mut self.buf, now) {
+                    self.close(id, end);
+                }
+            }
+            if self.next_check.is_some_and(|at| at <= now) {
+                self.close_idle(now);
+            }
+        }
+    }
+
+    fn take_commands(&mut self, now: Instant) {
+        let mut count = [0u8; 8];
+        // SAFETY: reads 8 bytes into a live buffer from an owned eventfd;
+        // resets its counter (nonblocking: nothing to read is fine).
+        unsafe { libc::read(self.relay.wake.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+        let commands =
+            std::mem::take(&mut *self.relay.inbox.lock().unwrap_or_else(|e| e.into_inner()));
+        for command in commands {
+            match command {
+                Command::Open(id, opening, done) => self.open(id, *opening, done, now),
+                Command::Close(id) => self.close(id, ("stop", None)),
+            }
+        }
+    }
+
+    fn open(&mut self, id: u64, opening: Opening, done: oneshot::Sender<Ended>, now: Instant) {
+        let Opening {
+            client,
+            backend,
+            up,
+            down,
+            idle,
+        } = opening;
+        let mut open = Open {
+            sides: [Side::new(client, down), Side::new(backend, up)],
+            idle,
+            last: now,
+            done,
+        };
+        // What came before the tunnel counts as its bytes, as it does on
+        // the runtime.
+        open.sides[CLIENT].received = open.sides[BACKEND].outbox.len() as u64;
+        open.sides[BACKEND].received = open.sides[CLIENT].outbox.len() as u64;
+        let flags = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+        for side in [CLIENT, BACKEND] {
+            let fd = open.sides[side].socket.as_raw_fd();
+            if let Err(e) = control(
+                &self.relay.epoll,
+                libc::EPOLL_CTL_ADD,
+                fd,
+                flags,
+                id << 1 | side as u64,
+            ) {
+                log::error!("WebSocket tunnel closed: its socket could not be watched: {e}");
+                open.finish(("error", None));
+                return;
+            }
+        }
+        match open.drive(&mut self.buf, now) {
+            Some(end) => open.finish(end),
+            None => {
+                let deadline = now + idle;
+                self.next_check = Some(self.next_check.map_or(deadline, |at| at.min(deadline)));
+                self.tunnels.insert(id, open);
+            }
+        }
+    }
+
+    fn close(&mut self, id: u64, end: End) {
+        if let Some(open) = self.tunnels.remove(&id) {
+            open.finish(end);
+        }
+        if self.tunnels.is_empty() {
+            self.next_check = None;
+        }
+    }
+
+    /// Closes the tunnels idle for their `idle_timeout`, and notes when the
+    /// next one could be.
+    fn close_idle(&mut self, now: Instant) {
+        let idle: Vec<u64> = self
+            .tunnels
+            .iter()
+            .filter(|(_, open)| open.last + open.idle <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in idle {
+            self.close(id, ("idle", None));
+        }
+        self.next_check = self
+            .tunnels
+            .values()
+            .map(|open| open.last + open.idle)
+            .min();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// The two ends of a loopback TCP connection: (far, near), the near one
+    /// nonblocking, as the relay is given it; the far one with a read
+    /// timeout, so that a test that would hang fails instead.
+    fn connection() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let far = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (near, _) = listener.accept().unwrap();
+        near.set_nonblocking(true).unwrap();
+        far.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        (far, near)
+    }
+
+    fn read_exactly(socket: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut got = vec![0; n];
+        socket.read_exact(&mut got).unwrap();
+        got
+    }
+
+    fn closed(socket: &mut TcpStream) -> bool {
+        matches!(socket.read(&mut [0; 16]), Ok(0))
+    }
+
+    /// A tunnel carried by a relay of `threads`, its early bytes through:
+    /// (the client's far end, the backend's far end, the handle).
+    fn tunnel(threads: usize, idle: Duration) -> (TcpStream, TcpStream, Carried) {
+        let (mut client, client_near) = connection();
+        let (mut backend, backend_near) = connection();
+        let opening = Opening {
+            client: client_near,
+            backend: backend_near,
+            up: Bytes::from_static(b"sent early up"),
+            down: Bytes::from_static(b"sent early down"),
+            idle,
+        };
+        let Ok(carried) = Relays::new(threads).carry(opening) else {
+            panic!("no relay thread");
+        };
+        assert_eq!(read_exactly(&mut backend, 13), b"sent early up");
+        assert_eq!(read_exactly(&mut client, 15), b"sent early down");
+        (client, backend, carried)
+    }
+
+    #[tokio::test]
+    async fn the_early_bytes_go_first_then_both_ways_and_a_dropped_handle_closes_the_tunnel() {
+        let (mut client, mut backend, carried) = tunnel(1, Duration::from_secs(60));
+        client.write_all(b"ping").unwrap();
+        assert_eq!(read_exactly(&mut backend, 4), b"ping");
+        backend.write_all(b"pong").unwrap();
+        assert_eq!(read_exactly(&mut client, 4), b"pong");
+        // The handover's task gone (its future dropped): the relay closes both.
+        drop(carried);
+        assert!(closed(&mut client));
+        assert!(closed(&mut backend));
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_says_who_closed_it_and_counts_the_bytes_each_way() {
+        let (mut client, mut backend, carried) = tunnel(1, Duration::from_secs(60));
+        client.write_all(b"12345").unwrap();
+        read_exactly(&mut backend, 5);
+        drop(backend);
+        let ended = carried.end(std::future::pending()).await;
+        assert_eq!(ended.tunnel.closed_by, "backend");
+        let bytes = (ended.tunnel.bytes_up, ended.tunnel.bytes_down);
+        assert_eq!(bytes, (13 + 5, 15));
+        assert!(ended.failure.is_none(), "a close, not a failure");
+        assert!(closed(&mut client));
+    }
+
+    #[tokio::test]
+    async fn silence_for_idle_timeout_closes_a_tunnel_and_traffic_puts_it_off() {
+        let idle = Duration::from_millis(600);
+        let started = Instant::now();
+        let (mut client, mut backend, carried) = tunnel(1, idle);
+        // Traffic every 200 ms for 1.2 s keeps it open past two idle_timeouts.
+        for _ in 0..6 {
+            std::thread::sleep(Duration::from_millis(200));
+            client.write_all(b"x").unwrap();
+            read_exactly(&mut backend, 1);
+        }
+        let ended = carried.end(std::future::pending()).await;
+        assert_eq!(ended.tunnel.closed_by, "idle");
+        assert!(started.elapsed() >= Duration::from_millis(1200) + idle);
+        assert!(closed(&mut client));
+        assert!(closed(&mut backend));
+    }
+
+    #[tokio::test]
+    async fn the_stop_closes_a_tunnel() {
+        let (mut client, mut backend, carried) = tunnel(2, Duration::from_secs(60));
+        let ended = carried.end(std::future::ready(())).await;
+        assert_eq!(ended.tunnel.closed_by, "stop");
+        assert!(closed(&mut client));
+        assert!(closed(&mut backend));
+    }
+}
