@@ -1438,6 +1438,15 @@ fn websockets_echo_through_the_plain_and_the_tls_listener() {
     let mut ws = ws_plain(https.lb.port);
     ws_echo(&mut ws, "hello over ws");
     ws_echo(&mut ws, "and again");
+    // Both sides plain: a relay thread carries the bytes, not the workers.
+    let threads = std::fs::read_dir(format!("/proc/{}/task", https.lb.proc.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .collect::<Vec<_>>();
+    assert!(
+        threads.iter().any(|name| name.starts_with("ws-relay-")),
+        "no relay thread among {threads:?}"
+    );
     ws_close(&mut ws);
 
     let roots = trusting(&[&pki.ca]);

@@ -244,6 +244,10 @@ struct Side {
     /// The socket may have bytes (or its end) to read: set by an event,
     /// cleared by a read that found the socket drained.
     readable: bool,
+    /// The peer's end (or an error) has come: the socket is read until the
+    /// read says so, however short the reads before it. (The end may come
+    /// with the last bytes, in the same event; no event follows it.)
+    hung_up: bool,
     /// Bytes from the other side that the socket had no room for yet; the
     /// other side is not read until they are written.
     outbox: Vec<u8>,
@@ -257,6 +261,7 @@ impl Side {
         Side {
             socket,
             readable: true,
+            hung_up: false,
             outbox: outbox.to_vec(),
             sent: 0,
             received: 0,
@@ -334,7 +339,7 @@ impl Open {
                         side.received += n as u64;
                         // A short read emptied the socket: the next bytes
                         // bring an event of their own.
-                        side.readable = n == buf.len();
+                        side.readable = n == buf.len() || side.hung_up;
                         if let Err(e) = self.sides[to].send(&buf[..n]) {
                             return Some(closed(to, Some(e)));
                         }
@@ -397,11 +402,10 @@ impl Worker {
                 let Some(open) = self.tunnels.get_mut(&id) else {
                     continue;
                 };
-                let input =
-                    (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
-                if flags & input != 0 {
-                    open.sides[side].readable = true;
-                }
+                let end = (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+                let side = &mut open.sides[side];
+                side.readable |= flags & (end | libc::EPOLLIN as u32) != 0;
+                side.hung_up |= flags & end != 0;
                 if let Some(end) = open.drive(&mut self.buf, now) {
                     self.close(id, end);
                 }
@@ -571,6 +575,34 @@ mod tests {
         assert_eq!(bytes, (13 + 5, 15));
         assert!(ended.failure.is_none(), "a close, not a failure");
         assert!(closed(&mut client));
+    }
+
+    #[tokio::test]
+    async fn a_side_that_sends_and_closes_at_once_has_its_bytes_delivered_and_the_tunnel_closed() {
+        for round in 0..20 {
+            let (client, backend, carried) = tunnel(1, Duration::from_secs(60));
+            // Turn about: the backend's last answer, the client's last message.
+            let (mut closing, mut other, by) = match round % 2 {
+                0 => (backend, client, "backend"),
+                _ => (client, backend, "client"),
+            };
+            // The bytes and the end arrive together, before the relay looks.
+            closing.write_all(b"bye").unwrap();
+            drop(closing);
+            assert_eq!(read_exactly(&mut other, 3), b"bye");
+            assert!(closed(&mut other), "closed at once, not after idle_timeout");
+            let ended = carried.end(std::future::pending()).await;
+            assert_eq!(ended.tunnel.closed_by, by);
+            let bytes = (ended.tunnel.bytes_up, ended.tunnel.bytes_down);
+            assert_eq!(
+                bytes,
+                if by == "backend" {
+                    (13, 15 + 3)
+                } else {
+                    (13 + 3, 15)
+                }
+            );
+        }
     }
 
     #[tokio::test]
