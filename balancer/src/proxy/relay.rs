@@ -33,6 +33,10 @@ use crate::telemetry::access_log::Tunnel;
 /// The most one read takes.
 const READ_SIZE: usize = 16 * 1024;
 
+/// Reads of one side in one turn at most: a side that always has more
+/// (a bulk transfer) gets its next turn after the other tunnels' events.
+const TURN: usize = 16;
+
 /// Events taken from the `epoll` per wait.
 const EVENTS: usize = 256;
 
@@ -182,15 +186,18 @@ impl Relay {
             wake,
             inbox: Mutex::new(Vec::new()),
         });
-        let worker = Worker {
-            relay: Arc::clone(&relay),
-            tunnels: HashMap::new(),
-            buf: vec![0; READ_SIZE].into_boxed_slice(),
-            next_check: None,
-        };
+        let mine = Arc::clone(&relay);
         std::thread::Builder::new()
             .name(format!("ws-relay-{index}"))
-            .spawn(move || worker.run())?;
+            .spawn(move || loop {
+                // A panic closes this relay's tunnels (their sockets go with
+                // the worker's state), not the relay.
+                let worker = Worker::new(Arc::clone(&mine));
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run())).is_err()
+                {
+                    log::error!("WebSocket relay {index} panicked; its tunnels were closed");
+                }
+            })?;
         Ok(relay)
     }
 
@@ -228,6 +235,8 @@ struct Worker {
     buf: Box<[u8]>,
     /// No tunnel can be idle for long enough to close before this.
     next_check: Option<Instant>,
+    /// Tunnels with more to read than their last turn took.
+    again: Vec<u64>,
 }
 
 /// An open tunnel: its two sides, [`CLIENT`] and [`BACKEND`].
@@ -272,6 +281,7 @@ impl Side {
     fn flush(&mut self) -> io::Result<bool> {
         while self.sent < self.outbox.len() {
             match (&self.socket).write(&self.outbox[self.sent..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.sent += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -288,6 +298,7 @@ impl Side {
         let mut written = 0;
         while written < bytes.len() {
             match (&self.socket).write(&bytes[written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -315,24 +326,32 @@ fn closed(side: usize, failure: Option<io::Error>) -> End {
 }
 
 impl Open {
-    /// Moves bytes both ways as far as the sockets allow; `Some` when the
-    /// tunnel is over.
-    fn drive(&mut self, buf: &mut [u8], now: Instant) -> Option<End> {
+    /// Moves bytes both ways as far as the sockets allow, for a turn:
+    /// `Ok(true)` when a side has more to read than a turn takes, `Err`
+    /// when the tunnel is over.
+    fn drive(&mut self, buf: &mut [u8], now: Instant) -> Result<bool, End> {
+        let mut more = false;
         for from in [CLIENT, BACKEND] {
             let to = 1 - from;
+            let mut reads = 0;
             loop {
                 if !self.sides[to].outbox.is_empty() {
                     match self.sides[to].flush() {
                         Ok(true) => {}
                         Ok(false) => break, // an event says when there is room
-                        Err(e) => return Some(closed(to, Some(e))),
+                        Err(e) => return Err(closed(to, Some(e))),
                     }
                 }
                 if !self.sides[from].readable {
                     break;
                 }
+                if reads == TURN {
+                    more = true;
+                    break;
+                }
+                reads += 1;
                 match (&self.sides[from].socket).read(buf) {
-                    Ok(0) => return Some(closed(from, None)),
+                    Ok(0) => return Err(closed(from, None)),
                     Ok(n) => {
                         self.last = now;
                         let side = &mut self.sides[from];
@@ -341,18 +360,18 @@ impl Open {
                         // bring an event of their own.
                         side.readable = n == buf.len() || side.hung_up;
                         if let Err(e) = self.sides[to].send(&buf[..n]) {
-                            return Some(closed(to, Some(e)));
+                            return Err(closed(to, Some(e)));
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         self.sides[from].readable = false;
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Some(closed(from, Some(e))),
+                    Err(e) => return Err(closed(from, Some(e))),
                 }
             }
         }
-        None
+        Ok(more)
     }
 
     fn finish(self, (closed_by, failure): End) {
@@ -374,14 +393,28 @@ impl Open {
 }
 
 impl Worker {
+    fn new(relay: Arc<Relay>) -> Worker {
+        Worker {
+            relay,
+            tunnels: HashMap::new(),
+            buf: vec![0; READ_SIZE].into_boxed_slice(),
+            next_check: None,
+            again: Vec::new(),
+        }
+    }
+
     fn run(mut self) {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
         loop {
-            let timeout = self.next_check.map_or(-1, |at| {
-                // Rounded up: waking before the deadline would only wait again.
-                let left = at.saturating_duration_since(Instant::now());
-                left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
-            });
+            let timeout = match self.next_check {
+                _ if !self.again.is_empty() => 0,
+                None => -1,
+                Some(at) => {
+                    // Rounded up: waking before the deadline would only wait again.
+                    let left = at.saturating_duration_since(Instant::now());
+                    left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+                }
+            };
             // SAFETY: `events` is a live buffer of EVENTS entries.
             let n = unsafe {
                 libc::epoll_wait(
@@ -406,13 +439,26 @@ impl Worker {
                 let side = &mut open.sides[side];
                 side.readable |= flags & (end | libc::EPOLLIN as u32) != 0;
                 side.hung_up |= flags & end != 0;
-                if let Some(end) = open.drive(&mut self.buf, now) {
-                    self.close(id, end);
-                }
+                self.turn(id, now);
+            }
+            for id in std::mem::take(&mut self.again) {
+                self.turn(id, now);
             }
             if self.next_check.is_some_and(|at| at <= now) {
                 self.close_idle(now);
             }
+        }
+    }
+
+    /// Gives a tunnel its turn.
+    fn turn(&mut self, id: u64, now: Instant) {
+        let Some(open) = self.tunnels.get_mut(&id) else {
+            return;
+        };
+        match open.drive(&mut self.buf, now) {
+            Ok(true) if !self.again.contains(&id) => self.again.push(id),
+            Ok(_) => {}
+            Err(end) => self.close(id, end),
         }
     }
 
@@ -464,14 +510,10 @@ impl Worker {
                 return;
             }
         }
-        match open.drive(&mut self.buf, now) {
-            Some(end) => open.finish(end),
-            None => {
-                let deadline = now + idle;
-                self.next_check = Some(self.next_check.map_or(deadline, |at| at.min(deadline)));
-                self.tunnels.insert(id, open);
-            }
-        }
+        let deadline = now + idle;
+        self.next_check = Some(self.next_check.map_or(deadline, |at| at.min(deadline)));
+        self.tunnels.insert(id, open);
+        self.turn(id, now);
     }
 
     fn close(&mut self, id: u64, end: End) {
