@@ -133,10 +133,10 @@ impl Carried {
             }
         };
         self.finished = true;
-        // The relay went away with its thread: only when the process does.
+        // Dropped without a word: the relay's worker panicked (and said so).
         ended.unwrap_or(Ended {
             tunnel: Tunnel {
-                closed_by: "stop",
+                closed_by: "error",
                 bytes_up: 0,
                 bytes_down: 0,
             },
