@@ -253,6 +253,9 @@ struct Side {
     /// The socket may have bytes (or its end) to read: set by an event,
     /// cleared by a read that found the socket drained.
     readable: bool,
+    /// The socket's read end was reached while bytes for it still waited in
+    /// `outbox`: they go out first, then the tunnel ends.
+    ended: bool,
     /// The peer's end (or an error) has come: the socket is read until the
     /// read says so, however short the reads before it. (The end may come
     /// with the last bytes, in the same event; no event follows it.)
@@ -270,6 +273,7 @@ impl Side {
         Side {
             socket,
             readable: true,
+            ended: false,
             hung_up: false,
             outbox: outbox.to_vec(),
             sent: 0,
@@ -313,6 +317,13 @@ impl Side {
     }
 }
 
+/// When a tunnel silent since `last` closes: never, in effect, for an
+/// `idle_timeout` too long to add to a time.
+fn due(last: Instant, idle: Duration) -> Instant {
+    last.checked_add(idle)
+        .unwrap_or_else(|| last + Duration::from_secs(u32::MAX.into()))
+}
+
 /// Why a tunnel ends: who closed it, and the backend's failure if any.
 type End = (&'static str, Option<io::Error>);
 
@@ -337,12 +348,13 @@ impl Open {
             loop {
                 if !self.sides[to].outbox.is_empty() {
                     match self.sides[to].flush() {
+                        Ok(true) if self.sides[to].ended => return Err(closed(to, None)),
                         Ok(true) => {}
                         Ok(false) => break, // an event says when there is room
                         Err(e) => return Err(closed(to, Some(e))),
                     }
                 }
-                if !self.sides[from].readable {
+                if !self.sides[from].readable || self.sides[from].ended {
                     break;
                 }
                 if reads == TURN {
@@ -351,7 +363,10 @@ impl Open {
                 }
                 reads += 1;
                 match (&self.sides[from].socket).read(buf) {
-                    Ok(0) => return Err(closed(from, None)),
+                    Ok(0) if self.sides[from].outbox.is_empty() => return Err(closed(from, None)),
+                    // A client that closes its sending side may still read
+                    // (a WebSocket close handshake's answer, say).
+                    Ok(0) => self.sides[from].ended = true,
                     Ok(n) => {
                         self.last = now;
                         let side = &mut self.sides[from];
@@ -510,7 +525,7 @@ impl Worker {
                 return;
             }
         }
-        let deadline = now + idle;
+        let deadline = due(now, idle);
         self.next_check = Some(self.next_check.map_or(deadline, |at| at.min(deadline)));
         self.tunnels.insert(id, open);
         self.turn(id, now);
@@ -531,7 +546,7 @@ impl Worker {
         let idle: Vec<u64> = self
             .tunnels
             .iter()
-            .filter(|(_, open)| open.last + open.idle <= now)
+            .filter(|(_, open)| due(open.last, open.idle) <= now)
             .map(|(id, _)| *id)
             .collect();
         for id in idle {
@@ -540,7 +555,7 @@ impl Worker {
         self.next_check = self
             .tunnels
             .values()
-            .map(|open| open.last + open.idle)
+            .map(|open| due(open.last, open.idle))
             .min();
     }
 }
@@ -648,6 +663,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_client_that_stops_sending_still_gets_all_that_was_read_for_it() {
+        let (mut client, mut backend, carried) = tunnel(1, Duration::from_secs(60));
+        // More than the sockets between hold: the relay is left holding some.
+        let sender = std::thread::spawn(move || {
+            let chunk = vec![7u8; 64 * 1024];
+            for _ in 0..1024 {
+                if backend.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        // The client reads nothing for a while, then says it is done sending
+        // (as after a WebSocket close frame) and reads what comes.
+        std::thread::sleep(Duration::from_millis(300));
+        client.shutdown(Shutdown::Write).unwrap();
+        let mut received = 0u64;
+        let mut buf = vec![0; 64 * 1024];
+        loop {
+            match client.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => received += n as u64,
+                Err(e) => panic!("after {received} bytes: {e}"),
+            }
+        }
+        let ended = carried.end(std::future::pending()).await;
+        assert_eq!(ended.tunnel.closed_by, "client");
+        assert_eq!(
+            received + 15,
+            ended.tunnel.bytes_down,
+            "every byte read from the backend reached the client"
+        );
+        sender.join().unwrap();
+    }
+
+    #[tokio::test]
     async fn silence_for_idle_timeout_closes_a_tunnel_and_traffic_puts_it_off() {
         let idle = Duration::from_millis(600);
         let started = Instant::now();
@@ -663,6 +713,16 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(1200) + idle);
         assert!(closed(&mut client));
         assert!(closed(&mut backend));
+    }
+
+    #[tokio::test]
+    async fn an_idle_timeout_too_long_to_add_to_a_time_means_never() {
+        let (mut client, mut backend, carried) = tunnel(1, Duration::MAX);
+        client.write_all(b"still here").unwrap();
+        assert_eq!(read_exactly(&mut backend, 10), b"still here");
+        drop(client);
+        let ended = carried.end(std::future::pending()).await;
+        assert_eq!(ended.tunnel.closed_by, "client");
     }
 
     #[tokio::test]

@@ -46,7 +46,6 @@ use pingora::{ErrorType, OrErr};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::connections::Handed;
 use super::drain::Stopping;
 use super::{relay, Balancer, RequestCtx};
 use crate::telemetry::access_log;
@@ -127,9 +126,15 @@ impl Balancer {
         let _open = OpenGuard::enter();
         // Both sides plain: the client's stream is handed over once the
         // `101` is out, and the relay carries the bytes (see `relay`).
-        let handing = backend.stream().get_ssl_digest().is_none()
-            && super::connections::hand_over_on_flush(session);
-        session.write_response_header(header, false).await?;
+        let sockets = relay_sockets(session, backend.stream());
+        let handing = sockets.is_some() && super::connections::hand_over_on_flush(session);
+        if let Err(e) = session.write_response_header(header, false).await {
+            if handing {
+                // No hand-over after all (a stream already moved out closes).
+                drop(super::connections::handed_over(session));
+            }
+            return Err(e);
+        }
         // The tunnel's silence is measured both ways below, not per side.
         session.set_read_timeout(None);
         let idle = ctx
@@ -140,11 +145,16 @@ impl Balancer {
         // its session's buffer: it goes first, then the sockets themselves.
         let early_down = backend.read_body_bytes().now_or_never().map(Step::Backend);
         let stream = backend.into_inner();
-        if let Some(handed) = handing
+        let handed = handing
             .then(|| super::connections::handed_over(session))
-            .flatten()
-        {
-            let end = self.relay(session, handed, stream, early_down, idle).await;
+            .flatten();
+        if let (Some(sockets), Some(handed)) = (sockets, handed) {
+            // Pingora's streams go, and with them their registrations with
+            // the runtime: the relay alone watches the sockets.
+            drop((stream, handed.stream));
+            let end = self
+                .relay(session, handed.read_ahead, sockets, early_down, idle)
+                .await;
             ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
             ctx.attempts.response_done();
             ctx.tunnel = Some(end);
@@ -175,33 +185,18 @@ impl Balancer {
         Ok(())
     }
 
-    /// Carries a tunnel whose client stream was handed over, on a relay
+    /// Carries a tunnel, its client's stream handed over (with the bytes
+    /// read ahead of the session) and Pingora's streams gone, on a relay
     /// thread (on this task if none could be started). The client's
     /// connection closes with the tunnel.
     async fn relay(
         &self,
         session: &mut Session,
-        handed: Handed,
-        backend: Stream,
+        read_ahead: Vec<u8>,
+        [client, backend]: [std::net::TcpStream; 2],
         early_down: Option<Step>,
         idle: Duration,
     ) -> access_log::Tunnel {
-        let failed = |e: std::io::Error| {
-            log::warn!("WebSocket tunnel closed: its socket could not be taken: {e}");
-            access_log::Tunnel {
-                closed_by: "error",
-                bytes_up: 0,
-                bytes_down: 0,
-            }
-        };
-        let peer = session.client_addr().and_then(|a| a.as_inet()).copied();
-        let client = match duplicate(handed.stream.id(), peer) {
-            Ok(socket) => socket,
-            Err(e) => return failed(e),
-        };
-        // Pingora's stream goes, and with it its registration with the
-        // runtime: the relay alone watches the socket.
-        drop(handed.stream);
         // What the client sent before the tunnel: what the session read into
         // its buffer (anything else than bytes is no more than that the
         // buffer was empty; the socket tells the rest), then what was read
@@ -210,19 +205,26 @@ impl Balancer {
         if let Some(Ok(Some(bytes))) = session.read_request_body().now_or_never() {
             up.extend_from_slice(&bytes);
         }
-        up.extend_from_slice(&handed.read_ahead);
+        up.extend_from_slice(&read_ahead);
         let down = match early_down {
+            None => Bytes::new(),
             Some(Step::Backend(Ok(Some(bytes)))) => bytes,
-            _ => Bytes::new(),
+            // The backend closed, or failed, along with its `101`.
+            Some(step) => {
+                let end = access_log::Tunnel {
+                    closed_by: "backend",
+                    bytes_up: up.len() as u64,
+                    bytes_down: 0,
+                };
+                if let Step::Backend(Err(e)) = step {
+                    cut_by_backend(&end, &e);
+                }
+                return end;
+            }
         };
-        let backend_socket = match duplicate(backend.id(), None) {
-            Ok(socket) => socket,
-            Err(e) => return failed(e),
-        };
-        drop(backend);
         let opening = relay::Opening {
             client,
-            backend: backend_socket,
+            backend,
             up: up.freeze(),
             down,
             idle,
@@ -241,7 +243,14 @@ impl Balancer {
         let runtime = |socket| TcpStream::from_std(socket);
         let (client, backend) = match (runtime(opening.client), runtime(opening.backend)) {
             (Ok(client), Ok(backend)) => (client, backend),
-            (Err(e), _) | (_, Err(e)) => return failed(e),
+            (Err(e), _) | (_, Err(e)) => {
+                log::warn!("WebSocket tunnel closed: the runtime could not take its sockets: {e}");
+                return access_log::Tunnel {
+                    closed_by: "error",
+                    bytes_up: 0,
+                    bytes_down: 0,
+                };
+            }
         };
         let early = [
             (!opening.up.is_empty()).then(|| Step::Client(Ok(Some(opening.up)))),
@@ -631,6 +640,24 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
             Err(e) => Error::e_because(ErrorType::WriteError, "writing a WebSocket tunnel", e),
         }
     }
+}
+
+/// Both sockets of a tunnel the relay can carry (both sides plain TCP):
+/// duplicates of the descriptors of Pingora's streams, taken before the
+/// `101` goes out, so that a failure leaves the tunnel to the runtime.
+fn relay_sockets(session: &Session, backend: &Stream) -> Option<[std::net::TcpStream; 2]> {
+    let client = session.stream()?;
+    if client.get_ssl_digest().is_some() || backend.get_ssl_digest().is_some() {
+        return None;
+    }
+    let peer = session.client_addr().and_then(|a| a.as_inet()).copied();
+    let taken = duplicate(client.id(), peer)
+        .and_then(|client| Ok([client, duplicate(backend.id(), None)?]));
+    taken
+        .inspect_err(|e| {
+            log::warn!("WebSocket tunnel carried on a worker thread: its sockets could not be taken for the relay: {e}")
+        })
+        .ok()
 }
 
 /// The TCP socket under a plain (not TLS) stream of Pingora's, connected
