@@ -447,17 +447,10 @@ impl Worker {
                     continue;
                 }
                 let (id, side) = (token >> 1, (token & 1) as usize);
-                let Some(open) = self.tunnels.get_mut(&id) else {
-                    continue;
-                };
-                let end = (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
-                let side = &mut open.sides[side];
-                side.readable |= flags & (end | libc::EPOLLIN as u32) != 0;
-                side.hung_up |= flags & end != 0;
-                self.turn(id, now);
+                self.turn(id, Some((side, flags)), now);
             }
             for id in std::mem::take(&mut self.again) {
-                self.turn(id, now);
+                self.turn(id, None, now);
             }
             if self.next_check.is_some_and(|at| at <= now) {
                 self.close_idle(now);
@@ -465,11 +458,18 @@ impl Worker {
         }
     }
 
-    /// Gives a tunnel its turn.
-    fn turn(&mut self, id: u64, now: Instant) {
+    /// Gives a tunnel its turn, after noting what an `event` (a side and
+    /// its `epoll` flags) says, if one brought it.
+    fn turn(&mut self, id: u64, event: Option<(usize, u32)>, now: Instant) {
         let Some(open) = self.tunnels.get_mut(&id) else {
-            return;
+            return; // closed since the event
         };
+        if let Some((side, flags)) = event {
+            let end = (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+            let side = &mut open.sides[side];
+            side.readable |= flags & (end | libc::EPOLLIN as u32) != 0;
+            side.hung_up |= flags & end != 0;
+        }
         match open.drive(&mut self.buf, now) {
             Ok(true) if !self.again.contains(&id) => self.again.push(id),
             Ok(_) => {}
@@ -528,7 +528,7 @@ impl Worker {
         let deadline = due(now, idle);
         self.next_check = Some(self.next_check.map_or(deadline, |at| at.min(deadline)));
         self.tunnels.insert(id, open);
-        self.turn(id, now);
+        self.turn(id, None, now);
     }
 
     fn close(&mut self, id: u64, end: End) {
