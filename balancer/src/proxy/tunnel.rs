@@ -646,27 +646,22 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
 /// duplicates of the descriptors of Pingora's streams, taken before the
 /// `101` goes out, so that a failure leaves the tunnel to the runtime.
 fn relay_sockets(session: &Session, backend: &Stream) -> Option<[std::net::TcpStream; 2]> {
-    let client = session.stream()?;
-    if client.get_ssl_digest().is_some() || backend.get_ssl_digest().is_some() {
-        return None;
-    }
     let peer = session.client_addr().and_then(|a| a.as_inet()).copied();
-    let taken = duplicate(client.id(), peer)
-        .and_then(|client| Ok([client, duplicate(backend.id(), None)?]));
-    taken
-        .inspect_err(|e| {
-            log::warn!("WebSocket tunnel carried on a worker thread: its sockets could not be taken for the relay: {e}")
-        })
-        .ok()
+    let client = plain_copy(&**session.stream()?, peer)?;
+    let backend = plain_copy(&**backend, None)?;
+    match (client, backend) {
+        (Ok(client), Ok(backend)) => Some([client, backend]),
+        (Err(e), _) | (_, Err(e)) => {
+            log::warn!("WebSocket tunnel carried on a worker thread: its sockets could not be taken for the relay: {e}");
+            None
+        }
+    }
 }
 
 /// The TCP socket under a plain (not TLS) stream of Pingora's, connected
 /// to `peer` when that is given.
 fn plain_socket(stream: &dyn IO, peer: Option<std::net::SocketAddr>) -> Option<TcpStream> {
-    if stream.get_ssl_digest().is_some() {
-        return None;
-    }
-    duplicate(stream.id(), peer)
+    plain_copy(stream, peer)?
         .and_then(TcpStream::from_std)
         .inspect_err(|e| {
             log::warn!(
@@ -674,6 +669,18 @@ fn plain_socket(stream: &dyn IO, peer: Option<std::net::SocketAddr>) -> Option<T
             )
         })
         .ok()
+}
+
+/// A copy of the descriptor of a plain (not TLS) stream of Pingora's, as
+/// [`duplicate`] makes it; `None` over TLS.
+fn plain_copy(
+    stream: &dyn IO,
+    peer: Option<std::net::SocketAddr>,
+) -> Option<std::io::Result<std::net::TcpStream>> {
+    stream
+        .get_ssl_digest()
+        .is_none()
+        .then(|| duplicate(stream.id(), peer))
 }
 
 /// A nonblocking socket for the TCP connection behind `fd`, the descriptor
