@@ -666,17 +666,36 @@ mod tests {
     async fn a_client_that_stops_sending_still_gets_all_that_was_read_for_it() {
         let (mut client, mut backend, carried) = tunnel(1, Duration::from_secs(60));
         // More than the sockets between hold: the relay is left holding some.
+        const TOTAL: u64 = 64 << 20;
+        let written = Arc::new(AtomicU64::new(0));
+        let count = Arc::clone(&written);
         let sender = std::thread::spawn(move || {
             let chunk = vec![7u8; 64 * 1024];
-            for _ in 0..1024 {
+            while count.load(Ordering::Relaxed) < TOTAL {
                 if backend.write_all(&chunk).is_err() {
                     break;
                 }
+                count.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             }
         });
-        // The client reads nothing for a while, then says it is done sending
-        // (as after a WebSocket close frame) and reads what comes.
-        std::thread::sleep(Duration::from_millis(300));
+        // The client reads nothing until the backend's writes block: then
+        // the sockets are full, and the relay holds bytes it could not pass
+        // on (it reads the backend only once it has none left for the client).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (mut seen, mut still) = (0, 0);
+        while still < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "the backend's writes never blocked"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+            let now = written.load(Ordering::Relaxed);
+            still = if now == seen { still + 1 } else { 0 };
+            seen = now;
+        }
+        assert!(seen < TOTAL, "the backend's writes blocked, not ended");
+        // Then it says it is done sending (as after a WebSocket close frame)
+        // and reads what comes.
         client.shutdown(Shutdown::Write).unwrap();
         let mut received = 0u64;
         let mut buf = vec![0; 64 * 1024];
@@ -699,18 +718,19 @@ mod tests {
 
     #[tokio::test]
     async fn silence_for_idle_timeout_closes_a_tunnel_and_traffic_puts_it_off() {
-        let idle = Duration::from_millis(600);
+        let idle = Duration::from_secs(2);
         let started = Instant::now();
         let (mut client, mut backend, carried) = tunnel(1, idle);
-        // Traffic every 200 ms for 1.2 s keeps it open past two idle_timeouts.
-        for _ in 0..6 {
-            std::thread::sleep(Duration::from_millis(200));
+        // Traffic every 300 ms for 3 s keeps it open past idle_timeout (a
+        // pause of up to 1.7 s, a busy machine's, is still within it).
+        for _ in 0..10 {
+            std::thread::sleep(Duration::from_millis(300));
             client.write_all(b"x").unwrap();
             read_exactly(&mut backend, 1);
         }
         let ended = carried.end(std::future::pending()).await;
         assert_eq!(ended.tunnel.closed_by, "idle");
-        assert!(started.elapsed() >= Duration::from_millis(1200) + idle);
+        assert!(started.elapsed() >= Duration::from_secs(3) + idle);
         assert!(closed(&mut client));
         assert!(closed(&mut backend));
     }
