@@ -458,16 +458,23 @@ fn canary_sends_flagged_requests_and_tokens_to_their_group() {
 
 // A hook that panics
 
-#[test]
-fn a_panicking_hook_answers_500_and_the_balancer_serves_on() {
+/// The `panicky` fixture, its extension on every request, in front of a
+/// backend (returned with it) that answers it.
+fn start_panicky(backend: &str) -> (Balancer, Proc) {
     let port = free_port();
-    let _backend = start_backend("one", port);
+    let backend = start_backend(backend, port);
     let body = format!(
         "global_extensions = [\"p\"]\n[extensions.p]\nkind = \"panicky\"\n{}",
         upstream(port)
     );
-    let mut lb = start_example("panicky", &body, &[]);
+    let lb = start_example("panicky", &body, &[]);
     assert_eq!(get(&lb.url("/")).unwrap().status, 200);
+    (lb, backend)
+}
+
+#[test]
+fn a_panicking_hook_answers_500_and_the_balancer_serves_on() {
+    let (mut lb, _backend) = start_panicky("one");
 
     let r = get(&lb.url("/boom")).unwrap();
     assert_eq!(r.status, 500, "the panicking hook's request: {r:?}");
@@ -484,4 +491,47 @@ fn a_panicking_hook_answers_500_and_the_balancer_serves_on() {
         "the next request on the same balancer: {r:?}"
     );
     assert!(lb.proc.child.try_wait().unwrap().is_none(), "still running");
+}
+
+// A response hook that refuses an upgrade
+
+#[test]
+fn a_response_hook_that_refuses_a_backends_101_answers_the_client_without_a_tunnel() {
+    let (lb, _backend) = start_panicky("ws-refused");
+    let upgrade = |extra: &str| {
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+        )
+    };
+
+    // The backend accepts the upgrade; the hook turns its 101 into a 403.
+    let (reply, closed) = raw_exchange(lb.port, upgrade("Fixture-Refuse: upgrade\r\n").as_bytes());
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    let head = reply.to_ascii_lowercase();
+    assert!(head.contains("content-length: 0\r\n"), "{reply}");
+    assert!(
+        !head.contains("upgrade") && !head.contains("sec-websocket-accept"),
+        "nothing of the switch reaches the client: {reply}"
+    );
+    assert!(reply.ends_with("\r\n\r\n"), "no body, no tunnel: {reply}");
+    assert!(closed, "the connection closes after the refusal: {reply}");
+    lb.wait_for_log("\"GET /ws HTTP/1.1\" 403");
+
+    // A hook that makes a 101 of an answer that switched nothing (the
+    // backend answers `/` with a 200) is a failing hook: 500, no tunnel.
+    let fake = upgrade("Fixture-Refuse: fake-switch\r\n").replace("GET /ws ", "GET / ");
+    let (reply, _) = raw_exchange(lb.port, fake.as_bytes());
+    assert!(reply.starts_with("HTTP/1.1 500"), "{reply}");
+    lb.wait_for_log("\"GET / HTTP/1.1\" 500");
+
+    // Without the header the same upgrade switches.
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", lb.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    std::io::Write::write_all(&mut stream, upgrade("").as_bytes()).unwrap();
+    let mut head = [0u8; 12];
+    std::io::Read::read_exact(&mut stream, &mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101", "{}", String::from_utf8_lossy(&head));
 }

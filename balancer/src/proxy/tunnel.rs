@@ -10,9 +10,10 @@
 //! `upstream_peer` picks (a failed connect is retried on another, as
 //! `fail_to_connect` decides), sends the head with the edits of
 //! `upstream_request_filter`, relays the answer (with the edits of any
-//! response), and after a `101` copies bytes both ways until one side
-//! closes, `idle_timeout` passes with nothing either way, or the grace
-//! period of a graceful stop is over.
+//! response; a response hook that turns the backend's `101` into another
+//! status refuses the upgrade), and after a `101` copies bytes both ways
+//! until one side closes, `idle_timeout` passes with nothing either way, or
+//! the grace period of a graceful stop is over.
 //!
 //! After the `101` the bytes skip Pingora's HTTP sessions. When both sides
 //! are plain TCP, the client's stream is handed over by the connection's
@@ -116,6 +117,20 @@ impl Balancer {
             .map_err(|e| e.into_up())?;
         let mut header = read_answer(&mut backend, read_timeout).await?;
         self.finish_response(session, ctx, &mut header).await?;
+        let switching = header.status == http::StatusCode::SWITCHING_PROTOCOLS;
+        if backend.was_upgraded() && !switching {
+            // An extension's response hook refused the backend's `101`: the
+            // client gets that answer, and the switched connection is closed.
+            drop(backend);
+            ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
+            return answer_refused_upgrade(session, header).await;
+        }
+        if switching && !backend.was_upgraded() {
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(500),
+                "a response hook made the answer a 101 the backend did not send",
+            ));
+        }
         if !backend.was_upgraded() {
             // A refusal's body is read as any response's: within read_timeout.
             backend.read_timeout = Some(read_timeout);
@@ -807,6 +822,33 @@ async fn read_answer(
         )
         .into_up()),
     }
+}
+
+/// Answers with the head an extension's response hook made of a backend's
+/// `101`, without a body: the backend's side of the connection is no longer
+/// HTTP. The client's connection closes after it.
+async fn answer_refused_upgrade(
+    session: &mut Session,
+    mut header: Box<ResponseHeader>,
+) -> Result<()> {
+    // What only a switch means: `Upgrade`, `Connection: upgrade` and the
+    // handshake's `Sec-WebSocket-*` answers.
+    let switch_fields: Vec<http::HeaderName> = header
+        .headers
+        .keys()
+        .filter(|name| {
+            *name == http::header::UPGRADE
+                || *name == http::header::CONNECTION
+                || name.as_str().starts_with("sec-websocket-")
+        })
+        .cloned()
+        .collect();
+    for name in switch_fields {
+        header.remove_header(&name);
+    }
+    header.insert_header(http::header::CONTENT_LENGTH, 0)?;
+    session.set_keepalive(None);
+    session.write_response_header(header, true).await
 }
 
 /// Relays an answer that refuses the upgrade as a normal response.
