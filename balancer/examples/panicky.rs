@@ -4,7 +4,8 @@
 //! response hook turns a backend's `101` into a `403` when the request has
 //! `Fixture-Refuse: upgrade`, so that they can see the client get that `403`
 //! and no tunnel (and, with `Fixture-Refuse: fake-switch`, any other status
-//! into a `101` the backend never sent).
+//! into a `101` the backend never sent; with `interim`, the `101` into a
+//! `102`).
 
 use std::process::ExitCode;
 
@@ -28,6 +29,7 @@ impl Extension for Panicky {
         match resp.request.headers.get("fixture-refuse") {
             Some(v) if v == "upgrade" && switched => resp.header.set_status(403)?,
             Some(v) if v == "fake-switch" && !switched => resp.header.set_status(101)?,
+            Some(v) if v == "interim" && switched => resp.header.set_status(102)?,
             _ => {}
         }
         Ok(())

@@ -506,7 +506,14 @@ fn a_response_hook_that_refuses_a_backends_101_answers_the_client_without_a_tunn
     };
 
     // The backend accepts the upgrade; the hook turns its 101 into a 403.
-    let (reply, closed) = raw_exchange(lb.port, upgrade("Fixture-Refuse: upgrade\r\n").as_bytes());
+    // The client sent frames right after its request (as it may), more
+    // than is read with it: still unread when the answer goes, they do not
+    // reset the answer away.
+    let mut refused = upgrade("Fixture-Refuse: upgrade\r\n").into_bytes();
+    for _ in 0..4096 {
+        refused.extend_from_slice(&[0x81, 0x85, 1, 2, 3, 4, 105, 103, 111, 104, 110]);
+    }
+    let (reply, closed) = raw_exchange(lb.port, &refused);
     assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
     let head = reply.to_ascii_lowercase();
     assert!(head.contains("content-length: 0\r\n"), "{reply}");
@@ -524,6 +531,10 @@ fn a_response_hook_that_refuses_a_backends_101_answers_the_client_without_a_tunn
     let (reply, _) = raw_exchange(lb.port, fake.as_bytes());
     assert!(reply.starts_with("HTTP/1.1 500"), "{reply}");
     lb.wait_for_log("\"GET / HTTP/1.1\" 500");
+
+    // Another 1xx is no answer at all: 500.
+    let (reply, _) = raw_exchange(lb.port, upgrade("Fixture-Refuse: interim\r\n").as_bytes());
+    assert!(reply.starts_with("HTTP/1.1 500"), "{reply}");
 
     // Without the header the same upgrade switches.
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", lb.port)).unwrap();

@@ -40,6 +40,11 @@ const TURN: usize = 16;
 /// Events taken from the `epoll` per wait.
 const EVENTS: usize = 256;
 
+/// A tunnel one side of which has ended closes after this long with
+/// nothing either way (or after `idle_timeout`, if that is shorter): the
+/// other side was told, and has had time to answer and end too.
+pub const HALF_CLOSED: Duration = Duration::from_secs(5);
+
 /// The token of a relay's own wake-up (its eventfd); a socket's token is
 /// its tunnel's number times two, plus one for the backend's.
 const WAKE: u64 = u64::MAX;
@@ -240,11 +245,21 @@ struct Worker {
 }
 
 /// An open tunnel: its two sides, [`CLIENT`] and [`BACKEND`].
+///
+/// Each direction ends on its own, as TCP's do: when one side is done
+/// sending, what was read from it goes out to the other side, which is then
+/// told (its sending half is shut down), and the other direction goes on
+/// until that side is done too. Only then are the sockets closed, with
+/// nothing unread in them: closing a socket with unread bytes would reset
+/// the connection and throw away what it had not yet delivered.
 struct Open {
     sides: [Side; 2],
     idle: Duration,
-    /// When bytes last came from either side.
+    /// When bytes last moved, read from either side or written to one.
     last: Instant,
+    /// The first side to end, and the backend's failure if that was one:
+    /// who closed the tunnel, as the log says it.
+    first_end: Option<End>,
     done: oneshot::Sender<Ended>,
 }
 
@@ -253,13 +268,17 @@ struct Side {
     /// The socket may have bytes (or its end) to read: set by an event,
     /// cleared by a read that found the socket drained.
     readable: bool,
-    /// The socket's read end was reached while bytes for it still waited in
-    /// `outbox`: they go out first, then the tunnel ends.
-    ended: bool,
     /// The peer's end (or an error) has come: the socket is read until the
     /// read says so, however short the reads before it. (The end may come
     /// with the last bytes, in the same event; no event follows it.)
     hung_up: bool,
+    /// The socket's read end was reached (its peer sends no more), or
+    /// reading it failed.
+    read_done: bool,
+    /// Nothing more is written to the socket: its sending half was shut
+    /// down once the other side ended and all it sent was out, or a write
+    /// failed (what comes for it then is dropped).
+    write_done: bool,
     /// Bytes from the other side that the socket had no room for yet; the
     /// other side is not read until they are written.
     outbox: Vec<u8>,
@@ -273,12 +292,25 @@ impl Side {
         Side {
             socket,
             readable: true,
-            ended: false,
             hung_up: false,
+            read_done: false,
+            write_done: false,
             outbox: outbox.to_vec(),
             sent: 0,
             received: 0,
         }
+    }
+
+    /// Bytes waiting in `outbox`.
+    fn waiting(&self) -> usize {
+        self.outbox.len() - self.sent
+    }
+
+    /// A write failed: nothing more goes to this socket.
+    fn write_failed(&mut self) {
+        self.outbox = Vec::new();
+        self.sent = 0;
+        self.write_done = true;
     }
 
     /// Writes what waits; `false` when some still does (the socket is full).
@@ -339,7 +371,8 @@ fn closed(side: usize, failure: Option<io::Error>) -> End {
 impl Open {
     /// Moves bytes both ways as far as the sockets allow, for a turn:
     /// `Ok(true)` when a side has more to read than a turn takes, `Err`
-    /// when the tunnel is over.
+    /// when the tunnel is over (both sides have ended and all they sent is
+    /// out, or could not be written).
     fn drive(&mut self, buf: &mut [u8], now: Instant) -> Result<bool, End> {
         let mut more = false;
         for from in [CLIENT, BACKEND] {
@@ -347,14 +380,30 @@ impl Open {
             let mut reads = 0;
             loop {
                 if !self.sides[to].outbox.is_empty() {
-                    match self.sides[to].flush() {
-                        Ok(true) if self.sides[to].ended => return Err(closed(to, None)),
+                    let waiting = self.sides[to].waiting();
+                    let flushed = self.sides[to].flush();
+                    if self.sides[to].waiting() < waiting {
+                        self.last = now;
+                    }
+                    match flushed {
                         Ok(true) => {}
                         Ok(false) => break, // an event says when there is room
-                        Err(e) => return Err(closed(to, Some(e))),
+                        Err(e) => {
+                            self.sides[to].write_failed();
+                            self.note_end(to, Some(e));
+                        }
                     }
                 }
-                if !self.sides[from].readable || self.sides[from].ended {
+                if self.sides[from].read_done {
+                    // All `from` sent is out: `to` is told it ends here.
+                    let to = &mut self.sides[to];
+                    if !to.write_done {
+                        let _ = to.socket.shutdown(Shutdown::Write);
+                        to.write_done = true;
+                    }
+                    break;
+                }
+                if !self.sides[from].readable {
                     break;
                 }
                 if reads == TURN {
@@ -363,10 +412,10 @@ impl Open {
                 }
                 reads += 1;
                 match (&self.sides[from].socket).read(buf) {
-                    Ok(0) if self.sides[from].outbox.is_empty() => return Err(closed(from, None)),
-                    // A client that closes its sending side may still read
-                    // (a WebSocket close handshake's answer, say).
-                    Ok(0) => self.sides[from].ended = true,
+                    Ok(0) => {
+                        self.sides[from].read_done = true;
+                        self.note_end(from, None);
+                    }
                     Ok(n) => {
                         self.last = now;
                         let side = &mut self.sides[from];
@@ -374,19 +423,55 @@ impl Open {
                         // A short read emptied the socket: the next bytes
                         // bring an event of their own.
                         side.readable = n == buf.len() || side.hung_up;
-                        if let Err(e) = self.sides[to].send(&buf[..n]) {
-                            return Err(closed(to, Some(e)));
+                        let to = &mut self.sides[to];
+                        if to.write_done {
+                            continue; // dropped: `to` can take no more
+                        }
+                        if let Err(e) = to.send(&buf[..n]) {
+                            to.write_failed();
+                            self.note_end(1 - from, Some(e));
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         self.sides[from].readable = false;
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(closed(from, Some(e))),
+                    Err(e) => {
+                        self.sides[from].read_done = true;
+                        self.note_end(from, Some(e));
+                    }
                 }
             }
         }
-        Ok(more)
+        let over = self
+            .sides
+            .iter()
+            .all(|s| s.read_done && s.outbox.is_empty());
+        match self.first_end.take() {
+            Some(end) if over => Err(end),
+            first_end => {
+                self.first_end = first_end;
+                Ok(more)
+            }
+        }
+    }
+
+    /// Notes `side`'s end (its close, or a failure reading or writing it),
+    /// unless a side ended before.
+    fn note_end(&mut self, side: usize, failure: Option<io::Error>) {
+        if self.first_end.is_none() {
+            self.first_end = Some(closed(side, failure));
+        }
+    }
+
+    /// When the tunnel closes if nothing moves: after `idle_timeout`, or
+    /// [`HALF_CLOSED`] once a side has ended.
+    fn deadline(&self) -> Instant {
+        let idle = match self.first_end {
+            Some(_) => self.idle.min(HALF_CLOSED),
+            None => self.idle,
+        };
+        due(self.last, idle)
     }
 
     fn finish(self, (closed_by, failure): End) {
@@ -471,8 +556,14 @@ impl Worker {
             side.hung_up |= flags & end != 0;
         }
         match open.drive(&mut self.buf, now) {
-            Ok(true) if !self.again.contains(&id) => self.again.push(id),
-            Ok(_) => {}
+            Ok(more) => {
+                // A side that ended brings the deadline nearer.
+                let deadline = open.deadline();
+                self.next_check = Some(self.next_check.map_or(deadline, |at| at.min(deadline)));
+                if more && !self.again.contains(&id) {
+                    self.again.push(id);
+                }
+            }
             Err(end) => self.close(id, end),
         }
     }
@@ -504,6 +595,7 @@ impl Worker {
             sides: [Side::new(client, down), Side::new(backend, up)],
             idle,
             last: now,
+            first_end: None,
             done,
         };
         // What came before the tunnel counts as its bytes, as it does on
@@ -525,8 +617,6 @@ impl Worker {
                 return;
             }
         }
-        let deadline = due(now, idle);
-        self.next_check = Some(self.next_check.map_or(deadline, |at| at.min(deadline)));
         self.tunnels.insert(id, open);
         self.turn(id, None, now);
     }
@@ -540,23 +630,24 @@ impl Worker {
         }
     }
 
-    /// Closes the tunnels idle for their `idle_timeout`, and notes when the
-    /// next one could be.
+    /// Closes the tunnels silent past their deadline (see
+    /// [`Open::deadline`]), and notes when the next one could be. A tunnel
+    /// a side of which had ended was closed by that side; one that only
+    /// went silent, by `idle_timeout`.
     fn close_idle(&mut self, now: Instant) {
         let idle: Vec<u64> = self
             .tunnels
             .iter()
-            .filter(|(_, open)| due(open.last, open.idle) <= now)
+            .filter(|(_, open)| open.deadline() <= now)
             .map(|(id, _)| *id)
             .collect();
         for id in idle {
-            self.close(id, ("idle", None));
+            if let Some(mut open) = self.tunnels.remove(&id) {
+                let end = open.first_end.take().unwrap_or(("idle", None));
+                open.finish(end);
+            }
         }
-        self.next_check = self
-            .tunnels
-            .values()
-            .map(|open| due(open.last, open.idle))
-            .min();
+        self.next_check = self.tunnels.values().map(Open::deadline).min();
     }
 }
 
@@ -626,12 +717,14 @@ mod tests {
         client.write_all(b"12345").unwrap();
         read_exactly(&mut backend, 5);
         drop(backend);
+        // The client is told, and closes too.
+        assert!(closed(&mut client));
+        drop(client);
         let ended = carried.end(std::future::pending()).await;
         assert_eq!(ended.tunnel.closed_by, "backend");
         let bytes = (ended.tunnel.bytes_up, ended.tunnel.bytes_down);
         assert_eq!(bytes, (13 + 5, 15));
         assert!(ended.failure.is_none(), "a close, not a failure");
-        assert!(closed(&mut client));
     }
 
     #[tokio::test]
@@ -647,7 +740,8 @@ mod tests {
             closing.write_all(b"bye").unwrap();
             drop(closing);
             assert_eq!(read_exactly(&mut other, 3), b"bye");
-            assert!(closed(&mut other), "closed at once, not after idle_timeout");
+            assert!(closed(&mut other), "told at once, not after idle_timeout");
+            drop(other);
             let ended = carried.end(std::future::pending()).await;
             assert_eq!(ended.tunnel.closed_by, by);
             let bytes = (ended.tunnel.bytes_up, ended.tunnel.bytes_down);
@@ -741,8 +835,170 @@ mod tests {
         client.write_all(b"still here").unwrap();
         assert_eq!(read_exactly(&mut backend, 10), b"still here");
         drop(client);
+        assert!(closed(&mut backend));
+        drop(backend);
         let ended = carried.end(std::future::pending()).await;
         assert_eq!(ended.tunnel.closed_by, "client");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_sending_still_gets_the_answer_that_comes_after() {
+        let (mut client, mut backend, carried) = tunnel(1, Duration::from_secs(60));
+        // As a WebSocket client may, after its close frame.
+        client.write_all(b"close").unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(read_exactly(&mut backend, 5), b"close");
+        assert!(closed(&mut backend), "the backend is told the client ended");
+        std::thread::sleep(Duration::from_millis(100));
+        backend.write_all(b"bye").unwrap();
+        drop(backend);
+        assert_eq!(read_exactly(&mut client, 3), b"bye");
+        assert!(closed(&mut client));
+        let ended = carried.end(std::future::pending()).await;
+        assert_eq!(ended.tunnel.closed_by, "client");
+        let bytes = (ended.tunnel.bytes_up, ended.tunnel.bytes_down);
+        assert_eq!(bytes, (13 + 5, 15 + 3));
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_ends_while_the_client_still_sends_has_all_it_sent_delivered() {
+        let (mut client, mut backend, carried) = tunnel(1, Duration::from_secs(60));
+        const TOTAL: usize = 64 * 1024;
+        // The client sends all along, as fast as it can: the relay always
+        // has some of it still to read.
+        let mut sending = client.try_clone().unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let sender = std::thread::spawn(move || {
+            let mut sent = 0u64;
+            while !stopped.load(Ordering::Relaxed) {
+                if sending.write_all(&[1u8; 16 * 1024]).is_err() {
+                    break;
+                }
+                sent += 16 * 1024;
+            }
+            sent
+        });
+        // The backend sends its last bytes, says it is done, and reads what
+        // still comes until the client is done too.
+        let (ended_tx, ended_rx) = std::sync::mpsc::channel();
+        let answering = std::thread::spawn(move || {
+            backend.write_all(&[9u8; TOTAL]).unwrap();
+            backend.shutdown(Shutdown::Write).unwrap();
+            ended_tx.send(()).unwrap();
+            let mut seen = 0u64;
+            let mut buf = vec![0; 64 * 1024];
+            loop {
+                match backend.read(&mut buf) {
+                    Ok(0) => return Ok(seen),
+                    Ok(n) => seen += n as u64,
+                    Err(e) => return Err(format!("after {seen} bytes: {e}")),
+                }
+            }
+        });
+        // The client reads only once the backend's end has been relayed.
+        ended_rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let mut received = 0usize;
+        let mut buf = vec![0; 64 * 1024];
+        let outcome = loop {
+            match client.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => received += n,
+                Err(e) => break Err(e),
+            }
+        };
+        stop.store(true, Ordering::Relaxed);
+        let sent = sender.join().unwrap();
+        assert!(
+            outcome.is_ok() && received == TOTAL,
+            "the client got {received} of {TOTAL} bytes, then {outcome:?}"
+        );
+        drop(client);
+        let seen = answering.join().unwrap().unwrap();
+        assert_eq!(seen, sent, "all the client sent reached the backend");
+        let ended = carried.end(std::future::pending()).await;
+        assert_eq!(ended.tunnel.closed_by, "backend");
+        let bytes = (ended.tunnel.bytes_up, ended.tunnel.bytes_down);
+        assert_eq!(bytes, (13 + sent, 15 + TOTAL as u64));
+    }
+
+    #[tokio::test]
+    async fn a_side_that_ended_has_half_closed_to_answer_and_end_too() {
+        let (client, mut backend, carried) = tunnel(1, Duration::from_secs(3600));
+        let started = Instant::now();
+        drop(client);
+        assert!(closed(&mut backend));
+        // The backend neither answers nor closes: the tunnel closes anyway.
+        let ended = carried.end(std::future::pending()).await;
+        assert_eq!(ended.tunnel.closed_by, "client");
+        assert!(started.elapsed() >= HALF_CLOSED);
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "not after idle_timeout"
+        );
+    }
+
+    #[tokio::test]
+    async fn bytes_still_going_out_to_a_slow_client_keep_the_tunnel_open() {
+        // Small buffers on the client's connection: the relay holds most of
+        // one read from the backend, and passes it on as the client reads.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        set_buffer(&listener, libc::SO_RCVBUF, 2048);
+        let client_near = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut client, _) = listener.accept().unwrap();
+        set_buffer(&client_near, libc::SO_SNDBUF, 2048);
+        client_near.set_nonblocking(true).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let (mut backend, backend_near) = connection();
+        let idle = Duration::from_millis(1500);
+        let opening = Opening {
+            client: client_near,
+            backend: backend_near,
+            up: Bytes::new(),
+            down: Bytes::new(),
+            idle,
+        };
+        let Ok(carried) = Relays::new(1).carry(opening) else {
+            panic!("no relay thread");
+        };
+        const ANSWER: usize = 16 * 1024;
+        backend.write_all(&[5u8; ANSWER]).unwrap();
+        // 256 bytes every 100 ms: longer than idle_timeout in all, with the
+        // relay's bytes moving all along.
+        let started = Instant::now();
+        let mut received = 0;
+        let mut buf = [0u8; 256];
+        while received < ANSWER {
+            match client.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => received += n,
+                Err(e) => panic!("after {received} bytes: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(received, ANSWER, "cut after {:?}", started.elapsed());
+        assert!(
+            started.elapsed() > idle,
+            "the answer took longer than idle_timeout"
+        );
+        drop(carried);
+    }
+
+    fn set_buffer(socket: &impl AsRawFd, option: libc::c_int, bytes: libc::c_int) {
+        // SAFETY: an open socket, and a live int of the size given.
+        let set = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&bytes as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0, "setsockopt: {}", io::Error::last_os_error());
     }
 
     #[tokio::test]

@@ -12,8 +12,9 @@
 //! `upstream_request_filter`, relays the answer (with the edits of any
 //! response; a response hook that turns the backend's `101` into another
 //! status refuses the upgrade), and after a `101` copies bytes both ways
-//! until one side closes, `idle_timeout` passes with nothing either way, or
-//! the grace period of a graceful stop is over.
+//! until the sides close (on a relay each direction ends on its own; here,
+//! on the runtime, the first close ends both), `idle_timeout` passes with
+//! nothing either way, or the grace period of a graceful stop is over.
 //!
 //! After the `101` the bytes skip Pingora's HTTP sessions. When both sides
 //! are plain TCP, the client's stream is handed over by the connection's
@@ -118,6 +119,13 @@ impl Balancer {
         let mut header = read_answer(&mut backend, read_timeout).await?;
         self.finish_response(session, ctx, &mut header).await?;
         let switching = header.status == http::StatusCode::SWITCHING_PROTOCOLS;
+        if header.status.is_informational() && !switching {
+            // Another 1xx is no answer: the client would wait for one.
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(500),
+                "a response hook made the answer to an upgrade an interim (1xx) one",
+            ));
+        }
         if backend.was_upgraded() && !switching {
             // An extension's response hook refused the backend's `101`: the
             // client gets that answer, and the switched connection is closed.
@@ -194,6 +202,9 @@ impl Balancer {
             // Passes the backend's close on: the client's connection ends.
             let _ = session.write_response_body(None, true).await;
         }
+        // The client may still be sending: its connection closes lingering,
+        // so that the last bytes it was sent are not reset away.
+        super::connections::answered_early(session);
         ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
         ctx.attempts.response_done();
         ctx.tunnel = Some(end);
@@ -441,11 +452,13 @@ where
                 }
             }
             Step::Backend(Ok(Some(bytes))) => {
-                last = Instant::now();
                 end.bytes_down += bytes.len() as u64;
                 if client.send(bytes).await.is_err() {
                     break None; // the client is gone
                 }
+                // Silence is counted from the last bytes moved: a slow
+                // client still taking them is not idle.
+                last = Instant::now();
             }
             // A reset is a close too, only a ruder one.
             Step::Client(_) => break None,
@@ -457,7 +470,7 @@ where
                 end.closed_by = "backend";
                 break Some(e);
             }
-            Step::Written => {}
+            Step::Written => last = Instant::now(),
             Step::Silence => {
                 let deadline = last + idle;
                 if deadline <= Instant::now() {
@@ -474,6 +487,17 @@ where
             }
         }
     };
+    if end.closed_by == "client" {
+        // What the client sent before its close goes out first, for as long
+        // as the backend keeps taking it.
+        let _ = tokio::time::timeout(idle.min(relay::HALF_CLOSED), async {
+            while backend.to.busy() {
+                backend.to.advance().await?;
+            }
+            Ok::<_, Box<Error>>(())
+        })
+        .await;
+    }
     let _ = backend.to.io.shutdown().await;
     if let Some(e) = failure {
         cut_by_backend(&end, &e);
@@ -848,6 +872,9 @@ async fn answer_refused_upgrade(
     }
     header.insert_header(http::header::CONTENT_LENGTH, 0)?;
     session.set_keepalive(None);
+    // What the client sent after its request (early frames) is still
+    // unread: the close lingers, so that it does not reset the answer.
+    super::connections::answered_early(session);
     session.write_response_header(header, true).await
 }
 
