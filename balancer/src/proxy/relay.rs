@@ -443,16 +443,15 @@ impl Open {
                 }
             }
         }
-        let over = self
-            .sides
-            .iter()
-            .all(|s| s.read_done && s.outbox.is_empty());
-        match self.first_end.take() {
-            Some(end) if over => Err(end),
-            first_end => {
-                self.first_end = first_end;
-                Ok(more)
-            }
+        // Over once both sides have ended and all they sent is out.
+        let over = self.first_end.is_some()
+            && self
+                .sides
+                .iter()
+                .all(|s| s.read_done && s.outbox.is_empty());
+        match self.first_end.take_if(|_| over) {
+            Some(end) => Err(end),
+            None => Ok(more),
         }
     }
 
@@ -557,9 +556,11 @@ impl Worker {
         }
         match open.drive(&mut self.buf, now) {
             Ok(more) => {
-                // A side that ended brings the deadline nearer.
-                let deadline = open.deadline();
-                self.next_check = Some(self.next_check.map_or(deadline, |at| at.min(deadline)));
+                if open.first_end.is_some() {
+                    // A side has ended: the deadline is nearer.
+                    let deadline = open.deadline();
+                    self.check_by(deadline);
+                }
                 if more && !self.again.contains(&id) {
                     self.again.push(id);
                 }
@@ -617,8 +618,14 @@ impl Worker {
                 return;
             }
         }
+        self.check_by(open.deadline());
         self.tunnels.insert(id, open);
         self.turn(id, None, now);
+    }
+
+    /// Has the tunnels checked for silence by `deadline` at the latest.
+    fn check_by(&mut self, deadline: Instant) {
+        self.next_check = Some(self.next_check.map_or(deadline, |at| at.min(deadline)));
     }
 
     fn close(&mut self, id: u64, end: End) {
