@@ -283,7 +283,7 @@ struct Side {
     /// other side is not read until they are written.
     outbox: Vec<u8>,
     sent: usize,
-    /// Bytes read from this side.
+    /// Bytes read from this side and passed on.
     received: u64,
 }
 
@@ -390,7 +390,7 @@ impl Open {
                         Ok(false) => break, // an event says when there is room
                         Err(e) => {
                             self.sides[to].write_failed();
-                            self.note_end(to, Some(e));
+                            self.note_end(to, Some(e), now);
                         }
                     }
                 }
@@ -414,23 +414,26 @@ impl Open {
                 match (&self.sides[from].socket).read(buf) {
                     Ok(0) => {
                         self.sides[from].read_done = true;
-                        self.note_end(from, None);
+                        self.note_end(from, None, now);
                     }
                     Ok(n) => {
-                        self.last = now;
                         let side = &mut self.sides[from];
-                        side.received += n as u64;
                         // A short read emptied the socket: the next bytes
                         // bring an event of their own.
                         side.readable = n == buf.len() || side.hung_up;
-                        let to = &mut self.sides[to];
-                        if to.write_done {
-                            continue; // dropped: `to` can take no more
+                        if self.sides[to].write_done {
+                            // Dropped: `to` can take no more. Neither moved
+                            // nor counted, they do not keep the tunnel open.
+                            continue;
                         }
+                        let to = &mut self.sides[to];
                         if let Err(e) = to.send(&buf[..n]) {
                             to.write_failed();
-                            self.note_end(1 - from, Some(e));
+                            self.note_end(1 - from, Some(e), now);
+                            continue;
                         }
+                        self.last = now;
+                        self.sides[from].received += n as u64;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         self.sides[from].readable = false;
@@ -438,7 +441,7 @@ impl Open {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
                         self.sides[from].read_done = true;
-                        self.note_end(from, Some(e));
+                        self.note_end(from, Some(e), now);
                     }
                 }
             }
@@ -456,8 +459,10 @@ impl Open {
     }
 
     /// Notes `side`'s end (its close, or a failure reading or writing it),
-    /// unless a side ended before.
-    fn note_end(&mut self, side: usize, failure: Option<io::Error>) {
+    /// unless a side ended before. The other side's time to answer and end
+    /// ([`HALF_CLOSED`]) starts now, however long the tunnel was silent.
+    fn note_end(&mut self, side: usize, failure: Option<io::Error>, now: Instant) {
+        self.last = now;
         if self.first_end.is_none() {
             self.first_end = Some(closed(side, failure));
         }
@@ -947,14 +952,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_side_that_ends_after_a_long_silence_still_gives_the_other_time_to_answer() {
+        let (mut client, mut backend, carried) = tunnel(1, Duration::from_secs(60));
+        std::thread::sleep(HALF_CLOSED + Duration::from_millis(500));
+        backend.shutdown(Shutdown::Write).unwrap();
+        assert!(closed(&mut client), "the client is told");
+        std::thread::sleep(Duration::from_millis(100));
+        client.write_all(b"bye").unwrap();
+        assert_eq!(read_exactly(&mut backend, 3), b"bye");
+        drop(client);
+        assert!(closed(&mut backend));
+        drop(backend);
+        let ended = carried.end(std::future::pending()).await;
+        assert_eq!(ended.tunnel.closed_by, "backend");
+        let bytes = (ended.tunnel.bytes_up, ended.tunnel.bytes_down);
+        assert_eq!(bytes, (13 + 3, 15));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_keeps_sending_to_a_backend_gone_does_not_keep_the_tunnel_open() {
+        let (mut client, backend, carried) = tunnel(1, Duration::from_secs(60));
+        // The backend resets its connection (SO_LINGER 0, then close).
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        set_option(&backend, libc::SO_LINGER, linger);
+        drop(backend);
+        let reset = Instant::now();
+        // The client ignores the end it is told of and sends on, for longer
+        // than HALF_CLOSED; what it sends has nowhere to go.
+        let sender = std::thread::spawn(move || {
+            while reset.elapsed() < HALF_CLOSED * 3 {
+                if client.write_all(b"x").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let ended = carried.end(std::future::pending()).await;
+        let took = reset.elapsed();
+        assert_eq!(ended.tunnel.closed_by, "backend");
+        assert!(took < HALF_CLOSED * 2, "closed {took:?} after the reset");
+        assert_eq!(ended.tunnel.bytes_up, 13, "dropped bytes are not counted");
+        sender.join().unwrap();
+    }
+
+    #[tokio::test]
     async fn bytes_still_going_out_to_a_slow_client_keep_the_tunnel_open() {
         // Small buffers on the client's connection: the relay holds most of
         // one read from the backend, and passes it on as the client reads.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        set_buffer(&listener, libc::SO_RCVBUF, 2048);
+        set_option(&listener, libc::SO_RCVBUF, 2048 as libc::c_int);
         let client_near = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (mut client, _) = listener.accept().unwrap();
-        set_buffer(&client_near, libc::SO_SNDBUF, 2048);
+        set_option(&client_near, libc::SO_SNDBUF, 2048 as libc::c_int);
         client_near.set_nonblocking(true).unwrap();
         client
             .set_read_timeout(Some(Duration::from_secs(10)))
@@ -994,15 +1046,16 @@ mod tests {
         drop(carried);
     }
 
-    fn set_buffer(socket: &impl AsRawFd, option: libc::c_int, bytes: libc::c_int) {
-        // SAFETY: an open socket, and a live int of the size given.
+    /// Sets a socket-level option of `socket` to `value`.
+    fn set_option<T>(socket: &impl AsRawFd, option: libc::c_int, value: T) {
+        // SAFETY: an open socket, and a live value of the size given.
         let set = unsafe {
             libc::setsockopt(
                 socket.as_raw_fd(),
                 libc::SOL_SOCKET,
                 option,
-                (&bytes as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                (&value as *const T).cast(),
+                std::mem::size_of::<T>() as libc::socklen_t,
             )
         };
         assert_eq!(set, 0, "setsockopt: {}", io::Error::last_os_error());
