@@ -163,6 +163,21 @@ start_rolling_loops() {
 }
 
 step_rolling_update() {
+    # As the README says for a host-network rollover: the old task's listener
+    # hands what is queued at its close to the new one (the balancer, not
+    # root in its container, may not be able to stop completing connections).
+    migrate_req=$(cat /proc/sys/net/ipv4/tcp_migrate_req 2>/dev/null || true)
+    if [ -n "$migrate_req" ]; then
+        sysctl -qw net.ipv4.tcp_migrate_req=1
+        say "net.ipv4.tcp_migrate_req = 1 on the host for this step (was $migrate_req)"
+    fi
+    local status=0
+    rolling_update || status=$?
+    [ -z "$migrate_req" ] || sysctl -qw net.ipv4.tcp_migrate_req="$migrate_req"
+    return $status
+}
+
+rolling_update() {
     docker stack deploy -c "$here/stack.hostnet.yaml" "${STACK}h" >/dev/null
     within 120 bash -c "$(declare -f hostnet_balancers); [ \$(hostnet_balancers | wc -l) -eq 2 ]"
     within 60 bash -c "curl -sf --max-time 3 '$HOSTNET_URL/' | grep -qx 'Hello World!'"

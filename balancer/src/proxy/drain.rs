@@ -138,7 +138,9 @@ impl Drain {
         if listeners.is_empty() {
             log::warn!("graceful stop: the listening sockets were not found; they go on accepting until the drain is over");
         } else if let Err(e) = listeners.stop_completing() {
-            log::warn!("graceful stop: cannot stop the listening sockets from completing new connections ({e}); they go on accepting until the drain is over");
+            // EPERM: the socket filter needs CAP_NET_ADMIN on some kernels,
+            // which an unprivileged container does not have.
+            log::warn!("graceful stop: cannot stop the listening sockets from completing new connections ({e}); they go on accepting until the drain is over, and a connection completed just before they close is reset (with reuse_port, the host's net.ipv4.tcp_migrate_req = 1 hands it to the other listener instead)");
         }
         log::info!(
             "{signal_name}: graceful stop, grace period {shown}: no new connections, {} requests in flight",
