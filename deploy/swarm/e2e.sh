@@ -167,13 +167,15 @@ step_rolling_update() {
     # hands what is queued at its close to the new one (the balancer, not
     # root in its container, may not be able to stop completing connections).
     migrate_req=$(cat /proc/sys/net/ipv4/tcp_migrate_req 2>/dev/null || true)
-    if [ -n "$migrate_req" ]; then
-        sysctl -qw net.ipv4.tcp_migrate_req=1
+    if [ -n "$migrate_req" ] && (echo 1 > /proc/sys/net/ipv4/tcp_migrate_req) 2>/dev/null; then
         say "net.ipv4.tcp_migrate_req = 1 on the host for this step (was $migrate_req)"
+    else
+        say "net.ipv4.tcp_migrate_req could not be set (not root, or a kernel before 5.14)"
+        migrate_req=
     fi
     local status=0
     rolling_update || status=$?
-    [ -z "$migrate_req" ] || sysctl -qw net.ipv4.tcp_migrate_req="$migrate_req"
+    [ -z "$migrate_req" ] || echo "$migrate_req" > /proc/sys/net/ipv4/tcp_migrate_req
     return $status
 }
 
