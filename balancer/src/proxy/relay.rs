@@ -654,10 +654,8 @@ impl Worker {
             .map(|(id, _)| *id)
             .collect();
         for id in idle {
-            if let Some(mut open) = self.tunnels.remove(&id) {
-                let end = open.first_end.take().unwrap_or(("idle", None));
-                open.finish(end);
-            }
+            let first_end = self.tunnels.get_mut(&id).and_then(|o| o.first_end.take());
+            self.close(id, first_end.unwrap_or(("idle", None)));
         }
         self.next_check = self.tunnels.values().map(Open::deadline).min();
     }
@@ -688,6 +686,15 @@ mod tests {
 
     fn closed(socket: &mut TcpStream) -> bool {
         matches!(socket.read(&mut [0; 16]), Ok(0))
+    }
+
+    /// `first` closes; `then` is told (its read ends) and closes too: how
+    /// the tunnel ended.
+    async fn first_closes(first: TcpStream, mut then: TcpStream, carried: Carried) -> Ended {
+        drop(first);
+        assert!(closed(&mut then), "the other side is told");
+        drop(then);
+        carried.end(std::future::pending()).await
     }
 
     /// A tunnel carried by a relay of `threads`, its early bytes through:
@@ -728,11 +735,7 @@ mod tests {
         let (mut client, mut backend, carried) = tunnel(1, Duration::from_secs(60));
         client.write_all(b"12345").unwrap();
         read_exactly(&mut backend, 5);
-        drop(backend);
-        // The client is told, and closes too.
-        assert!(closed(&mut client));
-        drop(client);
-        let ended = carried.end(std::future::pending()).await;
+        let ended = first_closes(backend, client, carried).await;
         assert_eq!(ended.tunnel.closed_by, "backend");
         let bytes = (ended.tunnel.bytes_up, ended.tunnel.bytes_down);
         assert_eq!(bytes, (13 + 5, 15));
@@ -846,10 +849,7 @@ mod tests {
         let (mut client, mut backend, carried) = tunnel(1, Duration::MAX);
         client.write_all(b"still here").unwrap();
         assert_eq!(read_exactly(&mut backend, 10), b"still here");
-        drop(client);
-        assert!(closed(&mut backend));
-        drop(backend);
-        let ended = carried.end(std::future::pending()).await;
+        let ended = first_closes(client, backend, carried).await;
         assert_eq!(ended.tunnel.closed_by, "client");
     }
 
@@ -960,10 +960,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         client.write_all(b"bye").unwrap();
         assert_eq!(read_exactly(&mut backend, 3), b"bye");
-        drop(client);
-        assert!(closed(&mut backend));
-        drop(backend);
-        let ended = carried.end(std::future::pending()).await;
+        let ended = first_closes(client, backend, carried).await;
         assert_eq!(ended.tunnel.closed_by, "backend");
         let bytes = (ended.tunnel.bytes_up, ended.tunnel.bytes_down);
         assert_eq!(bytes, (13 + 3, 15));

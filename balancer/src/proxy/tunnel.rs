@@ -126,25 +126,30 @@ impl Balancer {
                 "a response hook made the answer to an upgrade an interim (1xx) one",
             ));
         }
-        if backend.was_upgraded() && !switching {
-            // An extension's response hook refused the backend's `101`: the
-            // client gets that answer, and the switched connection is closed.
-            drop(backend);
-            ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
-            return answer_refused_upgrade(session, header).await;
-        }
-        if switching && !backend.was_upgraded() {
-            return Err(Error::explain(
-                ErrorType::HTTPStatus(500),
-                "a response hook made the answer a 101 the backend did not send",
-            ));
-        }
-        if !backend.was_upgraded() {
-            // A refusal's body is read as any response's: within read_timeout.
-            backend.read_timeout = Some(read_timeout);
-            let relayed = relay_answer(session, &mut backend, header).await;
-            ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
-            return relayed;
+        // Whether the backend switched, and whether the answer the response
+        // hooks left says so.
+        match (backend.was_upgraded(), switching) {
+            (true, true) => {}
+            (true, false) => {
+                // A response hook refused the backend's `101`: the client
+                // gets that answer, and the switched connection is closed.
+                drop(backend);
+                ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
+                return answer_refused_upgrade(session, header).await;
+            }
+            (false, true) => {
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(500),
+                    "a response hook made the answer a 101 the backend did not send",
+                ));
+            }
+            (false, false) => {
+                // A refusal's body is read as any response's: within read_timeout.
+                backend.read_timeout = Some(read_timeout);
+                let relayed = relay_answer(session, &mut backend, header).await;
+                ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
+                return relayed;
+            }
         }
         let _open = OpenGuard::enter();
         // Both sides plain: the client's stream is handed over once the
